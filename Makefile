@@ -1,0 +1,48 @@
+# pha_lab: every target runs inside .venv, created from requirements.lock on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NAME ?= smoke
+EXP ?= tiny_pha
+ARGS ?=
+RUNS_DIR ?= runs
+TRACKING_URI ?= sqlite:///$(abspath $(RUNS_DIR))/mlflow.db
+
+.PHONY: setup test test-slow sweep train bench tables ui clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+test: $(STAMP)  ## fast tests (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)  ## the heavier tests marked `slow`
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+sweep: $(STAMP)  ## make sweep NAME=smoke|ablation|baselines|hpo|mqar|scale ...
+	$(VENV)/bin/pha-lab sweep $(NAME) $(ARGS)
+
+train: $(STAMP)  ## make train EXP=pha_125m ARGS="trainer.max_steps=100"
+	$(VENV)/bin/pha-lab train $(EXP) $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/pha-lab bench $(ARGS)
+
+tables: $(STAMP)
+	$(VENV)/bin/pha-lab tables $(ARGS)
+
+ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
+	mkdir -p $(RUNS_DIR)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:  ## remove the venv, caches and local runs (asks nothing: runs/ holds your MLflow database)
+	rm -rf $(VENV) .pytest_cache .cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

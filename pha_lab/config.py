@@ -1,0 +1,416 @@
+"""Structured configuration: one OmegaConf schema, experiment YAML overlays, `key=value` overrides.
+
+`load_config(path_or_name, overrides)` merges schema defaults <- experiment YAML (following its
+`extends:` chain) <- dotlist overrides, then validates everything that can be checked before a
+tensor is built. Every failure is a `ConfigError` whose message names the key and the fix.
+This module deliberately imports no torch/lightning so that light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+# Names the model code registers; a test checks that the registries agree with these tuples.
+BRANCHES = ("gss", "attn", "ffn")
+MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
+LAYOUTS = ("parallel", "serial")
+FFN_KINDS = ("gelu", "swiglu")
+NORMS = ("rmsnorm", "layernorm")
+DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
+PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and a way to fix it in the message."""
+
+
+# --------------------------------------------------------------------------- schema: model
+@dataclass
+class AttnConfig:
+    n_heads: int = 12
+    n_kv_heads: int = 4  # grouped-query attention; = n_heads gives plain multi-head attention
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+
+
+@dataclass
+class GSSConfig:
+    """Gated State Space branch (Mehta et al. 2022): u = GELU(W_u h) of width F = expansion*D,
+    v = GELU(W_v h) of width H = d_hidden, y = DSS(v), out = W_o((W_g y) * u)."""
+
+    expansion: float = 1.0  # F = expansion * d_model (rounded to a multiple of 64)
+    d_hidden: int = 256  # H: width of the DSS input
+    n_modes: int = 64  # N: complex diagonal state size
+    dt_min: float = 1e-3  # initial step sizes, log-uniform over modes (DSS/S4D-Lin init)
+    dt_max: float = 1e-1
+
+
+@dataclass
+class FFNConfig:
+    kind: str = "gelu"  # gelu | swiglu
+    expansion: float = 4.0  # hidden = expansion * d_model, rounded to a multiple of 64 ...
+    hidden: Optional[int] = None  # ... unless given explicitly
+
+
+@dataclass
+class LayerOverride:
+    """Give some layers their own layout/branches/mixer, e.g. attention in 2 layers of a GSS stack."""
+
+    layers: list[int] = field(default_factory=list)  # 0-based; negative counts from the end
+    layout: Optional[str] = None
+    branches: Optional[list[str]] = None
+    mixer: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    d_model: int = 768
+    n_layers: int = 12
+    layout: str = "parallel"  # parallel (PHA) | serial (Transformer, GSS, sequential PHA)
+    branches: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
+    mixer: str = "static"  # parallel layout only
+    overrides: list[LayerOverride] = field(default_factory=list)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    gss: GSSConfig = field(default_factory=GSSConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    norm: str = "rmsnorm"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+
+# --------------------------------------------------------------------------- schema: data
+@dataclass
+class TokenizerConfig:
+    name: str = "gpt2"  # hub name, used when no local directory is found
+    path: Optional[str] = None  # local dir with tokenizer.json or vocab.json+merges.txt (else $PHA_TOKENIZER_DIR)
+    train_vocab_size: Optional[int] = None  # train a BPE of this size on the train split instead
+
+
+@dataclass
+class MQARConfig:
+    """Multi-query associative recall (zoology's definition)."""
+
+    vocab_size: int = 8192
+    num_kv_pairs: int = 8
+    power_a: float = 0.01  # query gaps follow a power law with this exponent
+    random_non_queries: bool = True
+    num_train_examples: int = 100_000
+    num_test_examples: int = 3_000
+
+
+@dataclass
+class DataConfig:
+    source: str = "novels"
+    data_dir: Optional[str] = None  # local files root; default $PHA_DATA_DIR or ../shared/data
+    train_files: list[str] = field(default_factory=list)  # `text` source: files or folders
+    valid_files: list[str] = field(default_factory=list)
+    test_files: list[str] = field(default_factory=list)
+    split_seed: int = 1234  # seeded split by document where a source has no given split
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 1024
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    eval_stride: Optional[int] = None  # None: non-overlapping windows of seq_len
+    max_eval_tokens: Optional[int] = None  # cap on tokens scored per eval split (None: whole split)
+    cache_dir: str = ".cache/tokens"
+    num_proc: int = 2
+    num_workers: int = 0
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+
+
+# --------------------------------------------------------------------------- schema: training
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    fused: bool = True  # fused AdamW on CUDA
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    val_every_n_steps: int = 200
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 200
+    accumulate_grad_batches: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: int = 1
+    compile: bool = False
+    test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
+    early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
+    deterministic: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    runs_dir: str = "runs"  # checkpoints and the default SQLite database live here
+    tracking_uri: Optional[str] = None  # None: sqlite:///<runs_dir>/mlflow.db; any MLflow URI works
+    experiment: str = "default"
+    run_name: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    seed: int = 0
+    resume: Optional[str] = None  # an MLflow run id to continue
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def schema() -> DictConfig:
+    return OmegaConf.structured(Config)
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def resolve_experiment(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """An experiment is a YAML path, or a bare name looked up in experiments/."""
+    raw = str(name_or_path)
+    candidates = [Path(raw)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / raw)
+    if not raw.endswith((".yaml", ".yml")):
+        candidates.append(EXPERIMENTS_DIR / f"{raw}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    near = difflib.get_close_matches(Path(raw).stem, experiment_names(), n=3, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    raise ConfigError(
+        f"experiment '{raw}' not found (looked for a file and for {EXPERIMENTS_DIR}/{Path(raw).stem}.yaml).{hint} "
+        f"Available: {', '.join(experiment_names())}"
+    )
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML at `path` preceded by the files its `extends:` key names (recursively)."""
+    if path in seen:
+        raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors etc.
+        raise ConfigError(f"cannot parse experiment file {path}: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"experiment file {path} must hold a mapping at top level")
+    parent = node.pop("extends", None)
+    chain = _read_yaml_chain(resolve_experiment(parent, path.parent), (*seen, path)) if parent else []
+    return [*chain, (path, node)]
+
+
+def _keys_at(cfg: DictConfig, dotted: str) -> list[str]:
+    node: Any = cfg
+    for part in [p for p in dotted.split(".") if p]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return []
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _merge(base: DictConfig, overlay: DictConfig, origin: str) -> DictConfig:
+    """OmegaConf.merge with errors rewritten to name the key, its origin and the nearest valid keys."""
+    try:
+        return OmegaConf.merge(base, overlay)
+    except ConfigKeyError as exc:
+        full = str(exc.full_key or exc.key)
+        parent, _, leaf = full.rpartition(".")
+        valid = [k for k in _keys_at(base, parent) if not k.startswith("_")]
+        near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+        hint = f" Nearest valid keys: {', '.join((parent + '.' if parent else '') + k for k in near)}." if near else ""
+        where = f"'{parent}'" if parent else "the top level"
+        raise ConfigError(
+            f"unknown config key '{full}' (from {origin}).{hint} Valid keys under {where}: {', '.join(valid)}"
+        ) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).split("\n")[0]
+        raise ConfigError(f"bad value for config key '{key}' (from {origin}): {msg}") from None
+
+
+def load_config(experiment: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults <- experiment YAML chain <- `key=value` overrides, validated."""
+    cfg = schema()
+    if experiment is not None:
+        for path, node in _read_yaml_chain(resolve_experiment(experiment)):
+            cfg = _merge(cfg, node, str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        near = difflib.get_close_matches(str(value), valid, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{key}='{value}' is not valid{hint}; choose one of: {', '.join(valid)}")
+
+
+def _branches(key: str, branches: Any) -> list[str]:
+    names = list(branches)
+    for b in names:
+        _choice(f"{key} entry", b, BRANCHES)
+    if not names:
+        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(BRANCHES)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}={names} repeats a branch")
+    return names
+
+
+def round_to(x: float, multiple: int = 64) -> int:
+    return max(multiple, int(round(x / multiple)) * multiple)
+
+
+def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
+    """The resolved (layout, branches, mixer) of every layer, after overrides. Validates as it goes."""
+    n = model.n_layers
+    if n < 1:
+        raise ConfigError(f"model.n_layers={n} must be >= 1")
+    base = {"layout": model.layout, "branches": list(model.branches), "mixer": model.mixer}
+    specs = [dict(base) for _ in range(n)]
+    for i, ov in enumerate(model.overrides):
+        key = f"model.overrides[{i}]"
+        if not ov.layers:
+            raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to")
+        for layer in ov.layers:
+            if not -n <= layer < n:
+                raise ConfigError(
+                    f"{key}.layers contains {layer}, out of range for model.n_layers={n} (valid: 0..{n - 1}, or -{n}..-1)"
+                )
+            spec = specs[layer % n]
+            for k in ("layout", "branches", "mixer"):
+                if ov[k] is not None:
+                    spec[k] = list(ov[k]) if k == "branches" else ov[k]
+    for idx, spec in enumerate(specs):
+        where = f"layer {idx} (model.layout/branches/mixer after model.overrides)"
+        _choice(f"{where}: layout", spec["layout"], LAYOUTS)
+        _branches(f"{where}: branches", spec["branches"])
+        _choice(f"{where}: mixer", spec["mixer"], MIXERS)
+    return specs
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that can fail before a tensor is built."""
+    m = cfg.model
+    _choice("model.layout", m.layout, LAYOUTS)
+    _choice("model.mixer", m.mixer, MIXERS)
+    _branches("model.branches", m.branches)
+    _choice("model.ffn.kind", m.ffn.kind, FFN_KINDS)
+    _choice("model.norm", m.norm, NORMS)
+    for key in ("vocab_size", "d_model"):
+        if m[key] < 1:
+            raise ConfigError(f"model.{key}={m[key]} must be positive")
+    specs = layer_specs(m)
+    if any("attn" in s["branches"] for s in specs):
+        a = m.attn
+        if a.n_heads < 1 or a.n_kv_heads < 1:
+            raise ConfigError(f"model.attn.n_heads={a.n_heads} and n_kv_heads={a.n_kv_heads} must be >= 1")
+        if m.d_model % a.n_heads:
+            raise ConfigError(
+                f"model.d_model={m.d_model} is not divisible by model.attn.n_heads={a.n_heads}; "
+                f"pick n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}"
+            )
+        if a.n_heads % a.n_kv_heads:
+            raise ConfigError(
+                f"model.attn.n_heads={a.n_heads} is not a multiple of model.attn.n_kv_heads={a.n_kv_heads}; "
+                f"pick n_kv_heads among {[k for k in range(1, a.n_heads + 1) if a.n_heads % k == 0]}"
+            )
+        if (m.d_model // a.n_heads) % 2:
+            raise ConfigError(
+                f"head dim d_model/n_heads = {m.d_model // a.n_heads} must be even for RoPE (model.d_model, model.attn.n_heads)"
+            )
+    if any("gss" in s["branches"] for s in specs):
+        g = m.gss
+        if g.expansion <= 0 or g.d_hidden < 1 or g.n_modes < 1:
+            raise ConfigError(
+                f"model.gss.expansion={g.expansion}, d_hidden={g.d_hidden}, n_modes={g.n_modes} must all be positive"
+            )
+        if not 0 < g.dt_min <= g.dt_max:
+            raise ConfigError(f"need 0 < model.gss.dt_min <= model.gss.dt_max, got {g.dt_min}, {g.dt_max}")
+    if m.ffn.expansion <= 0 and m.ffn.hidden is None:
+        raise ConfigError(f"model.ffn.expansion={m.ffn.expansion} must be positive (or set model.ffn.hidden)")
+
+    d = cfg.data
+    _choice("data.source", d.source, DATA_SOURCES)
+    for key in ("seq_len", "batch_size", "eval_batch_size"):
+        if d[key] < 1:
+            raise ConfigError(f"data.{key}={d[key]} must be >= 1")
+    if d.eval_stride is not None and not 1 <= d.eval_stride <= d.seq_len:
+        raise ConfigError(f"data.eval_stride={d.eval_stride} must be in 1..data.seq_len ({d.seq_len})")
+    if d.source == "mqar":
+        q = d.mqar
+        if q.vocab_size > m.vocab_size:
+            raise ConfigError(
+                f"data.mqar.vocab_size={q.vocab_size} exceeds model.vocab_size={m.vocab_size}; raise model.vocab_size"
+            )
+        if 4 * q.num_kv_pairs > d.seq_len:
+            raise ConfigError(
+                f"data.mqar.num_kv_pairs={q.num_kv_pairs} needs data.seq_len >= 4*num_kv_pairs = {4 * q.num_kv_pairs} "
+                f"(got {d.seq_len})"
+            )
+
+    o = cfg.optim
+    if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.weight_decay < 0:
+        raise ConfigError(
+            f"optim: need lr > 0 (got {o.lr}), 0 <= min_lr_ratio <= 1 (got {o.min_lr_ratio}), "
+            f"warmup_steps >= 0 (got {o.warmup_steps}), weight_decay >= 0 (got {o.weight_decay})"
+        )
+    t = cfg.trainer
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.test_ckpt", t.test_ckpt, ("last", "best"))
+    for key in ("max_steps", "val_every_n_steps", "log_every_n_steps", "ckpt_every_n_steps", "accumulate_grad_batches"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> leaf values (lists kept as strings), for MLflow params and DataFrame columns."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, Any] = {}
+    for k, v in container.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if not isinstance(v, (list, dict)) else str(v)
+    return out

@@ -1,0 +1,89 @@
+"""Blocks: a layer is a layout plus a list of branches.
+
+parallel (PHA):  h = norm(x);  x = x + mixer([branch_b(h) for b], h)
+serial:          for b in branches: x = x + branch_b(norm_b(x))   (Transformer = [attn, ffn])
+
+Both support branch knockout (`block.knockout = {"gss"}`: that branch's output is replaced by zeros,
+at eval or anywhere) and record each branch's output RMS when `block.record_stats` is on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pha_lab.models.attention import GroupedQueryAttention
+from pha_lab.models.ffn import FFN
+from pha_lab.models.gss import GSS
+from pha_lab.models.mixers import MIXER_REGISTRY
+
+
+def make_norm(kind: str, d_model: int) -> nn.Module:
+    return nn.RMSNorm(d_model) if kind == "rmsnorm" else nn.LayerNorm(d_model, bias=False)
+
+
+def make_branch(name: str, cfg) -> nn.Module:
+    """cfg: the model config (OmegaConf node or dataclass)."""
+    d = cfg.d_model
+    if name == "gss":
+        g = cfg.gss
+        return GSS(d, g.expansion, g.d_hidden, g.n_modes, g.dt_min, g.dt_max)
+    if name == "attn":
+        a = cfg.attn
+        return GroupedQueryAttention(d, a.n_heads, a.n_kv_heads, a.rope_base, a.dropout)
+    if name == "ffn":
+        f = cfg.ffn
+        return FFN(d, f.kind, f.expansion, f.hidden)
+    raise ValueError(f"unknown branch '{name}'")
+
+
+class Block(nn.Module):
+    def __init__(self, branches: list[str], cfg):
+        super().__init__()
+        self.names = list(branches)
+        self.branches = nn.ModuleDict({b: make_branch(b, cfg) for b in self.names})
+        self.knockout: set[str] = set()
+        self.record_stats = False
+        self.branch_rms: dict[str, float] = {}
+
+    def _run(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        y = self.branches[name](h)
+        if name in self.knockout:
+            y = torch.zeros_like(y)
+        if self.record_stats:
+            self.branch_rms[name] = y.detach().float().pow(2).mean().sqrt().item()
+        return y
+
+    def mixer_weights(self) -> torch.Tensor | None:
+        return None
+
+
+class ParallelBlock(Block):
+    layout = "parallel"
+
+    def __init__(self, branches: list[str], mixer: str, cfg):
+        super().__init__(branches, cfg)
+        self.norm = make_norm(cfg.norm, cfg.d_model)
+        self.mixer = MIXER_REGISTRY[mixer](len(self.names), cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.drop(self.mixer([self._run(b, h) for b in self.names], h))
+
+    def mixer_weights(self) -> torch.Tensor:
+        return self.mixer.weights().detach().float().cpu()
+
+
+class SerialBlock(Block):
+    layout = "serial"
+
+    def __init__(self, branches: list[str], cfg):
+        super().__init__(branches, cfg)
+        self.norms = nn.ModuleDict({b: make_norm(cfg.norm, cfg.d_model) for b in self.names})
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.names:
+            x = x + self.drop(self._run(b, self.norms[b](x)))
+        return x

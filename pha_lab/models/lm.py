@@ -1,0 +1,116 @@
+"""The language model: token embedding -> N blocks -> final norm -> (tied) LM head."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pha_lab.config import layer_specs
+from pha_lab.models.blocks import Block, ParallelBlock, SerialBlock, make_norm
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.specs = layer_specs(cfg)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            ParallelBlock(s["branches"], s["mixer"], cfg) if s["layout"] == "parallel" else SerialBlock(s["branches"], cfg)
+            for s in self.specs
+        )
+        self.norm_f = make_norm(cfg.norm, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not getattr(module.weight, "no_init", False):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_out", False) else 1.0
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.wte.weight, 0.0, std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm_f(x))
+
+    # ---------------------------------------------------------------- introspection
+    def n_params(self, non_embedding: bool = False) -> int:
+        """GPT-2 counting: a tied embedding is counted once. non_embedding drops the token embedding
+        (and an untied output head)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.wte.weight.numel()
+            if not self.cfg.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> dict[str, float]:
+        """Analytic FLOPs per token: 2 per matmul weight (LM head included), attention scores over the
+        full T x T square (as torch's FLOP counter counts SDPA), GSS FFTs; x3 for forward+backward."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head)
+        matmul += self.lm_head.weight.numel()
+        attention = sum(
+            blk.branches["attn"].flops_per_token(seq_len) for blk in self.blocks if "attn" in blk.branches
+        )
+        fft = sum(blk.branches["gss"].flops_per_token(seq_len) for blk in self.blocks if "gss" in blk.branches)
+        mult = 3.0 if training else 1.0
+        parts = {"matmul": mult * 2.0 * matmul, "attention": mult * attention, "fft": mult * fft}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def mixer_weights(self) -> list[dict[str, float]]:
+        """One dict per layer: branch -> current mixer weight (empty for serial layers)."""
+        rows = []
+        for blk in self.blocks:
+            w = blk.mixer_weights()
+            rows.append({} if w is None else dict(zip(blk.names, w.tolist())))
+        return rows
+
+    @contextmanager
+    def knockout(self, branch: str, layers: list[int] | None = None) -> Iterator[None]:
+        """Zero one branch's output (in the given layers, default all that have it) inside the block."""
+        chosen = [b for i, b in enumerate(self.blocks) if (layers is None or i in layers) and branch in b.branches]
+        if not chosen:
+            raise ValueError(f"no layer has a '{branch}' branch to knock out (layers={layers})")
+        for b in chosen:
+            b.knockout.add(branch)
+        try:
+            yield
+        finally:
+            for b in chosen:
+                b.knockout.discard(branch)
+
+    @contextmanager
+    def recording_stats(self) -> Iterator[list[dict[str, float]]]:
+        """Record each branch's output RMS per layer during the forwards run inside the block."""
+        stats = [blk.branch_rms for blk in self.blocks]
+        for blk in self.blocks:
+            blk.branch_rms.clear()
+            blk.record_stats = True
+        try:
+            yield stats
+        finally:
+            for blk in self.blocks:
+                blk.record_stats = False
+
+
+def build_model(model_cfg) -> LanguageModel:
+    """model_cfg: the `model` section of a config (validated by pha_lab.config)."""
+    return LanguageModel(model_cfg)
+
+
+__all__ = ["Block", "LanguageModel", "build_model"]

@@ -1,0 +1,119 @@
+"""Mixers fuse the parallel branch outputs of one layer: `mixer(ys, h) -> [B, T, D]`.
+
+Each mixer exposes `weights()`, a [k] tensor of its current per-branch weights, for logging:
+static   softmax over per-layer logits, initialised uniform (the paper's "learnable static mixing")
+scalar   free per-branch scalars, initialised 1/k
+channel  per-branch RMSNorm, then per-branch per-channel weights initialised 1/k (Hymba style)
+concat   Linear(k*D -> D) over the concatenated outputs (Falcon-H1 style); weights() = each block's
+         share of the weight matrix's squared norm
+gate     input-dependent softmax gate Linear(D -> k) on h, zero-initialised (uniform at start);
+         weights() = mean gate over the tokens of the last forward (the "dynamic" ablation)
+mean     fixed 1/k, no parameters (the control)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Mixer(nn.Module):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__()
+        self.k = n_branches
+
+    def weights(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class StaticMixer(Mixer):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__(n_branches, d_model)
+        self.logits = nn.Parameter(torch.zeros(n_branches))
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        w = self.weights().to(ys[0].dtype)
+        return sum(w[i] * y for i, y in enumerate(ys))
+
+
+class ScalarMixer(Mixer):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__(n_branches, d_model)
+        self.scales = nn.Parameter(torch.full((n_branches,), 1.0 / n_branches))
+
+    def weights(self) -> torch.Tensor:
+        return self.scales
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        w = self.scales.to(ys[0].dtype)
+        return sum(w[i] * y for i, y in enumerate(ys))
+
+
+class ChannelMixer(Mixer):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__(n_branches, d_model)
+        self.norms = nn.ModuleList(nn.RMSNorm(d_model, elementwise_affine=False) for _ in range(n_branches))
+        self.scales = nn.Parameter(torch.full((n_branches, d_model), 1.0 / n_branches))
+
+    def weights(self) -> torch.Tensor:
+        return self.scales.mean(dim=1)
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        w = self.scales.to(ys[0].dtype)
+        return sum(w[i] * norm(y) for i, (norm, y) in enumerate(zip(self.norms, ys)))
+
+
+class ConcatMixer(Mixer):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__(n_branches, d_model)
+        self.proj = nn.Linear(n_branches * d_model, d_model, bias=False)
+        with torch.no_grad():  # start as the mean of the branches plus a small perturbation
+            eye = torch.eye(d_model) / n_branches
+            self.proj.weight.copy_(torch.cat([eye] * n_branches, dim=1) + 0.02 / n_branches * torch.randn_like(self.proj.weight))
+        self.proj.weight.no_init = True  # keep this init when the model initialises its Linears
+
+    def weights(self) -> torch.Tensor:
+        blocks = self.proj.weight.detach().float().chunk(self.k, dim=1)
+        sq = torch.stack([b.pow(2).sum() for b in blocks])
+        return sq / sq.sum()
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat(ys, dim=-1))
+
+
+class GateMixer(Mixer):
+    def __init__(self, n_branches: int, d_model: int):
+        super().__init__(n_branches, d_model)
+        self.gate = nn.Linear(d_model, n_branches, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.gate.weight.no_init = True
+        self.register_buffer("last_mean", torch.full((n_branches,), 1.0 / n_branches), persistent=False)
+
+    def weights(self) -> torch.Tensor:
+        return self.last_mean
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        g = torch.softmax(self.gate(h).float(), dim=-1).to(ys[0].dtype)  # [B, T, k]
+        self.last_mean.copy_(g.detach().float().mean(dim=(0, 1)))
+        return sum(g[..., i : i + 1] * y for i, y in enumerate(ys))
+
+
+class MeanMixer(Mixer):
+    def weights(self) -> torch.Tensor:
+        return torch.full((self.k,), 1.0 / self.k)
+
+    def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return sum(ys) / self.k
+
+
+MIXER_REGISTRY: dict[str, type[Mixer]] = {
+    "static": StaticMixer,
+    "scalar": ScalarMixer,
+    "channel": ChannelMixer,
+    "concat": ConcatMixer,
+    "gate": GateMixer,
+    "mean": MeanMixer,
+}
