@@ -8,6 +8,7 @@ This module deliberately imports no torch/lightning so that light commands stay 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -247,9 +248,12 @@ def _merge(base: DictConfig, overlay: DictConfig, origin: str) -> DictConfig:
         full = str(exc.full_key or exc.key)
         parent, _, leaf = full.rpartition(".")
         valid = [k for k in _keys_at(base, parent) if not k.startswith("_")]
+        where = f"'{parent}'" if parent else "the top level"
+        if dataclasses.is_dataclass(exc.object_type) and exc.object_type is not Config and not parent:
+            # a key inside a list entry (e.g. model.overrides[i]): OmegaConf reports no path
+            valid, where = [f.name for f in dataclasses.fields(exc.object_type)], f"a {exc.object_type.__name__} entry"
         near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Nearest valid keys: {', '.join((parent + '.' if parent else '') + k for k in near)}." if near else ""
-        where = f"'{parent}'" if parent else "the top level"
         raise ConfigError(
             f"unknown config key '{full}' (from {origin}).{hint} Valid keys under {where}: {', '.join(valid)}"
         ) from None
@@ -268,24 +272,28 @@ def load_config(experiment: str | os.PathLike | None = None, overrides: list[str
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-    if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+    for override in overrides:
+        try:
+            node = OmegaConf.from_dotlist([override])
+        except Exception as exc:
+            raise ConfigError(f"cannot parse override '{override}' (YAML after '='): {str(exc).splitlines()[0]}") from None
+        cfg = _merge(cfg, node, "command-line overrides")
     validate(cfg)
     return cfg
 
 
 # --------------------------------------------------------------------------- validation
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def _choice(key: str, value: Any, valid: tuple[str, ...], prep: str = "for") -> None:
     if value not in valid:
         near = difflib.get_close_matches(str(value), valid, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"{key}='{value}' is not valid{hint}; choose one of: {', '.join(valid)}")
+        raise ConfigError(f"invalid value '{value}' {prep} {key}{hint}; choose one of: {', '.join(valid)}")
 
 
 def _branches(key: str, branches: Any) -> list[str]:
     names = list(branches)
     for b in names:
-        _choice(f"{key} entry", b, BRANCHES)
+        _choice(key, b, BRANCHES, prep="in")
     if not names:
         raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(BRANCHES)}")
     if len(set(names)) != len(names):

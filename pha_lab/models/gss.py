@@ -16,12 +16,20 @@ convolution would be circular and leak the future.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pha_lab.config import round_to
+
+
+def fp32_region(device: torch.device):
+    """Switch autocast off (FFTs and the kernel stay fp32) where it is on; a no-op elsewhere (e.g. meta)."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 def dss_kernel(log_neg_re: torch.Tensor, im: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor, length: int) -> torch.Tensor:
@@ -61,11 +69,11 @@ class DSS(nn.Module):
     def kernel(self, length: int) -> torch.Tensor:
         work = torch.promote_types(self.im.dtype, torch.float32)
         params = (self.log_neg_re, self.im, self.c_re, self.c_im)
-        with torch.autocast(device_type=self.im.device.type, enabled=False):
+        with fp32_region(self.im.device):
             return dss_kernel(*(p.to(work) for p in params), length)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=v.device.type, enabled=False):
+        with fp32_region(v.device):
             y = causal_fft_conv(v, self.kernel(v.shape[1])) + self.skip.to(torch.promote_types(v.dtype, torch.float32)) * v
         return y.to(v.dtype)
 

@@ -42,7 +42,12 @@ class LanguageModel(nn.Module):
         nn.init.normal_(self.wte.weight, 0.0, std)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.wte(idx))
+        """idx [B, T] -> logits [B, T, vocab]."""
+        return self.forward_embeddings(self.wte(idx))
+
+    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, D] -> logits; separate so tests can differentiate w.r.t. inputs."""
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm_f(x))
