@@ -151,7 +151,6 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     val_every_n_steps: int = 200
-    limit_val_batches: Optional[int] = None
     log_every_n_steps: int = 10
     ckpt_every_n_steps: int = 200
     accumulate_grad_batches: int = 1

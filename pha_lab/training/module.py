@@ -1,0 +1,143 @@
+"""The LightningModule: next-token cross-entropy (or MQAR answer accuracy) around any `build_model` result."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+from lightning.pytorch.utilities import grad_norm
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from pha_lab.models import build_model
+
+
+EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN/inf; the run is marked FAILED with the step."""
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup from 1/warmup to 1, then cosine decay to `min_ratio` at `max_steps` (a multiplier of lr)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only the 2-D weights of the branch and LM projections; never norms, biases, the embedding,
+    mixer parameters or the SSM's Lambda / C~ / D."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # a tied LM head appears once, as wte.weight
+        if not p.requires_grad:
+            continue
+        plain_matrix = p.ndim == 2 and not name.startswith("wte.") and ".mixer." not in name and ".dss." not in name
+        (decay if plain_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LMModule(L.LightningModule):
+    def __init__(self, config: dict | DictConfig):
+        super().__init__()
+        cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.cfg = cfg
+        self.model = build_model(cfg.model)
+        self.is_mqar = cfg.data.source == "mqar"
+        seq_len = cfg.data.seq_len
+        # FLOPs of one training batch (fwd+bwd) for Lightning's ThroughputMonitor -> MFU.
+        self.flops_per_token = self.model.flops_per_token(seq_len)["total"]
+        self.flops_per_batch = self.flops_per_token * seq_len * cfg.data.batch_size
+        self.train_loss = MeanMetric()
+        self.eval_nll = SumMetric()  # summed over scored tokens: exact token-level loss, PPL and bits per byte
+        self.eval_tokens = SumMetric()
+        if self.is_mqar:
+            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=-100, average="micro")
+        if cfg.trainer.compile:
+            self.model.compile()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"])
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return logits, nll, (labels != -100).sum()
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        _, nll, count = self._losses(batch)
+        loss = nll / count.clamp_min(1)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0:
+            norms = grad_norm(self.model, norm_type=2)
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        o, t = self.cfg.optim, self.cfg.trainer
+        fused = o.fused and torch.cuda.is_available() and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict) -> None:
+        logits, nll, count = self._losses(batch)
+        self.eval_nll.update(nll.detach().float())
+        self.eval_tokens.update(count.float())
+        if self.is_mqar:
+            mask = batch["labels"] != -100
+            self.eval_acc.update(logits.argmax(-1)[mask], batch["labels"][mask])
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, float]:
+        nll, tokens = self.eval_nll.compute().item(), self.eval_tokens.compute().item()
+        self.eval_nll.reset()
+        self.eval_tokens.reset()
+        loss = nll / max(tokens, 1.0)
+        metrics = {f"{stage}/loss": loss, f"{stage}/tokens": tokens}
+        if self.is_mqar:
+            metrics[f"{stage}/accuracy"] = self.eval_acc.compute().item()
+            self.eval_acc.reset()
+        else:
+            metrics[f"{stage}/ppl"] = math.exp(min(loss, 50.0))
+            n_bytes = self._protocol(stage).get("n_bytes")
+            if n_bytes:
+                metrics[f"{stage}/bpb"] = nll / (math.log(2) * n_bytes)
+        self.log_dict(metrics, sync_dist=True)
+        return metrics
+
+    def _protocol(self, stage: str) -> dict:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return datamodule.eval_protocol(EVAL_SPLITS[stage]) if datamodule is not None else {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
