@@ -29,9 +29,62 @@ def cmd_params(args: argparse.Namespace) -> None:
               f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>21.3f}")
 
 
+def _split_overrides(words: list[str]) -> tuple[str | None, list[str]]:
+    """`EXPERIMENT key=value ...` or just `key=value ...`."""
+    if words and "=" not in words[0]:
+        return words[0], words[1:]
+    return None, words
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pha_lab.config import load_config
+    from pha_lab.training.callbacks import RunInterrupted
+    from pha_lab.training.run import resume_config, summary, train
+
+    experiment, overrides = _split_overrides(args.words)
+    cfg = load_config(experiment, overrides)
+    if experiment is None and cfg.resume:  # `pha-lab train resume=RUN_ID [...]`: the run's own config
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.merge(resume_config(cfg.resume, cfg), OmegaConf.from_dotlist(overrides))
+    elif experiment is None:
+        raise ConfigError("name an experiment (e.g. `pha-lab train tiny_pha`) or pass resume=RUN_ID")
+    try:
+        result = train(cfg)
+    except RunInterrupted as exc:
+        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={str(exc).split()[1]}",
+              file=sys.stderr)
+        return 130
+    print("\n" + summary(result))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pha_lab.training.evaluate import evaluate
+
+    table = evaluate(args.target, args.overrides, split=args.split, knockout=args.knockout,
+                     per_layer=args.per_layer, which=args.ckpt)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one experiment: pha-lab train EXPERIMENT [key=value ...]")
+    p.add_argument("words", nargs="*", metavar="EXPERIMENT [key=value ...]",
+                   help="a preset name or YAML path, then overrides; or only resume=RUN_ID [overrides]")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint, optionally with branch knockout")
+    p.add_argument("target", help="an MLflow run id (checkpoints under tracking.runs_dir) or a .ckpt path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.eval_stride=512 tracking.runs_dir=...")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--knockout", nargs="*", default=[], choices=["gss", "attn", "ffn"], help="branches to knock out")
+    p.add_argument("--per-layer", action="store_true", help="knock out one layer at a time")
+    p.add_argument("--ckpt", default="last", choices=["last", "best"])
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")
@@ -43,11 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ConfigError as exc:
         print(f"pha-lab: config error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

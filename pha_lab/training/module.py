@@ -46,7 +46,7 @@ class LMModule(L.LightningModule):
     def __init__(self, config: dict | DictConfig):
         super().__init__()
         cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
         self.cfg = cfg
         self.model = build_model(cfg.model)
         self.is_mqar = cfg.data.source == "mqar"

@@ -109,6 +109,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
     ckpt_dir = checkpoint_dir(cfg, run_id)
     rank_zero = _is_rank_zero()
     status, reason = "FAILED", None
+    interruption = Interruption(ckpt_dir / "last.ckpt")
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if resumed:
@@ -142,7 +143,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
                                    every_n_train_steps=cfg.trainer.ckpt_every_n_steps)
         window = max(2, min(50, cfg.trainer.max_steps // 4))
         callbacks = [
-            best, periodic, Interruption(ckpt_dir / "last.ckpt"), MixerIntrospection(ckpt_dir / "introspection"),
+            best, periodic, interruption, MixerIntrospection(ckpt_dir / "introspection"),
             PeakMemory(), LearningRateMonitor(logging_interval="step"),
             ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
                               window_size=window),
@@ -182,8 +183,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
                            trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len)
     except BaseException as exc:
         if is_interruption(exc):
-            status, reason = "KILLED", f"{type(exc).__name__}: {exc}"
-            raise RunInterrupted(f"run {run_id} interrupted ({exc}); checkpoint at {ckpt_dir / 'last.ckpt'}") from exc
+            status, reason = "KILLED", f"{interruption.requested or type(exc).__name__} {exc}".strip()
+            raise RunInterrupted(f"run {run_id} interrupted ({reason}); checkpoint at {ckpt_dir / 'last.ckpt'}") from exc
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
