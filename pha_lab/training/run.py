@@ -86,8 +86,11 @@ def _open_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
-def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
-    """Train, test and track one run described by `cfg` (see pha_lab.config)."""
+def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -> TrainResult:
+    """Train, test and track one run described by `cfg` (see pha_lab.config).
+
+    `on_start(run_id, ckpt_dir)` is called once the MLflow run exists (the sweep runner records both
+    on its Optuna trial, so a trial whose worker dies can be resumed in the same run)."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
@@ -108,25 +111,30 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
     os.environ["PHA_RUN_ID"] = run_id  # for DDP workers started by Lightning
     ckpt_dir = checkpoint_dir(cfg, run_id)
     rank_zero = _is_rank_zero()
+    if on_start is not None and rank_zero:
+        on_start(run_id, ckpt_dir)
     status, reason = "FAILED", None
     interruption = Interruption(ckpt_dir / "last.ckpt")
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if resumed:
-            last = ckpt_dir / "last.ckpt"
-            if not last.is_file():
-                raise ConfigError(f"resume={run_id}: no checkpoint at {last} (the run never reached a checkpoint)")
-            if rank_zero and changed:
+        last = ckpt_dir / "last.ckpt"
+        resume_from = last if resumed and last.is_file() else None
+        if resumed and rank_zero:
+            if changed:
                 client.set_tag(run_id, "resume_changed_keys", ", ".join(changed))
-        elif rank_zero:
+            if resume_from is None:  # died before its first checkpoint: start over, in the same run
+                print(f"pha-lab: run {run_id} has no checkpoint yet; training it again from step 0")
+                client.set_tag(run_id, "restarted_without_checkpoint", "true")
+        if rank_zero and resume_from is None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (ckpt_dir / "config.yaml").write_text(to_yaml(cfg))
             client.log_text(run_id, to_yaml(cfg), "config.yaml")
         datamodule = build_datamodule(cfg)
         module = LMModule(cfg)
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-        if rank_zero and not resumed:
-            MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(flatten(cfg))
+        if rank_zero and resume_from is None:  # (identical values may be logged again after a restart)
+            params = {k: v for k, v in flatten(cfg).items() if k != "resume"}
+            MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(params)
             for key, value in {
                 "n_params": module.model.n_params(),
                 "n_params_non_embedding": module.model.n_params(non_embedding=True),
@@ -161,7 +169,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
             callbacks=callbacks, default_root_dir=ckpt_dir, enable_model_summary=False,
         )
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resumed else None)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         except torch.cuda.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"CUDA out of memory at data.batch_size={cfg.data.batch_size}, data.seq_len={cfg.data.seq_len} "
@@ -182,6 +190,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> TrainResult:
         return TrainResult(run_id, uri, ckpt_dir, status, metrics, module.model.n_params(),
                            trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len)
     except BaseException as exc:
+        if type(exc).__name__ == "TrialPruned":  # optuna's pruning callback stopped the run
+            status, reason = "KILLED", f"pruned by Optuna: {exc}"
+            raise
         if is_interruption(exc):
             status, reason = "KILLED", f"{interruption.requested or type(exc).__name__} {exc}".strip()
             raise RunInterrupted(f"run {run_id} interrupted ({reason}); checkpoint at {ckpt_dir / 'last.ckpt'}") from exc

@@ -1,0 +1,406 @@
+"""`pha-lab sweep NAME`: run a sweep as an Optuna study whose trials are `train(config)` calls.
+
+- Storage: SQLite beside the MLflow database by default (`<runs_dir>/optuna.db`), or any RDB URL
+  (PostgreSQL for several machines: each runs workers against the same study).
+- Grid cells are enqueued once (idempotently) as WAITING trials; a worker claims one with an atomic
+  WAITING -> RUNNING transition, so no two workers run the same cell. Search trials come from the
+  sampler (TPE / random), with median pruning on the validation objective if enabled.
+- Workers: one per group of `gpus_per_trial` GPUs (pinned with CUDA_VISIBLE_DEVICES), or one on CPU.
+- Robustness: a trial that raises is FAILED (reason in its user attrs and its MLflow run) and the
+  sweep goes on; a running trial sends heartbeats, so one whose worker died is found stale by the
+  next worker and re-queued with its MLflow run id, and resumes from its last checkpoint in that
+  run; SIGINT/SIGTERM checkpoints the trial and re-queues it. Failed cells rerun only with
+  `--retry-failed`.
+- MLflow: one experiment per sweep, a parent run (sweep file and summary table as artifacts) and a
+  nested child run per trial tagged with sweep, cell, seed and trial number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pha_lab import tracking
+from pha_lab.config import load_config
+from pha_lab.sweep.spec import SweepSpec, load_sweep, suggest
+
+
+# --------------------------------------------------------------------------- study plumbing
+def default_storage(tracking_cfg) -> str:
+    root = tracking.runs_dir(tracking_cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'optuna.db'}"
+
+
+def open_study(spec: SweepSpec, storage_url: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(
+        storage_url,
+        engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=spec.grace_period,
+        failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
+    )
+    sampler = (optuna.samplers.TPESampler(seed=spec.seeds[0]) if spec.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=spec.seeds[0]))
+    pruning = spec.pruning or {}
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(pruning.get("n_startup_trials", 2)),
+                                          n_warmup_steps=int(pruning.get("n_warmup_steps", 0)))
+              if pruning.get("enabled") else optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    return study, storage
+
+
+def enqueue_grid(study, spec: SweepSpec, retry_failed: bool = False) -> int:
+    """Queue every cell not yet in the study (idempotent); with retry_failed, also cells that only failed."""
+    from optuna.trial import TrialState
+
+    if spec.is_search:
+        return 0
+    by_cell: dict[str, set] = {}
+    for t in study.get_trials(deepcopy=False):
+        cell = t.system_attrs.get("fixed_params", t.params).get("cell")
+        by_cell.setdefault(cell, set()).add(t.state)
+    added = 0
+    for key in spec.cells():
+        states = by_cell.get(key, set())
+        alive = states & {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED}
+        if not states or (retry_failed and not alive):
+            study.enqueue_trial({"cell": key}, user_attrs={"retry_of_failed": bool(states)})
+            added += 1
+    return added
+
+
+def claim_waiting(study, storage):
+    """Atomically take one WAITING trial (WAITING -> RUNNING), or None."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every `interval` s (Optuna's RDB heartbeat protocol)."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            self.storage.record_heartbeat(self.trial_id)
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# --------------------------------------------------------------------------- MLflow parent run
+def parent_run(spec: SweepSpec, tracking_cfg, sweep_path: Path, study) -> str:
+    """The sweep's parent run: reused when the sweep is resumed or joined from another machine."""
+    client = tracking.client(tracking.tracking_uri(tracking_cfg))
+    existing = study.user_attrs.get("mlflow_parent_run_id")
+    if existing:
+        return existing
+    exp_id = tracking.ensure_experiment(client, spec.name, tracking_cfg)
+    found = client.search_runs([exp_id], filter_string="tags.sweep_parent = 'true'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {**tracking.git_info(), "sweep": spec.name, "sweep_parent": "true", "mlflow.note.content": spec.description}
+        run_id = client.create_run(exp_id, run_name=f"sweep:{spec.name}", tags=tags).info.run_id
+        client.log_artifact(run_id, str(sweep_path))
+        client.log_param(run_id, "n_cells", len(spec.cells()))
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
+
+
+# --------------------------------------------------------------------------- running trials
+def objective_value(client, run_id: str, metric: str, direction: str) -> float:
+    """A test metric's final value, or the best value of a validation metric over the run."""
+    history = [m.value for m in client.get_metric_history(run_id, metric)]
+    if not history:
+        raise RuntimeError(f"run {run_id} logged no '{metric}' (the sweep's objective.metric)")
+    if metric.startswith("test/"):
+        return history[-1]
+    return min(history) if direction == "minimize" else max(history)
+
+
+def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg, parent_id: str):
+    cells = spec.cells()
+    cell_key = trial.suggest_categorical("cell", list(cells))
+    params = suggest(trial, spec)
+    cfg = spec.cell_config(cells[cell_key], params, extra)
+    cfg.tracking.runs_dir = tracking_cfg.runs_dir
+    cfg.tracking.tracking_uri = tracking_cfg.tracking_uri
+    cfg.tracking.experiment = spec.name
+    cfg.tracking.run_name = f"{spec.name}:{cell_key}"
+    cfg.tracking.tags = {**cfg.tracking.tags, "mlflow.parentRunId": parent_id, "sweep": spec.name,
+                         "cell": cell_key, "seed": str(cfg.seed), "trial_number": str(trial.number),
+                         **{f"search.{k}": str(v) for k, v in params.items()}}
+    if spec.gpus_per_trial > 1:
+        cfg.trainer.devices = spec.gpus_per_trial
+    previous = trial.user_attrs.get("mlflow_run_id")
+    if previous and (Path(trial.user_attrs.get("ckpt_dir", "")) / "config.yaml").is_file():
+        cfg.resume = previous  # a re-queued trial continues its own run from its checkpoint
+    return cell_key, cfg
+
+
+def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking_cfg, parent_id: str) -> str:
+    """Run one claimed trial to COMPLETE / PRUNED / FAIL; re-raise an interruption after re-queueing."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pha_lab.training.callbacks import RunInterrupted
+    from pha_lab.training.run import train
+
+    client = tracking.client(tracking.tracking_uri(tracking_cfg))
+    with Heartbeat(storage, trial._trial_id, spec.heartbeat_interval):
+        try:
+            cell_key, cfg = trial_config(spec, trial, extra, tracking_cfg, parent_id)
+        except Exception as exc:
+            trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            return "FAIL"
+        callbacks = []
+        if spec.pruning.get("enabled"):
+            from optuna_integration import PyTorchLightningPruningCallback
+
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric))
+
+        def on_start(run_id: str, ckpt_dir: Path) -> None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("ckpt_dir", str(ckpt_dir))
+
+        os.environ["PHA_TRIAL_CONFIG"] = _write_trial_config(cfg, tracking_cfg, spec.name, trial.number)
+        try:
+            result = train(cfg, callbacks, on_start=on_start)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return "PRUNED"
+        except RunInterrupted:
+            study.tell(trial, state=TrialState.FAIL)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study.trials[trial.number])
+            raise
+        except Exception as exc:
+            trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"[sweep {spec.name}] trial {trial.number} ({cell_key}) FAILED: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return "FAIL"
+        finally:
+            os.environ.pop("PHA_TRIAL_CONFIG", None)
+        value = objective_value(client, result.run_id, spec.metric, spec.direction)
+        study.tell(trial, value)
+        return "COMPLETE"
+
+
+def _write_trial_config(cfg, tracking_cfg, sweep: str, number: int) -> str:
+    """The trial's config on disk, for DDP ranks > 0 (Lightning re-executes the worker command)."""
+    path = tracking.runs_dir(tracking_cfg) / "sweeps" / sweep / f"trial-{number}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg))
+    return str(path)
+
+
+def progress(study, spec: SweepSpec) -> str:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    done = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+    total = spec.n_trials if spec.is_search else len(spec.cells())
+    retried = {t.system_attrs.get("failed_trial") for t in trials if "failed_trial" in t.system_attrs}
+    failed = sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+    left = max(0, total - done - failed - count[TrialState.RUNNING])
+    try:
+        best = f"best {spec.metric} {study.best_value:.4g} ({study.best_trial.params.get('cell')})"
+    except ValueError:
+        best = "best: none yet"
+    return (f"[sweep {spec.name}] done {done}/{total}  running {count[TrialState.RUNNING]}  "
+            f"failed {failed}  left {left}  | {best}")
+
+
+def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg) -> None:
+    """Claim and run trials until the grid (or the search budget) is exhausted."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study, storage = open_study(spec, storage_url)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    while True:
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued copy
+        trial = claim_waiting(study, storage)
+        if trial is None and spec.is_search:
+            started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
+                       and "failed_trial" not in t.system_attrs]
+            if len(started) < spec.n_trials:
+                trial = study.ask()
+        if trial is None:
+            return
+        run_trial(spec, study, storage, trial, extra, tracking_cfg, parent_id)
+        print(progress(study, spec), flush=True)
+
+
+# --------------------------------------------------------------------------- entry points
+def summary_table(study):
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"trial": t.number, "cell": t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell"),
+                     "state": t.state.name, "value": t.value, "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                     "failure_reason": t.user_attrs.get("failure_reason"),
+                     "retry_of": t.system_attrs.get("failed_trial"),
+                     **{k: v for k, v in t.params.items() if k != "cell"}})
+    return pd.DataFrame(rows)
+
+
+def worker_groups(gpus_per_trial: int, workers: int | None) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker: one group of `gpus_per_trial` GPUs per worker; on CPU,
+    `workers` processes (default 1) with no GPU. A single worker runs in-process ([None])."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if n:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = (visible.split(",") if visible else [str(i) for i in range(n)])[:n]
+        groups = [",".join(ids[i : i + gpus_per_trial]) for i in range(0, len(ids) - gpus_per_trial + 1, gpus_per_trial)]
+        if not groups:
+            raise RuntimeError(f"gpus_per_trial={gpus_per_trial} but only {n} GPU(s) are visible")
+    else:
+        groups = [""] * (workers or 1)
+    groups = groups[: workers or len(groups)]
+    return groups if len(groups) > 1 else [None]
+
+
+def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracking_uri: str | None = None,
+            runs_dir: str | None = None, retry_failed: bool = False):
+    """Validate the sweep, open (or create) its study and MLflow parent run, queue the grid."""
+    base = load_config(None, [o for o in extra if o.startswith("tracking.")])
+    tracking_cfg = base.tracking
+    if runs_dir:
+        tracking_cfg.runs_dir = str(Path(runs_dir).resolve())
+    if tracking_uri:
+        tracking_cfg.tracking_uri = tracking_uri
+    tracking_cfg.tracking_uri = tracking.tracking_uri(tracking_cfg)
+    spec = load_sweep(name, list(extra))
+    storage_url = storage or default_storage(tracking_cfg)
+    study, _ = open_study(spec, storage_url)
+    added = enqueue_grid(study, spec, retry_failed)
+    sweep_path = Path(name) if Path(name).is_file() else Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"
+    parent_id = parent_run(spec, tracking_cfg, sweep_path, study)
+    tracking.client(tracking_cfg.tracking_uri).update_run(parent_id, status="RUNNING")
+    print(f"[sweep {spec.name}] {len(spec.cells())} cells ({added} newly queued); study '{spec.name}' in {storage_url}; "
+          f"MLflow experiment '{spec.name}' at {tracking_cfg.tracking_uri} (parent run {parent_id})", flush=True)
+    return spec, study, storage_url, tracking_cfg, parent_id
+
+
+def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, tracking_uri: str | None = None,
+              runs_dir: str | None = None, retry_failed: bool = False, workers: int | None = None) -> Any:
+    """Set up, run the workers, log the summary table to the parent run. Returns the summary."""
+    spec, study, storage_url, tracking_cfg, parent_id = prepare(name, extra, storage, tracking_uri, runs_dir, retry_failed)
+    print(progress(study, spec), flush=True)
+    status = "FINISHED"
+    try:
+        groups = worker_groups(spec.gpus_per_trial, workers)
+        if groups == [None]:
+            worker_loop(spec, storage_url, list(extra), tracking_cfg)
+        else:
+            _run_worker_processes(spec, name, groups, storage_url, list(extra), tracking_cfg, study)
+    except BaseException:
+        status = "KILLED"
+        print(f"[sweep {spec.name}] interrupted; run the same command again to resume", file=sys.stderr)
+        raise
+    finally:
+        table = finish(spec, study, tracking_cfg, parent_id, status)
+    return table
+
+
+def finish(spec: SweepSpec, study, tracking_cfg, parent_id: str, status: str = "FINISHED"):
+    """Summary table (CSV artifact on the parent run); the parent is FINISHED only when no cell is left."""
+    table = summary_table(study)
+    out = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name / "summary.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    client = tracking.client(tracking_cfg.tracking_uri)
+    client.log_artifact(parent_id, str(out))
+    unfinished = table.empty or table.state.isin(["WAITING", "RUNNING"]).any()
+    client.set_terminated(parent_id, "KILLED" if status != "FINISHED" or unfinished else "FINISHED")
+    print(progress(study, spec), flush=True)
+    return table
+
+
+def _run_worker_processes(spec, name, groups, storage_url, extra, tracking_cfg, study) -> None:
+    """One worker process per GPU group, pinned with CUDA_VISIBLE_DEVICES; logs under runs/sweeps/NAME/."""
+    log_dir = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for group in groups:
+        cmd = [sys.executable, "-m", "pha_lab.sweep.runner", name, "--storage", storage_url,
+               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg)), *extra]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
+        label = f"gpu{group.replace(',', '_')}" if group else f"cpu{len(procs)}"
+        log = open(log_dir / f"worker-{label}.log", "a")
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"[sweep {spec.name}] worker {label}: log {log.name}", flush=True)
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(15)
+            print(progress(study, spec), flush=True)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p, log in procs:
+            p.wait()
+            log.close()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`python -m pha_lab.sweep.runner NAME ...`: one worker (spawned per GPU group by run_sweep)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--runs-dir", required=True)
+    parser.add_argument("extra", nargs="*")
+    args = parser.parse_args(argv)
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("PHA_TRIAL_CONFIG"):
+        # a DDP rank > 0 that Lightning started by re-running this command: join rank 0's trial
+        from pha_lab.training.run import train
+
+        train(OmegaConf.merge(load_config(None), OmegaConf.load(os.environ["PHA_TRIAL_CONFIG"])))
+        return 0
+    base = load_config(None, [f"tracking.runs_dir={args.runs_dir}", f"tracking.tracking_uri={args.tracking_uri}"])
+    worker_loop(load_sweep(args.name, args.extra), args.storage, args.extra, base.tracking)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
