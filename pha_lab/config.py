@@ -94,9 +94,9 @@ class ModelConfig:
 # --------------------------------------------------------------------------- schema: data
 @dataclass
 class TokenizerConfig:
-    name: str = "gpt2"  # hub name, used when no local directory is found
+    name: str = "gpt2"  # hub name; "gpt2" is first looked for in <data root>/gpt2-tokenizer
     path: Optional[str] = None  # local dir with tokenizer.json or vocab.json+merges.txt (else $PHA_TOKENIZER_DIR)
-    train_vocab_size: Optional[int] = None  # train a BPE of this size on the train split instead
+    train_vocab_size: Optional[int] = None  # train a byte-level BPE of this size on the train split instead (cached)
 
 
 @dataclass
@@ -107,29 +107,35 @@ class MQARConfig:
     num_kv_pairs: int = 8
     power_a: float = 0.01  # query gaps follow a power law with this exponent
     random_non_queries: bool = True
-    num_train_examples: int = 100_000
-    num_test_examples: int = 3_000
+    num_train_examples: int = 100_000  # a fixed training set, cycled (sample i -> example i mod this)
+    num_test_examples: int = 3_000  # per eval split (valid and test use different seeds)
 
 
 @dataclass
 class DataConfig:
-    source: str = "novels"
+    """Data sources and the evaluation protocol; docs/data.md describes every key."""
+
+    source: str = "novels"  # novels | wikitext103 | wikitext2 | openwebtext | text | mqar
     data_dir: Optional[str] = None  # local files root; default $PHA_DATA_DIR or ../shared/data
-    train_files: list[str] = field(default_factory=list)  # `text` source: files or folders
-    valid_files: list[str] = field(default_factory=list)
+    hub: str = "auto"  # auto: local files first, then the Hugging Face hub | never: local only | always: hub only
+    hub_revision: str = "main"  # hub dataset revision (branch, tag or commit); part of the token cache key
+    wikitext_variant: str = "raw"  # raw: wikitext-*-raw-v1 (GPT-2-style PPL) | tokens: wikitext-*-v1 (<unk>)
+    train_files: list[str] = field(default_factory=list)  # `text` source: files or folders (*.txt), relative
+    valid_files: list[str] = field(default_factory=list)  # to the data root or the current directory
     test_files: list[str] = field(default_factory=list)
+    documents: str = "file"  # `text` source: one document per file | blank_line: blank-line-separated documents
     split_seed: int = 1234  # seeded split by document where a source has no given split
-    valid_fraction: float = 0.05
-    test_fraction: float = 0.05
+    valid_fraction: Optional[float] = None  # carved from train by document; None: source default
+    test_fraction: Optional[float] = None  # (text: 0.05, openwebtext: 0.0005); a positive fraction takes >= 1 doc
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_len: int = 1024
-    batch_size: int = 8
+    batch_size: int = 8  # per device, per micro-batch
     eval_batch_size: int = 8
-    eval_stride: Optional[int] = None  # None: non-overlapping windows of seq_len
+    eval_stride: Optional[int] = None  # None: non-overlapping windows of seq_len; smaller: only new tokens scored
     max_eval_tokens: Optional[int] = None  # cap on tokens scored per eval split (None: whole split)
-    cache_dir: str = ".cache/tokens"
-    num_proc: int = 2
-    num_workers: int = 0
+    cache_dir: str = ".cache/tokens"  # relative: from the project root (source checkout) or the cwd
+    num_proc: int = 2  # processes for tokenization (datasets.map)
+    num_workers: int = 0  # DataLoader workers
     mqar: MQARConfig = field(default_factory=MQARConfig)
 
 
@@ -375,11 +381,39 @@ def validate(cfg: DictConfig) -> None:
 
     d = cfg.data
     _choice("data.source", d.source, DATA_SOURCES)
-    for key in ("seq_len", "batch_size", "eval_batch_size"):
+    _choice("data.hub", d.hub, ("auto", "never", "always"))
+    _choice("data.documents", d.documents, ("file", "blank_line"))
+    _choice("data.wikitext_variant", d.wikitext_variant, ("raw", "tokens"))
+    for key in ("seq_len", "batch_size", "eval_batch_size", "num_proc"):
         if d[key] < 1:
             raise ConfigError(f"data.{key}={d[key]} must be >= 1")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
     if d.eval_stride is not None and not 1 <= d.eval_stride <= d.seq_len:
         raise ConfigError(f"data.eval_stride={d.eval_stride} must be in 1..data.seq_len ({d.seq_len})")
+    if d.max_eval_tokens is not None and d.max_eval_tokens < 1:
+        raise ConfigError(f"data.max_eval_tokens={d.max_eval_tokens} must be >= 1 (or null for the whole split)")
+    fractions = [d[k] or 0.0 for k in ("valid_fraction", "test_fraction")]
+    if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
+        raise ConfigError(
+            f"data.valid_fraction={d.valid_fraction} and data.test_fraction={d.test_fraction} must be in [0, 1) "
+            f"with a sum below 1 (null: the source's default)"
+        )
+    if d.source != "text" and (d.train_files or d.valid_files or d.test_files):
+        raise ConfigError(
+            f"data.train_files/valid_files/test_files are read only by data.source=text (got data.source={d.source})"
+        )
+    if d.source == "text" and not d.train_files:
+        raise ConfigError("data.source=text needs data.train_files: files or folders of *.txt")
+    v = d.tokenizer.train_vocab_size
+    if v is not None and d.source != "mqar":
+        if v < 258:
+            raise ConfigError(f"data.tokenizer.train_vocab_size={v} must be >= 258 (256 bytes + <|endoftext|> + 1)")
+        if v > m.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer.train_vocab_size={v} exceeds model.vocab_size={m.vocab_size}; raise model.vocab_size "
+                f"or lower data.tokenizer.train_vocab_size"
+            )
     if d.source == "mqar":
         q = d.mqar
         if q.vocab_size > m.vocab_size:
@@ -390,6 +424,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.mqar.num_kv_pairs={q.num_kv_pairs} needs data.seq_len >= 4*num_kv_pairs = {4 * q.num_kv_pairs} "
                 f"(got {d.seq_len})"
+            )
+        if q.num_kv_pairs < 1 or q.vocab_size // 2 - 1 < q.num_kv_pairs:
+            raise ConfigError(
+                f"data.mqar.num_kv_pairs={q.num_kv_pairs} must be in 1..data.mqar.vocab_size/2-1 "
+                f"({q.vocab_size // 2 - 1}): keys and values are drawn without replacement from half the vocab each"
+            )
+        if q.power_a <= 0 or q.num_train_examples < 1 or q.num_test_examples < 1:
+            raise ConfigError(
+                f"data.mqar: need power_a > 0 (got {q.power_a}), num_train_examples >= 1 (got "
+                f"{q.num_train_examples}) and num_test_examples >= 1 (got {q.num_test_examples})"
             )
 
     o = cfg.optim

@@ -1,0 +1,402 @@
+"""Corpora: one registry of data sources, each a small function from the data config to its splits.
+
+A source returns `{split: SplitSource}`. A `SplitSource` only *describes* a split (local files, or a hub dataset id
+and revision, plus how the files become documents), so the token cache key can be computed without reading the
+text or importing `datasets`; `SplitSource.load()` reads the documents through `datasets` when a cache is built.
+Local files always come first (under `data.data_dir`, `$PHA_DATA_DIR` or `../shared/data`); the Hugging Face hub is
+the fallback (`data.hub`). Every failure is a `DataError` naming the path, the config key and a fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+
+from pha_lab.config import PROJECT_ROOT, ConfigError
+
+SPLITS = ("train", "valid", "test")
+WIKITEXT_REPO = "Salesforce/wikitext"  # the hub's canonical id of `load_dataset("wikitext", ...)`
+OPENWEBTEXT_REPO = "Skylion007/openwebtext"
+DEFAULT_FRACTION = {"text": 0.05, "openwebtext": 0.0005}  # openwebtext: nanoGPT's 0.05% validation split
+
+# The novels test split: books taken out of pd-english-novels/train by the rule that made its valid split
+# (order all books by sha256 of their source filename; take books until >= 3,000,000 bytes). See docs/data.md.
+NOVELS_TEST_BOOKS = (
+    "1920_Fitzgerald_FScott_ThisSideofParadise_Novel.txt",
+    "1912_sky_island.txt",
+    "1848_Bronte_Ann_TheTenantofWildfellHall_Novel.txt",
+    "1861_Dickens_Charles_GreatExpectations_Novel.txt",
+    "1913_Lawrence_D.H._SonsandLovers_Novel.txt",
+)
+
+
+class DataError(ConfigError):
+    """A data problem (missing file, empty split, unreachable hub), with the path, the config key and a fix."""
+
+
+# --------------------------------------------------------------------------- locations
+def data_root(d: Any, required: bool = False) -> Optional[Path]:
+    """Local data root: `data.data_dir`, else `$PHA_DATA_DIR`, else `../shared/data` beside the project if present."""
+    for value, key in ((d.data_dir, "data.data_dir"), (os.environ.get("PHA_DATA_DIR"), "$PHA_DATA_DIR")):
+        if value:
+            path = Path(value).expanduser().resolve()
+            if not path.is_dir():
+                raise DataError(f"{key}={value} is not a directory; point it at the local data root (or unset it)")
+            return path
+    default = PROJECT_ROOT.parent / "shared" / "data"
+    if default.is_dir():
+        return default.resolve()
+    if required:
+        raise DataError(
+            f"no local data directory: set data.data_dir or $PHA_DATA_DIR (the default {default} does not exist)"
+        )
+    return None
+
+
+def cache_root(d: Any) -> Path:
+    """`data.cache_dir`; a relative path is taken from the project root in a source checkout, else from the cwd."""
+    path = Path(d.cache_dir).expanduser()
+    if not path.is_absolute():
+        path = (PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()) / path
+    return path
+
+
+def hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be used right now (offline flag or no DNS), else None; saves datasets' 25 s of retries."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"cannot resolve {host} ({exc})"
+    return None
+
+
+# --------------------------------------------------------------------------- file digests
+def file_digests(paths: list[Path], cache: Path) -> list[str]:
+    """sha256 of each file, memoised by (size, mtime) in `<cache>/file-digests.json` so warm runs skip re-reading."""
+    memo_path = cache / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = [], False
+    for p in paths:
+        st = p.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = memo.get(str(p))
+        if hit and hit[:2] == stamp:
+            out.append(hit[2])
+            continue
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        memo[str(p)] = [*stamp, digest]
+        out.append(digest)
+        changed = True
+    if changed:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return out
+
+
+# --------------------------------------------------------------------------- splitting
+def seeded_split(n: int, valid_fraction: float, test_fraction: float, seed: int, what: str) -> dict[str, np.ndarray]:
+    """Documents 0..n-1 -> train/valid/test index arrays (sorted), by a seeded permutation.
+
+    A positive fraction takes at least one document, so a 7-book corpus still gets a valid and a test book."""
+    counts = {s: (max(1, round(f * n)) if f > 0 else 0) for s, f in (("valid", valid_fraction), ("test", test_fraction))}
+    if n - counts["valid"] - counts["test"] < 1:
+        raise DataError(
+            f"{what} has {n} document(s): too few to leave one for train after taking {counts['valid']} for valid "
+            f"(data.valid_fraction) and {counts['test']} for test (data.test_fraction); add documents or lower the fractions"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    nv, nt = counts["valid"], counts["test"]
+    return {"valid": np.sort(perm[:nv]), "test": np.sort(perm[nv : nv + nt]), "train": np.sort(perm[nv + nt :])}
+
+
+# --------------------------------------------------------------------------- a split's description
+@dataclass(frozen=True)
+class SplitSource:
+    """Where one split's documents come from. `documents`: file (one per file), blank_line (datasets' paragraphs),
+    or wikitext (rows are lines; the split is one document, "\\n\\n".join(rows), as in HF's perplexity guide)."""
+
+    dataset: str  # the protocol name, e.g. "novels", "wikitext-103-raw-v1", "openwebtext-sample"
+    split: str
+    files: tuple[Path, ...] = ()
+    documents: str = "file"
+    hub: Optional[tuple[str, Optional[str], str]] = None  # (repo, config, hub split), used when `files` is empty
+    revision: str = "main"
+    carve: Optional[tuple[int, float, float]] = None  # (seed, valid_fraction, test_fraction) over loaded documents
+    missing: Optional[str] = None  # why the split cannot be loaded (raised on first use)
+    data_dir: Optional[Path] = field(default=None, compare=False)
+
+    def check(self) -> None:
+        if self.missing:
+            raise DataError(self.missing)
+
+    def describe(self) -> str:
+        if self.files:
+            names = [_rel(p, self.data_dir) for p in self.files]
+            shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+            return f"local: {shown}"
+        repo, config, split = self.hub or ("?", None, "?")
+        return f"hub: {repo}{'/' + config if config else ''} split={split} revision={self.revision}"
+
+    def fingerprint(self, cache: Path) -> dict[str, Any]:
+        """Everything that determines the split's text: file names + sha256, or the hub id + revision."""
+        self.check()
+        fp: dict[str, Any] = {"dataset": self.dataset, "split": self.split, "documents": self.documents}
+        if self.files:
+            fp["files"] = [[p.name, h] for p, h in zip(self.files, file_digests(list(self.files), cache))]
+        else:
+            fp["hub"] = [*self.hub, self.revision]
+        if self.carve:
+            fp["carve"] = list(self.carve)
+        return fp
+
+    def load(self, tmp_cache: Path):
+        """The split's documents as a `datasets.Dataset` with one column, "text" (imports `datasets`)."""
+        self.check()
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        if self.files:
+            sample_by = {"file": "document", "blank_line": "paragraph", "wikitext": "line"}[self.documents]
+            ds = datasets.load_dataset(
+                "text",
+                data_files=[str(p) for p in self.files],
+                sample_by=sample_by,
+                keep_linebreaks=True,
+                split="train",
+                cache_dir=str(tmp_cache),
+            )
+        else:
+            ds = _load_hub(*self.hub, revision=self.revision, what=f"{self.dataset} {self.split}")
+        if self.documents == "wikitext":  # rows exactly as the hub's (blank line " " -> ""), joined as HF's guide
+            rows = [r if r.strip() else "" for r in ds["text"]]
+            ds = datasets.Dataset.from_dict({"text": ["\n\n".join(rows)]})
+        if self.carve:
+            seed, fv, ft = self.carve
+            ds = ds.select(seeded_split(len(ds), fv, ft, seed, f"{self.dataset} ({self.describe()})")[self.split])
+        if len(ds) == 0 or not any(len(t) for t in ds[: min(len(ds), 1000)]["text"]):
+            raise DataError(f"{self.dataset} split '{self.split}' is empty ({self.describe()}); check the files")
+        return ds
+
+
+def _rel(p: Path, root: Optional[Path]) -> str:
+    try:
+        return str(p.relative_to(root)) if root else str(p)
+    except ValueError:
+        return str(p)
+
+
+def _load_hub(repo: str, config: Optional[str], split: str, revision: str, what: str):
+    import datasets
+
+    why = hub_unreachable()
+    if why is None:
+        try:
+            return datasets.load_dataset(repo, config, split=split, revision=revision)
+        except Exception as exc:  # network, missing revision, script-based repo ...
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    raise DataError(
+        f"cannot load {what} from the Hugging Face hub ({repo}{'/' + config if config else ''}, split {split}, "
+        f"revision {revision}): {why}. Either go online, or put the files under the local data root "
+        f"(data.data_dir or $PHA_DATA_DIR; layout in docs/data.md), or use data.source=text with data.train_files. "
+        f"(A hub repo that still ships a loading script may need data.hub_revision=refs/convert/parquet.)"
+    )
+
+
+# --------------------------------------------------------------------------- path helpers
+def _resolve(entry: str, key: str, root: Optional[Path]) -> Path:
+    """A configured path: absolute, or relative to the data root, else to the cwd."""
+    p = Path(entry).expanduser()
+    tried = [p] if p.is_absolute() else ([root / p] if root else []) + [Path.cwd() / p]
+    for cand in tried:
+        if cand.exists():
+            return cand.resolve()
+    raise DataError(
+        f"{key} entry '{entry}' does not exist (looked at: {', '.join(map(str, tried))}); relative paths are taken "
+        f"from the data root (data.data_dir / $PHA_DATA_DIR) or the current directory"
+    )
+
+
+def _expand(entries: list[str], key: str, root: Optional[Path]) -> list[Path]:
+    """Files as given; a folder stands for every *.txt below it (sorted), so folders with README/MANIFEST work."""
+    out: list[Path] = []
+    for entry in entries:
+        p = _resolve(str(entry), key, root)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*.txt") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"{key} entry '{entry}' is a folder without *.txt files ({p})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _fraction(d: Any, split: str) -> float:
+    value = d[f"{split}_fraction"]
+    return DEFAULT_FRACTION.get(d.source, 0.05) if value is None else float(value)
+
+
+def _hub_allowed(d: Any) -> bool:
+    return d.hub != "never"
+
+
+def _local_allowed(d: Any) -> bool:
+    return d.hub != "always"
+
+
+# --------------------------------------------------------------------------- the sources
+def novels(d: Any) -> dict[str, SplitSource]:
+    """pd-english-novels: train/valid by book as shipped; test = NOVELS_TEST_BOOKS taken out of train."""
+    root = data_root(d, required=True)
+    base = root / "pd-english-novels"
+    for sub in ("train", "valid"):
+        if not (base / sub).is_dir():
+            raise DataError(
+                f"novels: {base / sub} not found under the data root {root} (data.data_dir / $PHA_DATA_DIR); "
+                f"see ../shared/data/pd-english-novels/SOURCE.md to rebuild it"
+            )
+    test = [base / "train" / name for name in NOVELS_TEST_BOOKS]
+    lost = [str(p) for p in test if not p.is_file()]
+    if lost:
+        raise DataError(f"novels: test books missing from {base / 'train'}: {', '.join(lost)}")
+    train = [p for p in sorted((base / "train").glob("*.txt")) if p.name not in NOVELS_TEST_BOOKS]
+    files = {"train": train, "valid": sorted((base / "valid").glob("*.txt")), "test": test}
+    return {s: SplitSource("novels", s, tuple(files[s]), "file", data_dir=root) for s in SPLITS}
+
+
+def text(d: Any) -> dict[str, SplitSource]:
+    """Any local files or folders. Splits given as data.{valid,test}_files, else carved from data.train_files by
+    document with data.split_seed: whole files in `file` mode (before reading), documents in `blank_line` mode."""
+    root = data_root(d)
+    if not d.train_files:
+        raise DataError("data.source=text needs data.train_files (files or folders of *.txt)")
+    given = {s: _expand(list(d[f"{s}_files"]), f"data.{s}_files", root) for s in SPLITS}
+    seen: dict[Path, str] = {}
+    for s, paths in given.items():
+        for p in paths:
+            if p in seen:
+                raise DataError(f"{p} is listed in both data.{seen[p]}_files and data.{s}_files")
+            seen[p] = s
+    fv = 0.0 if given["valid"] else _fraction(d, "valid")
+    ft = 0.0 if given["test"] else _fraction(d, "test")
+    carved: dict[str, SplitSource] = {}
+    if d.documents == "file":
+        idx = seeded_split(len(given["train"]), fv, ft, d.split_seed, "data.train_files")
+        for s in SPLITS:
+            if s == "train" or not given[s]:
+                carved[s] = SplitSource("text", s, tuple(given["train"][i] for i in idx[s]), "file", data_dir=root)
+    else:
+        for s in SPLITS:
+            if s == "train" or not given[s]:
+                src = tuple(given["train"])
+                carved[s] = SplitSource("text", s, src, d.documents, carve=(d.split_seed, fv, ft), data_dir=root)
+    out = {}
+    for s in SPLITS:
+        if given[s] and s != "train":
+            out[s] = SplitSource("text", s, tuple(given[s]), d.documents, data_dir=root)
+        elif s == "train" or (fv if s == "valid" else ft) > 0:
+            out[s] = carved[s]
+    return out
+
+
+def _wikitext(d: Any, size: str) -> dict[str, SplitSource]:
+    """WikiText (raw or tokenized variant): local `wiki.{split}.{raw,tokens}` files, else the hub."""
+    raw = d.wikitext_variant == "raw"
+    config = f"wikitext-{size}-raw-v1" if raw else f"wikitext-{size}-v1"
+    ext = "raw" if raw else "tokens"
+    root = data_root(d) if _local_allowed(d) else None
+    out = {}
+    for split, hub_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        dirs = [root / "wikitext" / config] if root else []
+        if root and raw and split != "train":  # valid/test raw text is identical for WikiText-2 and -103
+            dirs.append(root / "wikitext" / "wikitext-raw-v1")
+        local = [p / f"wiki.{split}.{ext}" for p in dirs]
+        found = next((p for p in local if p.is_file()), None)
+        missing = None
+        if found is None and not _hub_allowed(d):
+            missing = (
+                f"{config} {split}: no local file (looked at: {', '.join(map(str, local)) or 'no data root'}) and "
+                f"data.hub=never; put wiki.{split}.{ext} there (data.data_dir / $PHA_DATA_DIR) or set data.hub=auto"
+            )
+        files = (found,) if found else ()
+        out[split] = SplitSource(
+            config, split, files, "wikitext", (WIKITEXT_REPO, config, hub_split), d.hub_revision, missing=missing,
+            data_dir=root,
+        )
+    return out
+
+
+def wikitext103(d: Any) -> dict[str, SplitSource]:
+    return _wikitext(d, "103")
+
+
+def wikitext2(d: Any) -> dict[str, SplitSource]:
+    return _wikitext(d, "2")
+
+
+def openwebtext(d: Any) -> dict[str, SplitSource]:
+    """OpenWebText: local *.txt (blank-line separated documents) under openwebtext/ or the 100-document
+    openwebtext-sample/ (named so in the protocol), else the hub; valid/test are seeded 0.05% carves of train."""
+    root = data_root(d) if _local_allowed(d) else None
+    carve = (d.split_seed, _fraction(d, "valid"), _fraction(d, "test"))
+    for name in ("openwebtext", "openwebtext-sample"):
+        folder = root / name if root else None
+        if folder and folder.is_dir() and any(folder.glob("*.txt")):
+            files = tuple(sorted(folder.glob("*.txt")))
+            return {s: SplitSource(name, s, files, "blank_line", carve=carve, data_dir=root) for s in SPLITS}
+    missing = None
+    if not _hub_allowed(d):
+        missing = (
+            f"openwebtext: no local openwebtext/ or openwebtext-sample/ folder of *.txt under the data root "
+            f"({root}; data.data_dir / $PHA_DATA_DIR) and data.hub=never"
+        )
+    hub = (OPENWEBTEXT_REPO, None, "train")
+    return {
+        s: SplitSource("openwebtext", s, (), "file", hub, d.hub_revision, carve=carve, missing=missing) for s in SPLITS
+    }
+
+
+def mqar(d: Any) -> dict[str, Any]:
+    """Synthetic multi-query associative recall: generated from the seed, no files (see pha_lab.data.mqar)."""
+    from pha_lab.data.mqar import MQARSplit
+
+    q = d.mqar
+    n = {"train": q.num_train_examples, "valid": q.num_test_examples, "test": q.num_test_examples}
+    return {s: MQARSplit(s, n[s]) for s in SPLITS}
+
+
+SOURCES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "novels": novels,
+    "wikitext103": wikitext103,
+    "wikitext2": wikitext2,
+    "openwebtext": openwebtext,
+    "text": text,
+    "mqar": mqar,
+}
+
+
+def splits(d: Any) -> dict[str, Any]:
+    """The configured source's splits (only those that exist: a `text` corpus may have no test split)."""
+    try:
+        fn = SOURCES[d.source]
+    except KeyError:
+        raise DataError(f"data.source='{d.source}' is not a registered source; choose one of: {', '.join(SOURCES)}")
+    return fn(d)

@@ -1,0 +1,206 @@
+"""Tokenizers (HF `tokenizers`): GPT-2 BPE from local files or the hub, or a byte-level BPE trained on the train split.
+
+`build_tokenizer(cfg.data)` returns a `Tokenizer`: the `tokenizers.Tokenizer` plus what the data layer needs (a
+name for the protocol, the end-of-text id that joins documents, a content hash for cache keys) and `encode_docs`,
+which cuts book-length documents into pieces at pre-tokenizer boundaries so `encode_batch_fast` can use all cores
+while giving exactly the ids of encoding each document whole (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from pha_lab.data.corpora import DataError, cache_root, data_root, hub_unreachable, splits
+
+EOT = "<|endoftext|>"
+BPE_TRAINER_VERSION = 1  # bump when the trained tokenizer's recipe changes (it is part of the cache key)
+PIECE_CHARS = 1 << 16
+# Safe cut points for the GPT-2 pre-tokenizer regex: before a newline that follows a printable ASCII character, or
+# between a newline and " X" (X printable). No regex match can span them and no lookahead sees past them, so the
+# pieces encode to exactly the ids of the whole text.
+_SAFE_CUT = re.compile(r"(?<=[!-~])(?=\n)|(?<=\n)(?= [!-~])")
+
+
+def cut_pieces(text: str) -> list[str]:
+    """`text` cut at _SAFE_CUT points into pieces of about PIECE_CHARS (valid for the GPT-2 pre-tokenizer only)."""
+    out, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        m = _SAFE_CUT.search(text, start + PIECE_CHARS)
+        if m is None:
+            break
+        out.append(text[start : m.start()])
+        start = m.start()
+    out.append(text[start:])
+    return out
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with its protocol name and origin."""
+
+    hf: tokenizers.Tokenizer
+    name: str  # protocol name: "gpt2", "bpe2048", or the hub id
+    origin: str  # where it came from (file path, hub id, training split)
+    eot_id: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        eot = self.hf.token_to_id(EOT)
+        if eot is None:
+            raise DataError(
+                f"tokenizer {self.name} ({self.origin}) has no '{EOT}' token, which the data layer uses to join "
+                f"documents; add it as a special token or use another tokenizer (data.tokenizer.*)"
+            )
+        self.eot_id = eot
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the serialised tokenizer: any change to vocab, merges or pipeline changes the cache key."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+
+    @cached_property
+    def _cuttable(self) -> bool:
+        spec = json.loads(self.hf.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not spec.get("normalizer")
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Any) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return cut_pieces(text) if self._cuttable else [text]
+
+    def encode_docs(self, texts: list[str]) -> list[np.ndarray]:
+        """Each document's ids (int32), identical to encoding it whole."""
+        pieces, owner = [], []
+        for i, t in enumerate(texts):
+            ps = self.pieces(t)
+            pieces.extend(ps)
+            owner.extend([i] * len(ps))
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        encs = encode(pieces, add_special_tokens=False)
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, e in zip(owner, encs):
+            out[i].append(np.asarray(e.ids, dtype=np.int32))
+        return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in out]
+
+
+# --------------------------------------------------------------------------- loading
+def _from_dir(path: Path, name: str) -> Tokenizer:
+    """tokenizer.json, or GPT-2's vocab.json + merges.txt (byte-level BPE pipeline), in `path` (or `path` itself)."""
+    if path.is_file():
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), name, str(path))
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), name, str(path / "tokenizer.json"))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        hf = tokenizers.Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        if hf.token_to_id(EOT) is not None:
+            hf.add_special_tokens([EOT])
+        return Tokenizer(hf, name, f"{path}/vocab.json+merges.txt")
+    raise DataError(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt")
+
+
+def load_tokenizer(d: Any) -> Tokenizer:
+    """data.tokenizer.path, else $PHA_TOKENIZER_DIR, else <data root>/gpt2-tokenizer for "gpt2", else the hub."""
+    t = d.tokenizer
+    for value, key in ((t.path, "data.tokenizer.path"), (os.environ.get("PHA_TOKENIZER_DIR"), "$PHA_TOKENIZER_DIR")):
+        if value:
+            path = Path(value).expanduser()
+            if not path.exists():
+                raise DataError(f"{key}={value} does not exist; point it at a folder with tokenizer.json "
+                                f"(or vocab.json + merges.txt), or unset it")
+            try:
+                return _from_dir(path, t.name if path.is_file() else path.name)
+            except DataError as exc:
+                raise DataError(f"{key}={value}: {exc}") from None
+    root = data_root(d)
+    local = root / f"{t.name}-tokenizer" if root else None
+    if local is not None and local.is_dir():
+        return _from_dir(local, t.name)
+    why = hub_unreachable()
+    if why is None:
+        try:
+            return Tokenizer(tokenizers.Tokenizer.from_pretrained(t.name), t.name, f"hub:{t.name}")
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    raise DataError(
+        f"tokenizer '{t.name}' (data.tokenizer.name): no local copy ({local or 'no data root'}) and the Hugging Face "
+        f"hub failed ({why}). Set data.tokenizer.path or $PHA_TOKENIZER_DIR to a folder with tokenizer.json "
+        f"(or vocab.json + merges.txt), e.g. ../shared/data/gpt2-tokenizer, or go online"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def trained_bpe(d: Any) -> Tokenizer:
+    """A byte-level BPE of data.tokenizer.train_vocab_size tokens trained on the train split, saved in the cache
+    directory under a key of (train split files/hub id, vocab size, recipe version); loaded from there when present."""
+    vocab = int(d.tokenizer.train_vocab_size)
+    train = splits(d)["train"]
+    cache = cache_root(d)
+    material = {"v": BPE_TRAINER_VERSION, "vocab": vocab, "train": train.fingerprint(cache)}
+    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / d.source / f"tokenizer-bpe{vocab}-{key}.json"
+    origin = f"trained on {d.source} train ({train.describe()}); {path}"
+    if path.is_file():
+        try:
+            return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), f"bpe{vocab}", origin)
+        except Exception:  # a corrupt file: train again below
+            pass
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-bpe-") as tmp:
+        docs = train.load(Path(tmp))
+        def batches() -> Iterator[list[str]]:
+            for start in range(0, len(docs), 64):
+                for text in docs[start : start + 64]["text"]:
+                    yield cut_pieces(text)  # same pre-tokens as the whole text
+
+        hf.train_from_iterator(batches(), trainer=trainer, length=len(docs))
+    if hf.get_vocab_size() != vocab:
+        raise DataError(
+            f"data.tokenizer.train_vocab_size={vocab}: the train split only supports {hf.get_vocab_size()} tokens "
+            f"({train.describe()}); lower it or add text"
+        )
+    _atomic_write(path, hf.to_str())
+    return Tokenizer(hf, f"bpe{vocab}", origin)
+
+
+def build_tokenizer(d: Any) -> Optional[Tokenizer]:
+    """The tokenizer `cfg.data` asks for; None for MQAR, whose tokens are synthetic ids."""
+    if d.source == "mqar":
+        return None
+    if d.tokenizer.train_vocab_size:
+        return trained_bpe(d)
+    return load_tokenizer(d)

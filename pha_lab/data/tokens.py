@@ -1,0 +1,264 @@
+"""Token cache (one flat memory-mapped array per split) and the windows cut from it.
+
+A split's token stream is `EOT doc1 EOT doc2 ... EOT docN`: every document is preceded by the end-of-text token,
+so even the first text token has a context and is scored, and the model learns document boundaries. It is built
+once with `datasets.map(batched=True, num_proc=data.num_proc)` and stored as `<cache>/<source>/<split>-<key>.bin`
+(uint16 when the vocab fits, else uint32) plus a `.json` with counts and the sha256 of the `.bin`. The key hashes
+(cache format, source, the split's files and their sha256 or hub id + revision, the tokenizer's serialisation),
+so a changed input or tokenizer gets a new cache; a `.bin` whose size or sha256 disagrees with its `.json` is
+rebuilt, never used. The `.json` is written last, so an interrupted build leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pha_lab.data.corpora import DataError, SplitSource, cache_root
+from pha_lab.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+IGNORE = -100
+
+
+@dataclass
+class TokenSplit:
+    """A cached split: `tokens` is a read-only memmap, opened lazily (and not pickled: workers reopen it)."""
+
+    bin_path: Path
+    meta: dict[str, Any]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def __getstate__(self) -> dict:
+        return {"bin_path": self.bin_path, "meta": self.meta}
+
+
+def cache_key(source: SplitSource, tok: Tokenizer, d: Any) -> tuple[str, dict]:
+    material = {
+        "format": CACHE_FORMAT,
+        "source": d.source,
+        "split": source.fingerprint(cache_root(d)),
+        "tokenizer": tok.fingerprint,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16], material
+
+
+def token_split(source: SplitSource, tok: Tokenizer, d: Any) -> TokenSplit:
+    """The split's cached tokens, building the cache if it is missing, stale or damaged."""
+    key, material = cache_key(source, tok, d)
+    base = cache_root(d) / d.source / f"{source.split}-{key}"
+    return _open(base) or _build(source, tok, d, base, key, material)
+
+
+def _open(base: Path) -> Optional[TokenSplit]:
+    meta_path, bin_path = base.with_suffix(".json"), base.with_suffix(".bin")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        problem = None
+        if meta.get("format") != CACHE_FORMAT:
+            problem = f"of format {meta.get('format')}, not {CACHE_FORMAT}"
+        elif not bin_path.is_file():
+            problem = "missing"
+        elif bin_path.stat().st_size != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
+            problem = f"truncated ({bin_path.stat().st_size} bytes, expected {meta['n_tokens']} x {meta['dtype']})"
+        else:
+            with open(bin_path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != meta["sha256"]:
+                    problem = "corrupted (sha256 differs from its .json)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problem = f"unreadable ({exc})"
+    if problem:
+        log.warning("token cache %s is %s: rebuilding it", bin_path, problem)
+        return None
+    log.info("token cache hit: %s (%d tokens)", bin_path, meta["n_tokens"])
+    return TokenSplit(bin_path, meta)
+
+
+@contextmanager
+def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
+    """With worker processes, switch off the tokenizers' thread pool (forked children would warn and drop it
+    anyway); with one process, leave it on so encode_batch_fast uses every core."""
+    if num_proc <= 1 or "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
+def _build(source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, material: dict) -> TokenSplit:
+    start = time.time()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    eot = np.array([tok.eot_id], dtype=np.int32)
+    with tempfile.TemporaryDirectory(dir=base.parent, prefix=".tmp-") as tmp:
+        docs = source.load(Path(tmp))
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            ids = tok.encode_docs(batch["text"])
+            return {
+                "ids": [np.concatenate([eot, x]) for x in ids],
+                "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
+            }
+
+        num_proc = max(1, min(int(d.num_proc), len(docs)))
+        with _tokenizers_parallelism(num_proc):
+            out = docs.map(
+                tokenize,
+                batched=True,
+                batch_size=8 if source.documents in ("file", "wikitext") else 1000,
+                num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=docs.column_names,
+                cache_file_name=str(Path(tmp) / "ids.arrow"),
+                new_fingerprint=key,
+                desc=f"Tokenizing {source.dataset} {source.split}",
+            )
+        n_bytes = int(sum(out["n_bytes"]))
+        if n_bytes == 0:
+            raise DataError(f"{source.dataset} split '{source.split}' holds no text ({source.describe()})")
+        column = out.data.column("ids")
+        n_tokens = int(sum(len(c.flatten()) for c in column.chunks))
+        tmp_bin = Path(tmp) / "tokens.bin"
+        arr = np.memmap(tmp_bin, dtype=dtype, mode="w+", shape=(n_tokens,))
+        digest, pos = hashlib.sha256(), 0
+        for chunk in tqdm(column.chunks, desc=f"Writing {base.name}.bin", unit="chunk", leave=False):
+            values = chunk.flatten().to_numpy().astype(dtype)
+            arr[pos : pos + len(values)] = values
+            digest.update(values.tobytes())
+            pos += len(values)
+        arr.flush()
+        del arr
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "material": material,
+            "dataset": source.dataset,
+            "split": source.split,
+            "source": source.describe(),
+            "tokenizer": tok.name,
+            "tokenizer_origin": tok.origin,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": np.dtype(dtype).name,
+            "n_tokens": n_tokens,
+            "n_docs": len(docs),
+            "n_bytes": n_bytes,
+            "sha256": digest.hexdigest(),
+            "build_seconds": round(time.time() - start, 2),
+        }
+        os.replace(tmp_bin, base.with_suffix(".bin"))
+        tmp_meta = Path(tmp) / "meta.json"
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, base.with_suffix(".json"))
+    log.info("built token cache %s: %d tokens in %.1f s", base.with_suffix(".bin"), n_tokens, time.time() - start)
+    return TokenSplit(base.with_suffix(".bin"), meta)
+
+
+# --------------------------------------------------------------------------- windows
+class TrainWindows:
+    """Map-style dataset: global sample index i -> a window of seq_len+1 tokens at an offset drawn from
+    `default_rng([seed, i])`; input_ids = window[:-1], labels = window[1:]. Stateless, so the data position is a
+    function of the step and resuming needs no saved loader state."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, name: str = "train") -> None:
+        if split.n_tokens < seq_len + 1:
+            raise DataError(
+                f"the {name} split has {split.n_tokens} tokens, fewer than one training window of data.seq_len+1 = "
+                f"{seq_len + 1}; lower data.seq_len or add text"
+            )
+        self.split, self.seq_len, self.seed = split, int(seq_len), int(seed)
+        self.n_starts = split.n_tokens - self.seq_len  # offsets 0 .. n_tokens - seq_len - 1
+
+    def __len__(self) -> int:
+        """Disjoint windows in the split: what one "epoch" means for an epoch-based trainer."""
+        return self.split.n_tokens // (self.seq_len + 1)
+
+    def offset(self, i: int) -> int:
+        return int(np.random.default_rng([self.seed, int(i)]).integers(self.n_starts))
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        o = self.offset(i)
+        w = np.asarray(self.split.tokens[o : o + self.seq_len + 1], dtype=np.int64)
+        return {"input_ids": w[:-1], "labels": w[1:]}
+
+
+def eval_windows(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
+    """Rows (begin, end, scored_from) covering stream targets 1..n_targets, each scored exactly once.
+
+    Window k reads inputs stream[begin:end] (end - begin <= seq_len) and predicts stream[begin+1:end+1]; only
+    targets after `scored_from` (the previous window's end) are scored, as in the HF perplexity guide. Begins
+    step by `stride`; the last window stops at n_targets and may be shorter (a partial window)."""
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"data.eval_stride={stride} must be in 1..data.seq_len ({seq_len})")
+    rows, begin, prev = [], 0, 0
+    while prev < n_targets:
+        end = min(begin + seq_len, n_targets)
+        rows.append((begin, end, prev))
+        prev, begin = end, begin + stride
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+class EvalWindows:
+    """Map-style dataset of `eval_windows`, padded to seq_len (input: EOT, label: -100 = not scored)."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, stride: Optional[int], max_tokens: Optional[int], name: str):
+        available = split.n_tokens - 1
+        if available < 1:
+            raise DataError(f"the {name} split has no token to score")
+        self.split, self.seq_len = split, int(seq_len)
+        self.stride = int(stride or seq_len)
+        self.n_targets = min(available, int(max_tokens)) if max_tokens else available
+        self.rows = eval_windows(self.n_targets, self.seq_len, self.stride)
+        self.pad = int(split.meta["eot_id"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        begin, end, prev = (int(v) for v in self.rows[k])
+        t = np.asarray(self.split.tokens[begin : end + 1], dtype=np.int64)
+        inputs = np.full(self.seq_len, self.pad, dtype=np.int64)
+        labels = np.full(self.seq_len, IGNORE, dtype=np.int64)
+        n = end - begin
+        inputs[:n] = t[:-1]
+        labels[prev - begin : n] = t[prev - begin + 1 :]
+        return {"input_ids": inputs, "labels": labels}
+
+
+def lm_metrics(sum_nll: float, n_tokens: int, n_bytes: Optional[int]) -> dict[str, float]:
+    """Token-level loss/PPL and bits per byte from the *summed* NLL (nats) over the scored tokens of a split.
+    Sum over batches (partial windows score fewer tokens; a mean of batch means is biased)."""
+    loss = sum_nll / n_tokens
+    out = {"loss": loss, "ppl": math.exp(loss)}
+    if n_bytes:
+        out["bpb"] = sum_nll / (n_bytes * math.log(2))
+    return out
