@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Iterator, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pha_lab.data import corpora
 from pha_lab.data.corpora import DataError
@@ -34,13 +34,15 @@ def _split_name(split: str) -> str:
         raise DataError(f"unknown split '{split}'; use one of: {', '.join(SPLIT_ALIASES)}") from None
 
 
-class GlobalIndexSampler:
+class GlobalIndexSampler(DistributedSampler):
     """Yields global sample indices `count` times from `start`. With several ranks, micro-batch j of rank r takes
     indices start + (j*world + r)*batch_size + [0, batch_size), so every index is used once across ranks.
-    (Multi-device training must pass `use_distributed_sampler=False` to the Trainer: this sampler already splits.)"""
+    A DistributedSampler only so that Lightning's DDP leaves it alone instead of wrapping (and reshuffling) it."""
 
     def __init__(self, start: int, count: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
-        self.start, self.count, self.batch_size, self.rank, self.world = start, count, batch_size, rank, world
+        # no super().__init__: it wants a process group; these are the attributes Lightning/torch may read
+        self.start, self.count, self.batch_size, self.rank, self.num_replicas = start, count, batch_size, rank, world
+        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, True, 0
 
     def __len__(self) -> int:
         return self.count
@@ -48,7 +50,22 @@ class GlobalIndexSampler:
     def __iter__(self) -> Iterator[int]:
         for k in range(self.count):
             j, b = divmod(k, self.batch_size)
-            yield self.start + (j * self.world + self.rank) * self.batch_size + b
+            yield self.start + (j * self.num_replicas + self.rank) * self.batch_size + b
+
+
+class RankSlice(DistributedSampler):
+    """Evaluation under DDP: rank r takes windows r, r+world, ... with no padding (DistributedSampler would repeat
+    windows to even out ranks, scoring some tokens twice); the summed metrics stay exact."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.num_replicas = n, rank, world
+        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
 
 
 class TrainLoader(DataLoader):
@@ -117,10 +134,15 @@ class _DataModule(L.LightningDataModule):
         if split not in self.splits():
             warnings.warn(f"data.source={self.d.source} has no {split} split here; skipping its evaluation", stacklevel=2)
             return []
+        ds = self._eval_set(split)
+        t = self.trainer
+        sampler = RankSlice(len(ds), t.global_rank, t.world_size) if t is not None and t.world_size > 1 else None
+        return DataLoader(ds, batch_size=int(self.d.eval_batch_size), sampler=sampler, **self._loader_kwargs())
+
+    def _eval_set(self, split: str) -> Any:
         if split not in self._eval_sets:
             self._eval_sets[split] = self.eval_dataset(split)
-        return DataLoader(self._eval_sets[split], batch_size=int(self.d.eval_batch_size), shuffle=False,
-                          **self._loader_kwargs())
+        return self._eval_sets[split]
 
     def val_dataloader(self) -> Any:
         return self._eval_loader("valid")
@@ -194,7 +216,7 @@ class LMDataModule(_DataModule):
             if split == "train":
                 self.train_dataset()
             else:
-                self._eval_sets.setdefault(split, self.eval_dataset(split))
+                self._eval_set(split)
 
     def train_dataset(self) -> TrainWindows:
         return TrainWindows(self.token_split("train"), self.d.seq_len, self.cfg.seed)
@@ -206,7 +228,7 @@ class LMDataModule(_DataModule):
         """What an evaluation of `split` scores: dataset, tokenizer, context, stride, token and byte counts."""
         split = _split_name(split)
         ts = self.token_split(split)
-        ds = self._eval_sets.setdefault(split, self.eval_dataset(split))
+        ds = self._eval_set(split)
         n_split = ts.n_tokens - 1
         if split not in self._bytes:  # n_bytes: UTF-8 bytes of the text whose tokens are scored (EOT: 0 bytes)
             if ds.n_targets == n_split:
@@ -251,7 +273,7 @@ class MQARDataModule(_DataModule):
         self.check_vocab()
         for split in self._stage_splits(stage):
             if split != "train":
-                self._eval_sets.setdefault(split, self.eval_dataset(split))
+                self._eval_set(split)
 
     def train_dataset(self) -> MQARDataset:
         return MQARDataset(self.d, "train", self.cfg.seed, self.splits()["train"].num_examples)
