@@ -68,6 +68,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pha_lab.sweep.runner import run_sweep
+    from pha_lab.training.callbacks import RunInterrupted
+
+    try:
+        run_sweep(args.name, args.overrides, storage=args.storage, tracking_uri=args.tracking_uri,
+                  runs_dir=args.runs_dir, retry_failed=args.retry_failed, workers=args.workers)
+    except (KeyboardInterrupt, RunInterrupted):
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true", help="knock out one layer at a time")
     p.add_argument("--ckpt", default="last", choices=["last", "best"])
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="run (or resume) a sweep: pha-lab sweep NAME [key=value ...]")
+    p.add_argument("name", help="a sweep in sweeps/ (smoke, ablation, baselines, hpo, mqar, scale, ...) or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every trial")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<runs_dir>/optuna.db); "
+                   "e.g. postgresql://user:pw@host/db to share a study between machines")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs_dir>/mlflow.db)")
+    p.add_argument("--runs-dir", help="where checkpoints and the default databases live (default ./runs)")
+    p.add_argument("--retry-failed", action="store_true", help="queue again the cells whose trials failed")
+    p.add_argument("--workers", type=int, help="number of workers (default: one per GPU group, or 1 on CPU)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from pha_lab.config import PROJECT_ROOT
 
+# The user's MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() (called by Lightning's logger)
+# rewrites the variable in-process, which must not redirect this process's later runs.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 
 def runs_dir(tracking_cfg) -> Path:
     path = Path(tracking_cfg.runs_dir)
@@ -22,7 +26,7 @@ def runs_dir(tracking_cfg) -> Path:
 
 def tracking_uri(tracking_cfg) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else the project's SQLite database."""
-    uri = tracking_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_cfg.tracking_uri or _USER_TRACKING_URI
     if uri:
         return uri
     root = runs_dir(tracking_cfg)

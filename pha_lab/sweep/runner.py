@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,13 @@ def open_study(spec: SweepSpec, storage_url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = optuna.storages.RDBStorage(
         storage_url,
         engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None,
         heartbeat_interval=spec.heartbeat_interval,
         grace_period=spec.grace_period,
-        failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
     )
     sampler = (optuna.samplers.TPESampler(seed=spec.seeds[0]) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=spec.seeds[0]))
