@@ -160,3 +160,37 @@ def test_lm_metrics():
     m = lm_metrics(sum_nll=2.0 * 1000, n_tokens=1000, n_bytes=4000)
     assert m["loss"] == pytest.approx(2.0) and m["ppl"] == pytest.approx(math.exp(2.0))
     assert m["bpb"] == pytest.approx(2000 / (4000 * math.log(2)))
+
+
+def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypatch, caplog):
+    """A machine that received only the cache folder (no text, no tokenizer files, no hub) still gets its data."""
+    root = shared_data()
+    corpus(tmp_path / "data" / "books", root)
+    monkeypatch.setenv("PHA_TOKENIZER_DIR", str(root / "gpt2-tokenizer"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["data.source=text", "data.train_files=[books]", f"data.data_dir={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.valid_fraction=0.25", "data.test_fraction=0"]
+    bpe = ["data.tokenizer.train_vocab_size=300", "model.vocab_size=512"]
+    built = {}
+    for name, extra in (("gpt2", []), ("bpe", bpe)):
+        d = load_config(None, base + extra).data
+        tok = build_tokenizer(d)
+        built[name] = (tok.fingerprint, {s: np.asarray(tokmod.load_split(d, s, tok).tokens) for s in ("train", "valid")})
+
+    (tmp_path / "data" / "books").rename(tmp_path / "elsewhere")  # the sources are gone ...
+    monkeypatch.delenv("PHA_TOKENIZER_DIR")  # ... and so is the GPT-2 tokenizer
+    with caplog.at_level(logging.WARNING):
+        for name, extra in (("gpt2", []), ("bpe", bpe)):
+            d = load_config(None, base + extra).data
+            tok = build_tokenizer(d)
+            assert tok.fingerprint == built[name][0]
+            for s in ("train", "valid"):
+                assert (np.asarray(tokmod.load_split(d, s, tok).tokens) == built[name][1][s]).all()
+    assert "using the prebuilt token cache" in caplog.text and "using the cached copy" in caplog.text
+    assert "using the trained tokenizer" in caplog.text
+    d = load_config(None, base + bpe + ["data.split_seed=99"]).data  # another recipe: nothing prebuilt matches
+    with pytest.raises(DataError, match=r"does not exist.*holds no tokenizer-bpe300 trained with this recipe"):
+        build_tokenizer(d)
+    d = load_config(None, base + ["data.split_seed=99"]).data
+    with pytest.raises(DataError, match=r"does not exist.*holds no prebuilt token cache of this train split"):
+        tokmod.load_split(d, "train", build_tokenizer(d))

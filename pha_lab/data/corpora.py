@@ -191,7 +191,7 @@ class SplitSource:
         if self.carve:
             seed, fv, ft = self.carve
             ds = ds.select(seeded_split(len(ds), fv, ft, seed, f"{self.dataset} ({self.describe()})")[self.split])
-        if len(ds) == 0 or not any(len(t) for t in ds[: min(len(ds), 1000)]["text"]):
+        if len(ds) == 0:
             raise DataError(f"{self.dataset} split '{self.split}' is empty ({self.describe()}); check the files")
         return ds
 
@@ -400,3 +400,30 @@ def splits(d: Any) -> dict[str, Any]:
     except KeyError:
         raise DataError(f"data.source='{d.source}' is not a registered source; choose one of: {', '.join(SOURCES)}")
     return fn(d)
+
+
+def split_names(d: Any) -> tuple[str, ...]:
+    """The splits the configured source has, from the config alone (no file access)."""
+    if d.source != "text":
+        return SPLITS
+    has = {s: bool(d[f"{s}_files"]) or _fraction(d, s) > 0 for s in ("valid", "test")}
+    return ("train", *(s for s in ("valid", "test") if has[s]))
+
+
+def recipe(d: Any, split: str) -> dict[str, Any]:
+    """What defines a split in config terms, without reading files: the fallback key for a prebuilt token cache
+    used where the source files are absent (e.g. a GPU machine that received only the cache)."""
+    keys = {
+        "novels": (),
+        "text": ("train_files", "valid_files", "test_files", "documents", "split_seed"),
+        "wikitext103": ("wikitext_variant", "hub_revision"),
+        "wikitext2": ("wikitext_variant", "hub_revision"),
+        "openwebtext": ("split_seed", "hub_revision"),
+    }[d.source]
+    out: dict[str, Any] = {"source": d.source, "split": split}
+    out.update({k: (list(d[k]) if k.endswith("_files") else d[k]) for k in keys})
+    if d.source in ("text", "openwebtext"):
+        out["fractions"] = [_fraction(d, "valid"), _fraction(d, "test")]
+    if d.source == "novels":
+        out["test_books"] = list(NOVELS_TEST_BOOKS)
+    return out

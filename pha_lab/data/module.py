@@ -20,7 +20,7 @@ from pha_lab.data import corpora
 from pha_lab.data.corpora import DataError
 from pha_lab.data.mqar import MQARDataset
 from pha_lab.data.tokenizer import Tokenizer, build_tokenizer
-from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, token_split
+from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, load_split
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -131,7 +131,7 @@ class _DataModule(L.LightningDataModule):
         return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin}
 
     def _eval_loader(self, split: str) -> Any:
-        if split not in self.splits():
+        if split not in corpora.split_names(self.d):
             warnings.warn(f"data.source={self.d.source} has no {split} split here; skipping its evaluation", stacklevel=2)
             return []
         ds = self._eval_set(split)
@@ -157,7 +157,7 @@ class _DataModule(L.LightningDataModule):
 
     def _stage_splits(self, stage: Optional[str]) -> tuple[str, ...]:
         wanted = STAGE_SPLITS.get(stage or "", ("train", "valid", "test"))
-        return tuple(s for s in wanted if s in self.splits())
+        return tuple(s for s in wanted if s in corpora.split_names(self.d))
 
 
 class LMDataModule(_DataModule):
@@ -194,12 +194,12 @@ class LMDataModule(_DataModule):
     def token_split(self, split: str) -> TokenSplit:
         split = _split_name(split)
         if split not in self._tokens:
-            if split not in self.splits():
+            if split not in corpora.split_names(self.d):
                 raise DataError(
                     f"data.source={self.d.source} has no {split} split (give data.{split}_files or a positive "
                     f"data.{split}_fraction)"
                 )
-            self._tokens[split] = token_split(self.splits()[split], self.tokenizer, self.d)
+            self._tokens[split] = load_split(self.d, split, self.tokenizer)
         return self._tokens[split]
 
     def prepare_data(self) -> None:

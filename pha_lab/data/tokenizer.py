@@ -16,14 +16,16 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+import logging
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from pha_lab.data.corpora import DataError, cache_root, data_root, hub_unreachable, splits
+from pha_lab.data.corpora import DataError, cache_root, data_root, hub_unreachable, recipe, splits
 
+log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 BPE_TRAINER_VERSION = 1  # bump when the trained tokenizer's recipe changes (it is part of the cache key)
 PIECE_CHARS = 1 << 16
@@ -143,11 +145,32 @@ def load_tokenizer(d: Any) -> Tokenizer:
             return Tokenizer(tokenizers.Tokenizer.from_pretrained(t.name), t.name, f"hub:{t.name}")
         except Exception as exc:
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    saved = sorted(_copies_dir(d).glob(f"{_safe(t.name)}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if saved:  # the copy a token cache build left beside the cache (a machine that received only the cache)
+        log.warning("tokenizer '%s': no local files and no hub (%s); using the cached copy %s", t.name, why, saved[0])
+        return _from_dir(saved[0], t.name)
     raise DataError(
         f"tokenizer '{t.name}' (data.tokenizer.name): no local copy ({local or 'no data root'}) and the Hugging Face "
         f"hub failed ({why}). Set data.tokenizer.path or $PHA_TOKENIZER_DIR to a folder with tokenizer.json "
         f"(or vocab.json + merges.txt), e.g. ../shared/data/gpt2-tokenizer, or go online"
     )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _copies_dir(d: Any) -> Path:
+    return cache_root(d) / "tokenizers"
+
+
+def save_tokenizer_copy(tok: Tokenizer, cache: Path) -> None:
+    """Keep a copy of a loaded tokenizer beside the token caches, so a shipped cache folder is self-contained."""
+    if str(cache) in tok.origin:  # a trained BPE already lives there
+        return
+    path = cache / "tokenizers" / f"{_safe(tok.name)}-{tok.fingerprint[:16]}.json"
+    if not path.is_file():
+        _atomic_write(path, tok.hf.to_str())
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -162,11 +185,23 @@ def trained_bpe(d: Any) -> Tokenizer:
     """A byte-level BPE of data.tokenizer.train_vocab_size tokens trained on the train split, saved in the cache
     directory under a key of (train split files/hub id, vocab size, recipe version); loaded from there when present."""
     vocab = int(d.tokenizer.train_vocab_size)
-    train = splits(d)["train"]
     cache = cache_root(d)
-    material = {"v": BPE_TRAINER_VERSION, "vocab": vocab, "train": train.fingerprint(cache)}
+    folder = cache / d.source
+    recipe_id = hashlib.sha256(
+        json.dumps({"v": BPE_TRAINER_VERSION, "vocab": vocab, "recipe": recipe(d, "train")}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    try:
+        train = splits(d)["train"]
+        material = {"v": BPE_TRAINER_VERSION, "vocab": vocab, "train": train.fingerprint(cache)}
+    except DataError as exc:  # no train files here: a tokenizer trained elsewhere with the same recipe will do
+        for sidecar in sorted(folder.glob(f"tokenizer-bpe{vocab}-*.recipe"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if sidecar.read_text().strip() == recipe_id and sidecar.with_suffix(".json").is_file():
+                log.warning("%s; using the trained tokenizer %s", exc, sidecar.with_suffix(".json"))
+                hf = tokenizers.Tokenizer.from_file(str(sidecar.with_suffix(".json")))
+                return Tokenizer(hf, f"bpe{vocab}", f"trained on {d.source} train (prebuilt); {sidecar.with_suffix('.json')}")
+        raise DataError(f"{exc} (and {folder} holds no tokenizer-bpe{vocab} trained with this recipe)") from None
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / d.source / f"tokenizer-bpe{vocab}-{key}.json"
+    path = folder / f"tokenizer-bpe{vocab}-{key}.json"
     origin = f"trained on {d.source} train ({train.describe()}); {path}"
     if path.is_file():
         try:
@@ -194,6 +229,7 @@ def trained_bpe(d: Any) -> Tokenizer:
             f"({train.describe()}); lower it or add text"
         )
     _atomic_write(path, hf.to_str())
+    _atomic_write(path.with_suffix(".recipe"), recipe_id)
     return Tokenizer(hf, f"bpe{vocab}", origin)
 
 

@@ -27,8 +27,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from pha_lab.data.corpora import DataError, SplitSource, cache_root
-from pha_lab.data.tokenizer import Tokenizer
+from pha_lab.data.corpora import DataError, SplitSource, cache_root, recipe, splits
+from pha_lab.data.tokenizer import Tokenizer, save_tokenizer_copy
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -58,21 +58,56 @@ class TokenSplit:
         return {"bin_path": self.bin_path, "meta": self.meta}
 
 
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_key(source: SplitSource, tok: Tokenizer, d: Any) -> tuple[str, dict]:
+    """The content key: the split's files (sha256) or hub id + revision, and the tokenizer's serialisation."""
     material = {
         "format": CACHE_FORMAT,
         "source": d.source,
         "split": source.fingerprint(cache_root(d)),
         "tokenizer": tok.fingerprint,
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16], material
+    return _hash(material), material
+
+
+def recipe_key(d: Any, split: str, tok: Tokenizer) -> str:
+    """The config-level key recorded in every cache, to find a prebuilt cache when the sources are absent."""
+    return _hash({"format": CACHE_FORMAT, "recipe": recipe(d, split), "tokenizer": tok.fingerprint})
 
 
 def token_split(source: SplitSource, tok: Tokenizer, d: Any) -> TokenSplit:
     """The split's cached tokens, building the cache if it is missing, stale or damaged."""
     key, material = cache_key(source, tok, d)
     base = cache_root(d) / d.source / f"{source.split}-{key}"
-    return _open(base) or _build(source, tok, d, base, key, material)
+    return _open(base) or _build(source, tok, d, base, key, material, recipe_key(d, source.split, tok))
+
+
+def load_split(d: Any, split: str, tok: Tokenizer) -> TokenSplit:
+    """`token_split` of the configured source; where its files are absent (a machine that received only the
+    cache), the newest intact cache built with the same recipe and tokenizer, with a warning."""
+    try:
+        source = splits(d)[split]
+        cache_key(source, tok, d)  # raises if the sources cannot be read
+    except DataError as exc:
+        folder = cache_root(d) / d.source
+        rk = recipe_key(d, split, tok)
+        metas = []
+        for path in folder.glob(f"{split}-*.json"):
+            try:
+                if json.loads(path.read_text()).get("recipe") == rk:
+                    metas.append(path)
+            except (OSError, ValueError):
+                continue
+        for path in sorted(metas, key=lambda p: p.stat().st_mtime, reverse=True):
+            found = _open(path.with_suffix(""))
+            if found is not None:
+                log.warning("%s; using the prebuilt token cache %s (%s)", exc, found.bin_path, found.meta["source"])
+                return found
+        raise DataError(f"{exc} (and {folder} holds no prebuilt token cache of this {split} split)") from None
+    return token_split(source, tok, d)
 
 
 def _open(base: Path) -> Optional[TokenSplit]:
@@ -115,7 +150,9 @@ def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
-def _build(source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, material: dict) -> TokenSplit:
+def _build(
+    source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, material: dict, recipe_id: str
+) -> TokenSplit:
     start = time.time()
     base.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -160,6 +197,7 @@ def _build(source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, ma
         meta = {
             "format": CACHE_FORMAT,
             "key": key,
+            "recipe": recipe_id,
             "material": material,
             "dataset": source.dataset,
             "split": source.split,
@@ -175,6 +213,7 @@ def _build(source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, ma
             "sha256": digest.hexdigest(),
             "build_seconds": round(time.time() - start, 2),
         }
+        save_tokenizer_copy(tok, cache_root(d))
         os.replace(tmp_bin, base.with_suffix(".bin"))
         tmp_meta = Path(tmp) / "meta.json"
         tmp_meta.write_text(json.dumps(meta, indent=1))
