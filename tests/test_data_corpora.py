@@ -201,3 +201,13 @@ def test_seeded_split_counts():
     assert [len(parts[s]) for s in ("train", "valid", "test")] == [5, 1, 1]
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(7))
     assert len(seeded_split(100, 0.0, 0.1, seed=3, what="x")["valid"]) == 0
+
+
+def test_non_utf8_file_is_a_clear_error(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    d = data_cfg(tmp_path, "data.source=text", f"data.train_files=[{folder}]", "data.valid_fraction=0",
+                 "data.test_fraction=0")
+    with pytest.raises(DataError, match=r"cannot read the text train files .*latin1\.txt.*UTF-8"):
+        splits(d)["train"].load(tmp_path / "hf")

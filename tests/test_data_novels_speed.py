@@ -18,7 +18,8 @@ def manifest_tokens(split: str, exclude: tuple[str, ...] = ()) -> tuple[int, int
     if root is None or not (root / "pd-english-novels").is_dir():
         pytest.fail("offline data not found: set PHA_DATA_DIR to the shared data folder (../shared/data)")
     with open(root / "pd-english-novels/MANIFEST.tsv") as f:
-        rows = [r for r in csv.DictReader(f, delimiter="\t") if r["split"] == split and Path(r["file"]).name not in exclude]
+        rows = [r for r in csv.DictReader(f, delimiter="\t") if r["split"] == split]
+    rows = [r for r in rows if Path(r["file"]).name not in exclude]
     return sum(int(r["gpt2_tokens"]) for r in rows), len(rows)
 
 

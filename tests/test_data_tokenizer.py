@@ -99,7 +99,7 @@ def tiny_corpus(folder: Path, root: Path, n_files: int = 3, chars: int = 30000) 
 def test_trained_bpe_is_cached_keyed_and_deterministic(tmp_path, monkeypatch):
     root = shared_data()
     corpus = tiny_corpus(tmp_path / "corpus", root)
-    args = [f"data.source=text", f"data.train_files=[{corpus}]", "data.tokenizer.train_vocab_size=300",
+    args = ["data.source=text", f"data.train_files=[{corpus}]", "data.tokenizer.train_vocab_size=300",
             "model.vocab_size=512", "data.valid_fraction=0", "data.test_fraction=0"]
     cfg = load_config(None, args + [f"data.cache_dir={tmp_path / 'c1'}"])
     tok = build_tokenizer(cfg.data)

@@ -175,7 +175,8 @@ def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypat
     for name, extra in (("gpt2", []), ("bpe", bpe)):
         d = load_config(None, base + extra).data
         tok = build_tokenizer(d)
-        built[name] = (tok.fingerprint, {s: np.asarray(tokmod.load_split(d, s, tok).tokens) for s in ("train", "valid")})
+        arrays = {s: np.asarray(tokmod.load_split(d, s, tok).tokens) for s in ("train", "valid")}
+        built[name] = (tok.fingerprint, arrays)
 
     (tmp_path / "data" / "books").rename(tmp_path / "elsewhere")  # the sources are gone ...
     monkeypatch.delenv("PHA_TOKENIZER_DIR")  # ... and so is the GPT-2 tokenizer

@@ -74,6 +74,8 @@ def hub_unreachable() -> Optional[str]:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy, local DNS says nothing about reachability
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
@@ -116,11 +118,13 @@ def seeded_split(n: int, valid_fraction: float, test_fraction: float, seed: int,
     """Documents 0..n-1 -> train/valid/test index arrays (sorted), by a seeded permutation.
 
     A positive fraction takes at least one document, so a 7-book corpus still gets a valid and a test book."""
-    counts = {s: (max(1, round(f * n)) if f > 0 else 0) for s, f in (("valid", valid_fraction), ("test", test_fraction))}
+    fractions = {"valid": valid_fraction, "test": test_fraction}
+    counts = {s: (max(1, round(f * n)) if f > 0 else 0) for s, f in fractions.items()}
     if n - counts["valid"] - counts["test"] < 1:
         raise DataError(
             f"{what} has {n} document(s): too few to leave one for train after taking {counts['valid']} for valid "
-            f"(data.valid_fraction) and {counts['test']} for test (data.test_fraction); add documents or lower the fractions"
+            f"(data.valid_fraction) and {counts['test']} for test (data.test_fraction); add documents or lower the "
+            f"fractions"
         )
     perm = np.random.default_rng(seed).permutation(n)
     nv, nt = counts["valid"], counts["test"]
@@ -175,14 +179,22 @@ class SplitSource:
         datasets.logging.set_verbosity_error()
         if self.files:
             sample_by = {"file": "document", "blank_line": "paragraph", "wikitext": "line"}[self.documents]
-            ds = datasets.load_dataset(
-                "text",
-                data_files=[str(p) for p in self.files],
-                sample_by=sample_by,
-                keep_linebreaks=True,
-                split="train",
-                cache_dir=str(tmp_cache),
-            )
+            try:
+                ds = datasets.load_dataset(
+                    "text",
+                    data_files=[str(p) for p in self.files],
+                    sample_by=sample_by,
+                    keep_linebreaks=True,
+                    split="train",
+                    cache_dir=str(tmp_cache),
+                )
+            except Exception as exc:  # typically a file that is not UTF-8 text
+                cause = exc.__cause__ or exc
+                raise DataError(
+                    f"cannot read the {self.dataset} {self.split} files ({self.describe()}): "
+                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; the files must be "
+                    f"UTF-8 text"
+                ) from None
         else:
             ds = _load_hub(*self.hub, revision=self.revision, what=f"{self.dataset} {self.split}")
         if self.documents == "wikitext":  # rows exactly as the hub's (blank line " " -> ""), joined as HF's guide

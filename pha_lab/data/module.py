@@ -118,10 +118,11 @@ class _DataModule(L.LightningDataModule):
         else:
             count = max_steps * per_step  # the whole run; Lightning stops at max_steps, resumed or not
         start = step * per_step * g["world_size"]
-        sampler = GlobalIndexSampler(start, count, g["batch_size"], t.global_rank if t is not None else 0, g["world_size"])
+        rank = t.global_rank if t is not None else 0
+        sampler = GlobalIndexSampler(start, count, g["batch_size"], rank, g["world_size"])
         loader = TrainLoader(ds, batch_size=g["batch_size"], sampler=sampler, drop_last=True, **self._loader_kwargs())
         loader.geometry = g
-        log.info("train data starts at global sample %d (step %d x %d samples/step)", start, step, per_step * g["world_size"])
+        log.info("train data starts at global sample %d (step %d)", start, step)
         return loader
 
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -132,7 +133,7 @@ class _DataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> Any:
         if split not in corpora.split_names(self.d):
-            warnings.warn(f"data.source={self.d.source} has no {split} split here; skipping its evaluation", stacklevel=2)
+            warnings.warn(f"data.source={self.d.source} has no {split} split; skipping its evaluation", stacklevel=2)
             return []
         ds = self._eval_set(split)
         t = self.trainer
@@ -205,7 +206,7 @@ class LMDataModule(_DataModule):
     def prepare_data(self) -> None:
         """Build the tokenizer and the token caches this stage needs (Lightning calls this on one process)."""
         fn = getattr(getattr(self.trainer, "state", None), "fn", None)
-        stage = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}.get(str(getattr(fn, "value", fn)))
+        stage = getattr(fn, "value", None)  # fit | validate | test | predict; None without a trainer: all splits
         self.check_vocab()
         for split in self._stage_splits(stage):
             self.token_split(split)

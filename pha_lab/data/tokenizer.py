@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-import logging
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -111,7 +111,8 @@ def _from_dir(path: Path, name: str) -> Tokenizer:
     if path.is_file():
         return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), name, str(path))
     if (path / "tokenizer.json").is_file():
-        return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), name, str(path / "tokenizer.json"))
+        file = path / "tokenizer.json"
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(file)), name, str(file))
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         hf = tokenizers.Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -194,11 +195,13 @@ def trained_bpe(d: Any) -> Tokenizer:
         train = splits(d)["train"]
         material = {"v": BPE_TRAINER_VERSION, "vocab": vocab, "train": train.fingerprint(cache)}
     except DataError as exc:  # no train files here: a tokenizer trained elsewhere with the same recipe will do
-        for sidecar in sorted(folder.glob(f"tokenizer-bpe{vocab}-*.recipe"), key=lambda p: p.stat().st_mtime, reverse=True):
-            if sidecar.read_text().strip() == recipe_id and sidecar.with_suffix(".json").is_file():
-                log.warning("%s; using the trained tokenizer %s", exc, sidecar.with_suffix(".json"))
-                hf = tokenizers.Tokenizer.from_file(str(sidecar.with_suffix(".json")))
-                return Tokenizer(hf, f"bpe{vocab}", f"trained on {d.source} train (prebuilt); {sidecar.with_suffix('.json')}")
+        sidecars = sorted(folder.glob(f"tokenizer-bpe{vocab}-*.recipe"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for sidecar in sidecars:
+            saved = sidecar.with_suffix(".json")
+            if sidecar.read_text().strip() == recipe_id and saved.is_file():
+                log.warning("%s; using the trained tokenizer %s", exc, saved)
+                hf = tokenizers.Tokenizer.from_file(str(saved))
+                return Tokenizer(hf, f"bpe{vocab}", f"trained on {d.source} train (prebuilt); {saved}")
         raise DataError(f"{exc} (and {folder} holds no tokenizer-bpe{vocab} trained with this recipe)") from None
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     path = folder / f"tokenizer-bpe{vocab}-{key}.json"
@@ -217,6 +220,7 @@ def trained_bpe(d: Any) -> Tokenizer:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-bpe-") as tmp:
         docs = train.load(Path(tmp))
+
         def batches() -> Iterator[list[str]]:
             for start in range(0, len(docs), 64):
                 for text in docs[start : start + 64]["text"]:

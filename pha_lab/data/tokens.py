@@ -273,6 +273,9 @@ class EvalWindows:
         available = split.n_tokens - 1
         if available < 1:
             raise DataError(f"the {name} split has no token to score")
+        if available < seq_len:
+            log.warning("the %s split has %d tokens to score, fewer than one window (data.seq_len=%d): it is scored "
+                        "in one partial window", name, available, seq_len)
         self.split, self.seq_len = split, int(seq_len)
         self.stride = int(stride or seq_len)
         self.n_targets = min(available, int(max_tokens)) if max_tokens else available
