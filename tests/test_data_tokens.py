@@ -195,3 +195,16 @@ def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypat
     d = load_config(None, base + ["data.split_seed=99"]).data
     with pytest.raises(DataError, match=r"does not exist.*holds no prebuilt token cache of this train split"):
         tokmod.load_split(d, "train", build_tokenizer(d))
+
+
+def test_windows_pickle_without_their_tokens(tmp_path):
+    """DataLoader workers (spawn) get the path, not a copy of the array: each reopens the memmap."""
+    import pickle
+
+    split = fake_split(tmp_path, 100_000)
+    train = TrainWindows(split, 64, seed=1)
+    _ = train[0]  # opens the memmap
+    blob = pickle.dumps(train)
+    assert len(blob) < 10_000
+    clone = pickle.loads(blob)
+    assert (clone[3]["input_ids"] == train[3]["input_ids"]).all()
