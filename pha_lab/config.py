@@ -167,6 +167,7 @@ class TrainerConfig:
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
     early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
     deterministic: bool = False
+    cpu_threads: Optional[int] = None  # torch threads when training on CPU (None: torch's default)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -194,6 +195,8 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
             from optuna_integration import PyTorchLightningPruningCallback
 
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric))
+
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
         def on_start(run_id: str, ckpt_dir: Path) -> None:
             trial.set_user_attr("mlflow_run_id", run_id)

@@ -120,6 +120,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         last = ckpt_dir / "last.ckpt"
         resume_from = last if resumed and last.is_file() else None
         if resumed and rank_zero:
+            if resume_from is not None:
+                client.set_tag(run_id, "resumed_from", str(resume_from))
             if changed:
                 client.set_tag(run_id, "resume_changed_keys", ", ".join(changed))
             if resume_from is None:  # died before its first checkpoint: start over, in the same run
@@ -132,6 +134,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         datamodule = build_datamodule(cfg)
         module = LMModule(cfg)
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+        if cfg.trainer.cpu_threads and not on_gpu:
+            torch.set_num_threads(cfg.trainer.cpu_threads)
         if rank_zero and resume_from is None:  # (identical values may be logged again after a restart)
             params = {k: v for k, v in flatten(cfg).items() if k != "resume"}
             MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(params)
