@@ -165,7 +165,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             callbacks.append(EarlyStopping(monitor=objective, mode=mode, stopping_threshold=cfg.trainer.early_stop_value,
                                            patience=10**9, check_on_train_epoch_end=False))
         trainer = L.Trainer(
-            max_steps=cfg.trainer.max_steps, val_check_interval=cfg.trainer.val_every_n_steps,
+            max_steps=cfg.trainer.max_steps,
+            val_check_interval=cfg.trainer.val_every_n_steps * cfg.trainer.accumulate_grad_batches,  # counts micro-batches
             check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every_n_steps,
             gradient_clip_val=cfg.optim.grad_clip or None, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
             precision=_precision(cfg, on_gpu), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
@@ -183,16 +184,16 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         test_ckpt = best.best_model_path if cfg.trainer.test_ckpt == "best" and best.best_model_path else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         metrics = {k: float(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
+        tokens_seen = (trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+                       * cfg.data.seq_len * trainer.world_size)
         if rank_zero:
             protocol = datamodule.eval_protocol("test")
             for key, value in protocol.items():
                 client.set_tag(run_id, f"protocol.{key}", str(value))
-            tokens_seen = trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len
             client.log_metric(run_id, "train/tokens_seen", tokens_seen, step=trainer.global_step)
             client.set_tag(run_id, "test_ckpt", test_ckpt or "last")
         status = "FINISHED"
-        return TrainResult(run_id, uri, ckpt_dir, status, metrics, module.model.n_params(),
-                           trainer.global_step * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.seq_len)
+        return TrainResult(run_id, uri, ckpt_dir, status, metrics, module.model.n_params(), tokens_seen)
     except BaseException as exc:
         if type(exc).__name__ == "TrialPruned":  # optuna's pruning callback stopped the run
             status, reason = "KILLED", f"pruned by Optuna: {exc}"
