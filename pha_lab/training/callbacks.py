@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -59,6 +60,21 @@ class Interruption(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class TokensProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing training tokens/s (from the bar's own rate) next to the loss."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        bar = self._train_progress_bar
+        fmt = bar.format_dict if bar is not None else {}
+        rate = fmt.get("rate") or (fmt["n"] / fmt["elapsed"] if fmt.get("elapsed") and fmt.get("n") else None)
+        if rate:
+            d = pl_module.cfg.data
+            items["tok/s"] = f"{rate * d.batch_size * d.seq_len / trainer.accumulate_grad_batches:,.0f}"
+        return items
 
 
 class PeakMemory(L.Callback):

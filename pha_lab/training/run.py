@@ -97,7 +97,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
     from lightning.pytorch.loggers import MLFlowLogger
 
     from pha_lab.data import build_datamodule
-    from pha_lab.training.callbacks import Interruption, MixerIntrospection, PeakMemory, RunInterrupted, is_interruption
+    from pha_lab.training.callbacks import (Interruption, MixerIntrospection, PeakMemory, RunInterrupted,
+                                           TokensProgressBar, is_interruption)
     from pha_lab.training.module import LMModule, NonFiniteLossError
 
     if cfg.resume and not os.environ.get("PHA_RUN_ID"):
@@ -156,7 +157,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         window = max(2, min(50, cfg.trainer.max_steps // 4))
         callbacks = [
             best, periodic, interruption, MixerIntrospection(ckpt_dir / "introspection"),
-            PeakMemory(), LearningRateMonitor(logging_interval="step"),
+            PeakMemory(), LearningRateMonitor(logging_interval="step"), TokensProgressBar(),
             ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
                               window_size=window),
             *(extra_callbacks or []),
