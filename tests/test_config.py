@@ -23,7 +23,7 @@ def test_extends_chain_merges_in_order():
     assert cfg.name == "gss_hybrid_125m"
     assert cfg.model.layout == "serial" and list(cfg.model.branches) == ["gss", "ffn"]  # from gss_125m
     assert cfg.model.d_model == 768  # from pha_125m
-    assert list(cfg.model.overrides[0].layers) == [1, 7]
+    assert list(cfg.model.overrides[0].layers) == [1, 6]
 
 
 def test_misspelt_key_names_nearest_keys():

@@ -32,6 +32,23 @@ def test_preset_size_matches_name(name):
     assert all(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_on_meta(name):
+    cfg = load_config(name)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert model(torch.zeros(1, 8, dtype=torch.long, device="meta")).shape == (1, 8, cfg.model.vocab_size)
+
+
+def test_mini_presets_are_parameter_matched():
+    counts = {}
+    for name in ["mini_pha", "mini_transformer", "mini_gss", "mini_gss_hybrid", "mini_sequential"]:
+        with torch.device("meta"):
+            counts[name] = build_model(load_config(name).model).n_params()
+    assert all(abs(c / counts["mini_pha"] - 1) <= 0.03 for c in counts.values()), counts
+    assert abs(counts["mini_pha"] / 30e6 - 1) < 0.1
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_preset_trains_a_step_on_cpu(name):
     cfg = load_config(name)
