@@ -9,10 +9,21 @@ ARGS ?=
 RUNS_DIR ?= runs
 TRACKING_URI ?= sqlite:///$(abspath $(RUNS_DIR))/mlflow.db
 
+# On a machine that brings its own torch/CUDA stack (e.g. a GPU image), skip the venv:
+#   make sweep NAME=repro_baselines SYSTEM_PYTHON=python3
+ifdef SYSTEM_PYTHON
+PY := $(SYSTEM_PYTHON)
+PHA := $(SYSTEM_PYTHON) -m pha_lab.cli
+STAMP :=
+else
+PHA := $(VENV)/bin/pha-lab
+endif
+
 .PHONY: setup test test-slow sweep train bench tables ui clean
 
 setup: $(STAMP)
 
+ifndef SYSTEM_PYTHON
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -20,6 +31,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
 	touch $(STAMP)
+endif
 
 test: $(STAMP)  ## fast tests (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q $(ARGS)
@@ -28,16 +40,16 @@ test-slow: $(STAMP)  ## the heavier tests marked `slow`
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 sweep: $(STAMP)  ## make sweep NAME=smoke|ablation|baselines|hpo|mqar|scale ...
-	$(VENV)/bin/pha-lab sweep $(NAME) $(ARGS)
+	$(PHA) sweep $(NAME) $(ARGS)
 
 train: $(STAMP)  ## make train EXP=pha_125m ARGS="trainer.max_steps=100"
-	$(VENV)/bin/pha-lab train $(EXP) $(ARGS)
+	$(PHA) train $(EXP) $(ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/pha-lab bench $(ARGS)
+	$(PHA) bench $(ARGS)
 
 tables: $(STAMP)
-	$(VENV)/bin/pha-lab tables $(ARGS)
+	$(PHA) tables $(ARGS)
 
 ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
 	mkdir -p $(RUNS_DIR)

@@ -80,6 +80,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Build the tokenizer and token caches of an experiment (a CPU job: do it once before GPU runs)."""
+    import time
+
+    from pha_lab.config import load_config
+    from pha_lab.data import build_datamodule
+
+    cfg = load_config(args.experiment, args.overrides)
+    datamodule = build_datamodule(cfg)
+    start = time.perf_counter()
+    datamodule.prepare_data()
+    print(f"prepared {cfg.name} ({cfg.data.source}) in {time.perf_counter() - start:.1f} s; cache: {cfg.data.cache_dir}")
+    for split in ("valid", "test"):
+        protocol = datamodule.eval_protocol(split)
+        print(f"  {split}: {protocol.get('n_tokens'):,} tokens scored, {protocol.get('n_bytes') or 0:,} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="queue again the cells whose trials failed")
     p.add_argument("--workers", type=int, help="number of workers (default: one per GPU group, or 1 on CPU)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("prepare", help="build the tokenizer and token caches of an experiment")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")
