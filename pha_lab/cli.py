@@ -98,6 +98,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    """Execute the analysis notebooks (papermill) against a tracking URI into --out; 1 if a cell failed."""
+    from pha_lab.analysis.runs import resolve_uri
+    from pha_lab.analysis.tables import NOTEBOOKS, render_notebooks
+
+    sweeps = {}
+    for item in args.sweeps:
+        notebook, _, names = item.partition("=")
+        if notebook not in NOTEBOOKS or not names:
+            raise ConfigError(f"--sweeps {item!r}: expected NOTEBOOK=SWEEP[,SWEEP...] with NOTEBOOK in {', '.join(NOTEBOOKS)}")
+        sweeps[notebook] = names.split(",")
+    uri = resolve_uri(args.tracking_uri, args.runs_dir or "runs")
+    print(f"[tables] tracking URI {uri}; writing {args.out}")
+    failures = render_notebooks(uri, args.out, sweeps, args.notebooks or NOTEBOOKS, args.efficiency_csv,
+                                args.datasets, args.jobs)
+    if failures:
+        print(f"pha-lab tables: {len(failures)} notebook(s) failed: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tables", help="rebuild the paper's tables and figures from MLflow (runs analysis/*.ipynb)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db)")
+    p.add_argument("--runs-dir", help="where the default database lives (default ./runs)")
+    p.add_argument("--out", default="analysis/out", help="executed notebooks, .md/.tex/.csv tables, .png/.pdf figures")
+    p.add_argument("--sweeps", nargs="*", default=[], metavar="NOTEBOOK=SWEEP,...",
+                   help="sweeps (MLflow experiments) per notebook, e.g. perplexity=baselines,scale ablation=ablation "
+                   "(defaults: pha_lab.analysis.tables.DEFAULT_SWEEPS)")
+    p.add_argument("--notebooks", nargs="*", choices=["perplexity", "ablation", "mixing", "mqar", "efficiency"],
+                   help="only these notebooks (default: all)")
+    p.add_argument("--datasets", nargs="*", help="perplexity tables for these data.source values (default: each with runs)")
+    p.add_argument("--efficiency-csv", default="docs/benchmarks/efficiency.csv", help="benchmark CSV of `pha-lab bench`")
+    p.add_argument("--jobs", type=int, default=2, help="notebooks executed at once")
+    p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")

@@ -1,0 +1,251 @@
+"""MLflow runs -> pandas: one row per run, grouped over seeds into mean ± std with the run ids kept.
+
+`load_runs(sweeps, tracking_uri)` reads child runs with `mlflow.search_runs` from any tracking URI (the
+sweep parent runs are dropped). Columns: `run_id`, `experiment`, `status`, `config` (the sweep cell
+without its seed, else the config name), `config_id` (a hash of the resolved config minus the seed and
+bookkeeping keys: what "the same configuration over seeds" means), then the config keys (`model.mixer`,
+...), final metrics (`test/ppl`, `mixer/L0/gss`, ...) and tags (`n_params`, `protocol.dataset`, ...)
+under their own names. Values that are numbers become numbers. Importing this module does not import
+torch or lightning.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+
+from pha_lab.config import PROJECT_ROOT
+
+BRANCHES = ("gss", "attn", "ffn")
+BASE_COLUMNS = ["run_id", "experiment", "status", "config", "config_id", "seed"]
+# Params that do not change what is trained: runs differing only in these are the same configuration.
+BOOKKEEPING = ("seed", "resume", "tracking.", "data.cache_dir", "data.data_dir", "data.num_proc", "data.num_workers",
+               "trainer.cpu_threads", "trainer.log_every_n_steps", "trainer.ckpt_every_n_steps")
+_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "config_id")
+
+
+# --------------------------------------------------------------------------- reading
+def resolve_uri(tracking_uri: str | None = None, runs_dir: str | os.PathLike | None = None) -> str:
+    """As the suite resolves it (pha_lab.tracking): the URI, else $MLFLOW_TRACKING_URI, else
+    sqlite:///<runs_dir>/mlflow.db, runs_dir defaulting to the project's `runs/` (not the cwd, so a
+    notebook opened from analysis/ finds the same database as `make`)."""
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(runs_dir) if runs_dir else PROJECT_ROOT / "runs"
+    return f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def _sqlite_missing(uri: str) -> bool:
+    """A sqlite URI whose file does not exist: reading it would create an empty database."""
+    if not uri.startswith("sqlite:"):
+        return False
+    path = unquote(urlparse(uri).path)
+    return path not in ("", "/:memory:") and not Path(path).exists()
+
+
+@contextlib.contextmanager
+def _using(uri: str):
+    """mlflow.search_runs reads the global tracking URI; set it for one call and restore both the
+    global and the MLFLOW_TRACKING_URI variable that mlflow.set_tracking_uri writes."""
+    from mlflow.tracking._tracking_service import utils
+
+    old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def search_runs(experiments: str | Iterable[str], tracking_uri: str) -> pd.DataFrame:
+    """`mlflow.search_runs` of the named experiments at `tracking_uri` (missing experiments: no rows)."""
+    warnings.filterwarnings("ignore", message="IProgress not found")  # mlflow imports tqdm.auto in notebooks
+    import mlflow
+
+    names = [experiments] if isinstance(experiments, str) else list(experiments)
+    if not names or _sqlite_missing(tracking_uri):
+        return pd.DataFrame(columns=["run_id", "experiment_id", "status"])
+    with _using(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri)
+        found = {n: client.get_experiment_by_name(n) for n in names}
+        ids = {e.experiment_id: n for n, e in found.items() if e is not None}
+        if not ids:
+            return pd.DataFrame(columns=["run_id", "experiment_id", "status"])
+        df = mlflow.search_runs(experiment_ids=list(ids))
+    df.insert(1, "experiment", df["experiment_id"].map(ids))
+    return df
+
+
+def load_runs(sweeps: str | Iterable[str], tracking_uri: str | None = None, runs_dir: str | None = None) -> pd.DataFrame:
+    """Every child run of the named sweeps (MLflow experiments), any status, one row each."""
+    raw = search_runs(sweeps, resolve_uri(tracking_uri, runs_dir))
+    if "tags.sweep_parent" in raw:
+        raw = raw[raw["tags.sweep_parent"].fillna("") != "true"]
+    return tidy(raw)
+
+
+def tidy(raw: pd.DataFrame) -> pd.DataFrame:
+    """mlflow.search_runs' frame -> bare column names, numbers as numbers, config label and id."""
+    if raw.empty:
+        return pd.DataFrame(columns=BASE_COLUMNS)
+    out = {"run_id": raw["run_id"], "experiment": raw.get("experiment", raw["experiment_id"]), "status": raw["status"]}
+    for col in raw.columns:
+        kind, _, name = col.partition(".")
+        if kind == "params" and name not in out:
+            out[name] = raw[col]
+    for col in raw.columns:
+        kind, _, name = col.partition(".")
+        if kind == "metrics":
+            out[name] = raw[col]
+        elif kind == "tags" and name == "mlflow.parentRunId":
+            out["parent_run_id"] = raw[col]
+        elif kind == "tags" and not name.startswith("mlflow.") and name not in out:
+            out[name] = raw[col]
+    df = pd.DataFrame(out).reset_index(drop=True)
+    for col in df.columns:
+        if col not in _NOT_NUMERIC and df[col].dtype == object:
+            df[col] = _numeric(df[col])
+    params = [c[len("params."):] for c in raw.columns if c.startswith("params.")]
+    df["config"] = [_label(r) for r in df.to_dict("records")]
+    df["config_id"] = [_config_id(r, params) for r in df.to_dict("records")]
+    if "seed" not in df:
+        df["seed"] = np.nan
+    return df[BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]]
+
+
+def _numeric(col: pd.Series) -> pd.Series:
+    col = col.where(~col.isin(["None", "null", ""]), None)
+    values = col.dropna()
+    if values.empty:
+        return col
+    parsed = pd.to_numeric(values, errors="coerce")
+    return pd.to_numeric(col, errors="coerce") if parsed.notna().all() else col
+
+
+def _label(row: dict) -> str:
+    cell = row.get("cell")
+    if isinstance(cell, str) and cell:
+        return ",".join(p for p in split_cell(cell) if not p.startswith("seed=")) or cell
+    return str(row.get("config_name") or row.get("name") or row["run_id"])
+
+
+def split_cell(cell: str) -> list[str]:
+    """'branches=no_gss,model.mixer=gate,seed=1' -> its `axis=label` parts (labels may hold commas)."""
+    return re.split(r",(?=[A-Za-z_][\w.]*=)", cell)
+
+
+def _config_id(row: dict, params: list[str]) -> str:
+    keys = sorted(k for k in params if not k.startswith(BOOKKEEPING))
+    text = "\n".join(f"{k}={row.get(k)!r}" for k in keys)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def finished(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """(FINISHED runs, a note counting the others by status, or None): only finished runs enter tables."""
+    done = runs[runs["status"] == "FINISHED"]
+    other = runs.loc[runs["status"] != "FINISHED", "status"].value_counts()
+    note = None
+    if len(other):
+        detail = ", ".join(f"{n} {s}" for s, n in other.items())
+        note = f"{len(runs) - len(done)} run(s) excluded because they did not finish ({detail})."
+    return done, note
+
+
+# --------------------------------------------------------------------------- describing runs
+def branches_of(value) -> list[str]:
+    """`model.branches` as logged ("['gss', 'attn']") -> a list."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    try:
+        parsed = ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return []
+    return [str(b) for b in parsed] if isinstance(parsed, (list, tuple)) else []
+
+
+def model_family(row: dict) -> str:
+    """Paper names from the config: PHA, Transformer, GSS, GSS-Hybrid, sequential PHA."""
+    layout, branches = row.get("model.layout"), branches_of(row.get("model.branches"))
+    mixer = row.get("model.mixer")
+    if layout == "parallel":
+        missing = [b for b in BRANCHES if b not in branches]
+        name = "PHA" if not missing else "PHA without " + "+".join(missing)
+        return name if mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer)) else f"{name} ({mixer})"
+    if branches == ["attn", "ffn"]:
+        return "Transformer"
+    if "gss" in branches and "attn" not in branches:
+        return "GSS-Hybrid" if "attn" in str(row.get("model.overrides") or "") else "GSS"
+    if branches == ["gss", "attn", "ffn"]:
+        return "sequential PHA"
+    return "+".join(branches) + f" ({layout})"
+
+
+def scale_label(n_params) -> str:
+    """125,155,620 -> '125M'; 247,328 -> '0.25M'."""
+    if n_params is None or pd.isna(n_params):
+        return ""
+    m = float(n_params) / 1e6
+    return f"{m:.0f}M" if m >= 10 else f"{m:.2g}M"
+
+
+# --------------------------------------------------------------------------- aggregation
+def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = None,
+              keep: list[str] = ()) -> pd.DataFrame:
+    """One row per configuration (default: experiment + config_id) over seeds.
+
+    Each metric m gives columns `m` (mean over the runs that logged it), `m std` (sample std,
+    ddof=1; NaN for one run) and `m n`; `n` counts the runs and `runs` lists their ids (ordered by
+    seed), the provenance of every number in the row. `keep` columns are copied from the first run."""
+    by = list(by or ["experiment", "config_id"])
+    columns = by + [c for c in ("config", *keep) if c not in by] + [
+        x for m in metrics for x in (m, f"{m} std", f"{m} n")] + ["n", "runs"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for _, group in runs.groupby(by, sort=False, dropna=False):
+        group = group.sort_values(["seed", "run_id"]) if "seed" in group else group
+        first = group.iloc[0]
+        row = {c: first.get(c) for c in columns if c in group}
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce").dropna() if m in group else pd.Series(dtype=float)
+            row[m] = values.mean() if len(values) else np.nan
+            row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            row[f"{m} n"] = len(values)
+        row["n"] = len(group)
+        row["runs"] = ",".join(group["run_id"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataFrame:
+    """Long frame (run_id, layer, branch, value) of per-layer metrics: `{prefix}/L{i}/{branch}` (mixer,
+    rms) without a suffix, `{prefix}/{branch}/L{i}{suffix}` or `{prefix}/{branch}/all{suffix}` with one
+    (knockout; layer "all" = the branch zeroed in every layer)."""
+    pattern = (re.compile(rf"^{re.escape(prefix)}/L(?P<layer>\d+)/(?P<branch>\w+)$") if not suffix else
+               re.compile(rf"^{re.escape(prefix)}/(?P<branch>\w+)/(?:L(?P<layer>\d+)|(?P<all>all)){re.escape(suffix)}$"))
+    rows = []
+    for col in runs.columns:
+        match = pattern.match(str(col))
+        if not match:
+            continue
+        layer = "all" if match.groupdict().get("all") else int(match.group("layer"))
+        for run_id, value in zip(runs["run_id"], runs[col]):
+            if pd.notna(value):
+                rows.append({"run_id": run_id, "layer": layer, "branch": match.group("branch"), "value": float(value)})
+    return pd.DataFrame(rows, columns=["run_id", "layer", "branch", "value"])
