@@ -96,7 +96,7 @@ def load_runs(sweeps: str | Iterable[str], tracking_uri: str | None = None, runs
     """Every child run of the named sweeps (MLflow experiments), any status, one row each."""
     raw = search_runs(sweeps, resolve_uri(tracking_uri, runs_dir))
     if "tags.sweep_parent" in raw:
-        raw = raw[raw["tags.sweep_parent"].fillna("") != "true"]
+        raw = raw[raw["tags.sweep_parent"].fillna("") != "true"].drop(columns="tags.sweep_parent")
     return tidy(raw)
 
 
@@ -119,7 +119,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
             out[name] = raw[col]
     df = pd.DataFrame(out).reset_index(drop=True)
     for col in df.columns:
-        if col not in _NOT_NUMERIC and df[col].dtype == object:
+        if col not in _NOT_NUMERIC and not pd.api.types.is_numeric_dtype(df[col]):
             df[col] = _numeric(df[col])
     params = [c[len("params."):] for c in raw.columns if c.startswith("params.")]
     df["config"] = [_label(r) for r in df.to_dict("records")]
@@ -159,7 +159,7 @@ def _config_id(row: dict, params: list[str]) -> str:
 def finished(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """(FINISHED runs, a note counting the others by status, or None): only finished runs enter tables."""
     done = runs[runs["status"] == "FINISHED"]
-    other = runs.loc[runs["status"] != "FINISHED", "status"].value_counts()
+    other = runs.loc[runs["status"] != "FINISHED", "status"].value_counts().sort_index()
     note = None
     if len(other):
         detail = ", ".join(f"{n} {s}" for s, n in other.items())

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pha_lab.analysis.runs import (BRANCHES, aggregate, branches_of, finished, layer_metrics, load_runs, model_family,
-                                   resolve_uri, scale_label)
+                                   resolve_uri, scale_label, search_runs)
 from pha_lab.config import PROJECT_ROOT
 
 OUT_DIR = PROJECT_ROOT / "analysis" / "out"
@@ -177,8 +177,11 @@ def protocol_notes(runs: pd.DataFrame) -> list[str]:
     for values, group in table.groupby(keys, dropna=False, sort=False):
         p = dict(zip([k.split(".", 1)[1] for k in keys], values))
         tokens = sorted({int(t) for t in group["train/tokens_seen"] if t is not None})
-        scored = f"{_tokens(p['n_tokens'])} scored tokens" + (f" ({_tokens(p['n_bytes'])} bytes)" if p["n_bytes"] else "")
-        metric = "token-level PPL and bits per byte" if p["metric"] == "ppl" else str(p["metric"])
+        if p["metric"] == "ppl":
+            scored = f"{_tokens(p['n_tokens'])} scored tokens" + (f" ({_tokens(p['n_bytes'])} bytes)" if p["n_bytes"] else "")
+            metric = "token-level PPL and bits per byte"
+        else:
+            scored, metric = f"{_tokens(p['n_tokens'])} scored answers", str(p["metric"])
         lines.append(f"Protocol: {p['dataset']} / {p['split']}, tokenizer {p['tokenizer']}, context {p['context']}, "
                      f"stride {p['stride']}, {scored}, {metric}; training tokens per run: "
                      f"{', '.join(f'{t:,}' for t in tokens) or 'not logged'}; regime: scratch (trained here).")
@@ -402,20 +405,49 @@ EFFICIENCY_COLUMNS = ["model", "mode", "seq_len", "batch_size", "tokens_per_s", 
 
 
 def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str | None = None,
-                    experiments: str | list[str] = "efficiency") -> tuple[pd.DataFrame, str]:
-    """(benchmark rows, where they came from): the CSV of `pha-lab bench` if it exists, else the
-    finished runs of the `efficiency` MLflow experiment; empty when neither has rows. A `source` column
-    keeps each row's provenance (CSV file and line, or run id)."""
+                    experiments: str | list[str] = "efficiency", part: str | None = "models") -> tuple[pd.DataFrame, str]:
+    """(benchmark rows of one `part` of `pha-lab bench`, where they came from): the CSV if it exists,
+    else the latest finished run of the `efficiency` MLflow experiment (its CSV artifact, or failing
+    that its `{metric}/{part}/{model}/{mode}/{seq_len}` metrics); empty when there is neither. A
+    `source` column keeps each row's provenance (file:line, or run id)."""
     path = _resolve(csv) if csv else None
     if path is not None and path.is_file():
-        df = pd.read_csv(path)
-        df["source"] = df["run_id"] if "run_id" in df else [f"{path.name}:{i + 2}" for i in range(len(df))]
-        return _efficiency_frame(df), f"CSV {path}"
-    uri = resolve_uri(tracking_uri)
-    runs, _ = finished(load_runs(experiments, uri))
-    if runs.empty or not {"model", "seq_len", "tokens_per_s"} <= set(runs.columns):
-        return _efficiency_frame(pd.DataFrame()), f"no CSV at {csv} and no benchmark runs in {experiments} at {uri}"
-    return _efficiency_frame(runs.assign(source=runs["run_id"])), f"MLflow {experiments} at {uri}"
+        df, where = pd.read_csv(path), f"CSV {path}"
+        df["source"] = [f"{path.name}:{i + 2}" for i in range(len(df))]
+    else:
+        uri = resolve_uri(tracking_uri)
+        df, where = _bench_run(experiments, uri)
+        where = where or f"no CSV at {csv} and no finished run in {experiments} at {uri}"
+    if part and "part" in df:
+        df = df[df["part"] == part]
+    return _efficiency_frame(df), where
+
+
+def _bench_run(experiments, uri: str) -> tuple[pd.DataFrame, str | None]:
+    import tempfile
+
+    import mlflow
+
+    raw, _ = finished(search_runs(experiments, uri))
+    if raw.empty:
+        return pd.DataFrame(), None
+    run = raw.sort_values("start_time").iloc[-1]
+    client = mlflow.MlflowClient(uri)
+    for art in [a.path for a in client.list_artifacts(run["run_id"]) if a.path.endswith(".csv")][:1]:
+        with tempfile.TemporaryDirectory() as tmp:
+            df = pd.read_csv(client.download_artifacts(run["run_id"], art, tmp))
+        df["source"] = [f"{run['run_id']}/{art}:{i + 2}" for i in range(len(df))]
+        return df, f"run {run['run_id']} ({art}) of {run['experiment']} at {uri}"
+    rows: dict[tuple, dict] = {}  # no artifact: rebuild the ok rows from the metric names
+    for col, value in run.items():
+        parts = str(col).split("/")
+        if col.startswith("metrics.") and len(parts) == 5 and pd.notna(value):
+            name, part, model, mode, seq_len = parts
+            row = rows.setdefault((part, model, mode, seq_len), {
+                "part": part, "model": model, "mode": mode, "seq_len": int(seq_len), "status": "ok",
+                "gpu": run.get("tags.gpu"), "source": run["run_id"]})
+            row[name[len("metrics."):]] = value
+    return pd.DataFrame(list(rows.values())), f"metrics of run {run['run_id']} of {run['experiment']} at {uri}"
 
 
 def _resolve(path: str | Path) -> Path:
@@ -433,11 +465,14 @@ def _efficiency_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 def efficiency_table(bench: pd.DataFrame) -> Table:
     gpus = ", ".join(sorted(bench["gpu"].dropna().astype(str).unique())) or "not given"
-    oom = int((bench["status"] != "ok").sum())
+    failed = bench.loc[bench["status"] != "ok", "status"].value_counts().sort_index()
     columns = {"model": "model", "mode": "mode", "seq_len": "context", "batch_size": "batch",
                "tokens_per_s": "tokens/s", "peak_mem_gb": "peak memory (GB)", "status": "status", "source": "source"}
-    notes = [f"GPU: {gpus}.", f"{oom} configuration(s) did not run (status other than ok, e.g. OOM)." if oom else ""]
-    return Table("efficiency", "Throughput and peak memory vs context length", bench, columns, [n for n in notes if n],
+    notes = [f"GPU: {gpus}; throughput = median over timed steps (pha-lab bench)."]
+    if len(failed):
+        notes.append(f"{failed.sum()} configuration(s) without a measurement: "
+                     + ", ".join(f"{n} {s}" for s, n in failed.items()) + ".")
+    return Table("efficiency", "Throughput and peak memory vs context length", bench, columns, notes,
                  {"tokens_per_s": lambda v: "" if pd.isna(v) else f"{v:,.0f}", "peak_mem_gb": _fixed(2),
                   "seq_len": _tokens, "batch_size": _tokens})
 
