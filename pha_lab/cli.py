@@ -118,6 +118,22 @@ def cmd_tables(args: argparse.Namespace) -> int:
         return 1
     return 0
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput, memory and MFU vs context length (sweeps/efficiency.yaml); a tiny version without a GPU."""
+    from pha_lab.bench.efficiency import BenchOptions, log_csv, run
+
+    config, overrides = _split_overrides(args.words)
+    opts = BenchOptions(config=config or "efficiency", overrides=overrides, out=args.out, measure_peak=args.measure_peak,
+                        compile=args.compile, tiny=True if args.tiny else None, device=args.device,
+                        mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
+                        plan_only=args.plan)
+    if args.from_csv:
+        log_csv(args.from_csv, opts)
+        return 0
+    rows = run(opts)[0]
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency-csv", default="docs/benchmarks/efficiency.csv", help="benchmark CSV of `pha-lab bench`")
     p.add_argument("--jobs", type=int, default=2, help="notebooks executed at once")
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("bench", help="throughput/memory/MFU vs context length: pha-lab bench [CONFIG] [key=value ...]")
+    p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a bench YAML (default sweeps/efficiency.yaml), then overrides, e.g. models=[pha_125m] seq_lens=[8192]")
+    p.add_argument("--measure-peak", action="store_true", help="time a bf16 8192^3 matmul and a device copy for MFU and floors")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile in every part (default: as the config says)")
+    p.add_argument("--out", help="CSV path (default runs/bench/<name>-<time>.csv); header and table written beside it")
+    p.add_argument("--tiny", action="store_true", help="the config's cpu: version even on a GPU (a smoke test)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--plan", action="store_true", help="print every cell's analytic floor and a time estimate; run nothing")
+    p.add_argument("--no-mlflow", action="store_true", help="write the CSV only")
+    p.add_argument("--from-csv", help="log a CSV written elsewhere (e.g. on a GPU machine) as an MLflow run; run nothing")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs_dir>/mlflow.db)")
+    p.add_argument("--runs-dir", default="runs", help="where the default CSV and MLflow database live (default ./runs)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")
