@@ -6,6 +6,7 @@ Heavy imports (torch, lightning, mlflow) happen inside each command so `pha-lab 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pha_lab.config import ConfigError
@@ -55,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={str(exc).split()[1]}",
               file=sys.stderr)
         return 130
-    print("\n" + summary(result))
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this command too
+        print("\n" + summary(result))
     return 0
 
 

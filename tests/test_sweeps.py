@@ -161,3 +161,20 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path):
     empty = write_sweep(tmp_path, "empty", grid={"branches": {"none": {"model.branches": []}, "all": {}}})
     with pytest.raises(ConfigError, match=r"(?s)1 of 2 cells.*branches=none.*model.branches is empty"):
         load_sweep(empty)
+
+
+@pytest.mark.slow
+def test_ddp_trials_run_in_sequence_as_one_run_each(tmp_path):
+    """gpus_per_trial: 2 on CPU (gloo): each trial is a 2-process DDP run, one MLflow run per trial, and a
+    worker can run several DDP trials one after another (Lightning's launcher leaves env vars behind)."""
+    runs = tmp_path / "runs"
+    path = write_sweep(tmp_path, "ddp", grid={"model.mixer": ["static", "mean"]}, gpus_per_trial=2,
+                       overrides={**FAST, "trainer.accelerator": "cpu"})
+    # from the command line: Lightning's DDP launcher starts rank 1 by re-running this very command
+    subprocess.run([sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)], check=True,
+                   timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sorted(t.state.name for t in study_trials(runs, "ddp")) == ["COMPLETE", "COMPLETE"]
+    df = mlflow_runs(runs, "ddp")
+    children = df[df["tags.sweep_parent"] != "true"]
+    assert len(children) == 2 and (children.status == "FINISHED").all()
+    assert (children["params.trainer.devices"] == "2").all()

@@ -326,9 +326,22 @@ def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracki
     return spec, study, storage_url, tracking_cfg, parent_id
 
 
+def join_ddp_trial() -> bool:
+    """In a DDP rank > 0 that Lightning started by re-running the sweep command: train rank 0's trial
+    (its config file and MLflow run id come through the environment) instead of starting a sweep."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" or not os.environ.get("PHA_TRIAL_CONFIG"):
+        return False
+    from pha_lab.training.run import train
+
+    train(OmegaConf.merge(load_config(None), OmegaConf.load(os.environ["PHA_TRIAL_CONFIG"])))
+    return True
+
+
 def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, tracking_uri: str | None = None,
               runs_dir: str | None = None, retry_failed: bool = False, workers: int | None = None) -> Any:
     """Set up, run the workers, log the summary table to the parent run. Returns the summary."""
+    if join_ddp_trial():
+        return None
     spec, study, storage_url, tracking_cfg, parent_id = prepare(name, extra, storage, tracking_uri, runs_dir, retry_failed)
     print(progress(study, spec), flush=True)
     status = "FINISHED"
@@ -396,11 +409,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", required=True)
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args(argv)
-    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("PHA_TRIAL_CONFIG"):
-        # a DDP rank > 0 that Lightning started by re-running this command: join rank 0's trial
-        from pha_lab.training.run import train
-
-        train(OmegaConf.merge(load_config(None), OmegaConf.load(os.environ["PHA_TRIAL_CONFIG"])))
+    if join_ddp_trial():
         return 0
     base = load_config(None, [f"tracking.runs_dir={args.runs_dir}", f"tracking.tracking_uri={args.tracking_uri}"])
     worker_loop(load_sweep(args.name, args.extra), args.storage, args.extra, base.tracking)

@@ -18,6 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from pha_lab.config import ConfigError, flatten, to_yaml, validate
 from pha_lab import tracking
 
+# Lightning's DDP launcher leaves these in os.environ; a later run in the same process (a sweep
+# worker) must not mistake them for an external launcher.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PHA_RUN_ID")
+
 # Keys whose change makes a checkpoint meaningless for a resumed run (shapes, tokens).
 SHAPE_KEYS = ("model.", "data.source", "data.tokenizer.", "data.mqar.vocab_size", "data.seq_len")
 
@@ -101,6 +105,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
                                            TokensProgressBar, is_interruption)
     from pha_lab.training.module import LMModule, NonFiniteLossError
 
+    env_before = {key: os.environ.get(key) for key in DDP_ENV}
     if cfg.resume and not os.environ.get("PHA_RUN_ID"):
         changed = check_resume_compatible(resume_config(cfg.resume, cfg), cfg)
     else:
@@ -209,7 +214,13 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             if reason:
                 client.set_tag(run_id, "failure_reason" if status == "FAILED" else "killed_reason", reason[:5000])
             client.set_terminated(run_id, status)
-        os.environ.pop("PHA_RUN_ID", None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next run in this process (a sweep) starts a new group
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def summary(result: TrainResult) -> str:
