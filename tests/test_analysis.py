@@ -48,7 +48,7 @@ def smoke(tmp_path_factory):
     from pha_lab.training.evaluate import evaluate
 
     runs_dir = tmp_path_factory.mktemp("smoke_runs")
-    table = run_sweep("smoke", ["trainer.max_steps=10", "trainer.val_every_n_steps=5"], runs_dir=str(runs_dir))
+    table = run_sweep("smoke", ["trainer.max_steps=10", "trainer.val_every_n_steps=10"], runs_dir=str(runs_dir))
     assert (table.state == "COMPLETE").all(), table
     pha = table.loc[table.cell == "model=pha_static,seed=0", "mlflow_run_id"].item()
     evaluate(pha, [f"tracking.runs_dir={runs_dir}"], knockout=["gss", "attn"], per_layer=True)
@@ -187,7 +187,7 @@ def synth(tmp_path_factory):
                                       {"test/ppl": ppl, "test/bpb": bpb, "train/tokens_seen": 4096, **layer_w, **ko})
     for seed, ppl in enumerate([15.0, 16.0]):
         ids[("no_gss", seed)] = log_run(client, exp, parent, "variant=no_gss", seed, {"model.branches": "['attn', 'ffn']"},
-                                        {"test/ppl": ppl, "test/bpb": 1.5})
+                                        {"test/ppl": ppl, "test/bpb": 1.5}, extra_tags={"n_params": "700000"})
     for seed, ppl in enumerate([11.0, 13.0]):
         ids[("gate", seed)] = log_run(client, exp, parent, "variant=gate", seed, {"model.mixer": "gate"}, {"test/ppl": ppl})
     log_run(client, exp, parent, "variant=gate", 2, {"model.mixer": "gate"}, {"test/ppl": 1.0}, status="FAILED")
@@ -252,13 +252,14 @@ def test_ablation_deltas_by_hand(synth):
     uri, ids = synth
     table = tables.ablation_table(R.load_runs("synth", uri))
     frame = table.frame.set_index(["removed", "model.mixer"])
-    assert list(frame.index) == [("none", "static"), ("-gss", "static"), ("none", "gate")]  # no serial Transformer
+    # full PHA first (although the no-GSS model is smaller), then branch removals, then mixers; no serial Transformer
+    assert list(frame.index) == [("none", "static"), ("-gss", "static"), ("none", "gate")]
     assert frame.loc[("-gss", "static"), "delta"] == 15.5 - 12.0
     assert frame.loc[("none", "gate"), "delta"] == 12.0 - 12.0
     assert frame.loc[("none", "gate"), "reference runs"] == frame.loc[("none", "static"), "runs"]
     md = table.to_markdown()
     assert "2 run(s) excluded because they did not finish (1 FAILED, 1 KILLED)." in md  # both are PHA runs
-    assert "| synth | -gss | static | 1M | 2 | 15.50 ± 0.71 | 1.500 ± 0.000 | 3.50 |" in md
+    assert "| synth | -gss | static | 0.7M | 2 | 15.50 ± 0.71 | 1.500 ± 0.000 | 3.50 |" in md
     assert "Protocol: text / test, tokenizer bpe64, context 32, stride 32, 4,096 scored tokens (9,000 bytes)" in md
 
 
@@ -367,3 +368,16 @@ def test_a_failing_cell_fails_pha_lab_tables(tmp_path, monkeypatch, capsys):
     assert main(["tables", "--notebooks", "mqar", "--tracking-uri", "sqlite:///unused.db", "--out", str(tmp_path / "out")]) == 1
     assert "1 notebook(s) failed: mqar" in capsys.readouterr().err
     assert "boom" in (tmp_path / "out" / "mqar.ipynb").read_text()
+
+
+def test_notebooks_are_committed_clean():
+    import nbformat
+
+    for name in tables.NOTEBOOKS:
+        book = nbformat.read(tables.NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        nbformat.validate(book)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert book.metadata.kernelspec.name == "python3", name
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{name}: clear the outputs"
+        params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and "tracking_uri = None" in params[0].source and "sweeps = None" in params[0].source

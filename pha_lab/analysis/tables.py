@@ -8,7 +8,6 @@ they did not finish. The paper's own numbers live here, in `PAPER_PPL` and `PAPE
 
 from __future__ import annotations
 
-import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,8 +123,12 @@ class Table:
         return paths
 
 
+def _missing(value) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return ""
     if isinstance(value, (float, np.floating)):
         return f"{value:.3g}" if abs(value) < 1 else f"{value:,.2f}"
@@ -136,7 +139,7 @@ def _fmt(value) -> str:
 
 def _pm(value, std, fmt) -> str:
     text = fmt(value)
-    if text and std is not None and not (isinstance(std, float) and math.isnan(std)):
+    if text and not _missing(std):
         return f"{text} ± {fmt(std)}"
     return text
 
@@ -225,7 +228,8 @@ def perplexity_table(runs: pd.DataFrame, dataset: str | None = None) -> Table:
     mean ± std over seeds, one row per sweep configuration."""
     lm = runs[is_lm(runs)] if len(runs) else runs
     if dataset and len(lm):
-        lm = lm[(lm.get("data.source") == dataset) | (lm.get("protocol.dataset") == dataset)]
+        lm = lm[np.logical_or.reduce([lm[c] == dataset for c in ("data.source", "protocol.dataset") if c in lm]
+                                     + [np.zeros(len(lm), bool)])]
     done, excluded = finished(lm)
     done = _with_model(done)
     keep = ["model", "n_params", "model.d_model", "train/tokens_seen"]
@@ -294,7 +298,7 @@ def ablation_table(runs: pd.DataFrame, metric: str | None = None) -> Table:
     if len(frame):
         order = {"none": 0}
         frame = frame.assign(_o=frame["removed"].map(lambda r: order.get(r, 1)), _m=frame["model.mixer"] != "static")
-        frame = frame.sort_values(["experiment", "n_params", "_m", "_o", "removed", "model.mixer"], kind="stable")
+        frame = frame.sort_values(["experiment", *scale, "_m", "_o", "removed", "model.mixer"], kind="stable")
         frame = frame.drop(columns=["_o", "_m"]).reset_index(drop=True)
     shown = {"experiment": "sweep", "removed": "branches removed", "model.mixer": "mixer", "n_params": "params",
              "n": "seeds", metric: HEADERS.get(metric, metric)}
