@@ -126,7 +126,10 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
            ylabel: str, logx: int | None = None, reference: dict[str, float] | None = None, pdf: bool = True):
     """Generic panels of y vs x, one line per `line` group (± `{y} std` when present); `reference`
     draws labelled horizontal lines (the paper's claims); `logx` is the log base of the x axis."""
-    groups = list(frame.groupby(panel, sort=True, dropna=False)) if len(frame) and panel else ([((), frame)] if len(frame) else [])
+    if frame.empty:
+        groups = []
+    else:
+        groups = list(frame.groupby(panel, sort=True, dropna=False)) if panel else [((), frame)]
     fig, axes = _grid(len(groups))
     if not groups:
         _empty(axes[0], xlabel, ylabel)

@@ -85,8 +85,8 @@ class Table:
                 out[header] = [""] * len(self.frame)
                 continue
             fmt = self.formats.get(col, _fmt)
-            std = self.frame.get(f"{col} std")
-            out[header] = [_pm(v, s, fmt) for v, s in zip(self.frame[col], std if std is not None else [np.nan] * len(self.frame))]
+            std = self.frame.get(f"{col} std", pd.Series(np.nan, index=self.frame.index))
+            out[header] = [_pm(v, s, fmt) for v, s in zip(self.frame[col], std)]
         return pd.DataFrame(out, columns=list(self.columns.values()))
 
     def to_markdown(self) -> str:
@@ -421,7 +421,8 @@ def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str |
     else:
         uri = resolve_uri(tracking_uri)
         df, where = _bench_run(experiments, uri)
-        where = where or f"no CSV at {csv} and no finished run in {experiments} at {uri}"
+        names = experiments if isinstance(experiments, str) else ", ".join(experiments)
+        where = where or f"no CSV at {csv} and no finished run in {names} at {uri}"
     if part and "part" in df:
         df = df[df["part"] == part]
     return _efficiency_frame(df), where
