@@ -1,0 +1,168 @@
+"""`pha-lab bench` on CPU: the tiny run writes a well-formed CSV and an MLflow run, an OOM cell is recorded
+and the run goes on, the FLOPs counts behind MFU match torch's counter, the GPT-2 reference and the
+Lightning-vs-plain loops run. (The presets' training FLOPs are checked in test_presets.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pha_lab.bench import efficiency, gpt2_reference
+from pha_lab.bench.efficiency import COLUMNS, make_workload, read_csv
+from pha_lab.cli import main
+
+TINY = ["models=[tiny_pha,tiny_transformer]", "seq_lens=[32,64]", "tokens_per_step=128", "steps=2",
+        "branches.names=[gss,attn]", "targets.seq_len=32", "targets.batch_size=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench(tmp_path, *args: str) -> tuple[int, list[dict]]:
+    out = tmp_path / "bench.csv"
+    rc = main(["bench", *args, "--out", str(out), "--runs-dir", str(tmp_path / "runs")])
+    return rc, read_csv(out)
+
+
+def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
+    rc, rows = bench(tmp_path, "parts=[targets,models,branches]", *TINY, "--measure-peak")
+    assert rc == 0
+    text = (tmp_path / "bench.csv").read_text().splitlines()
+    assert text[0].split(",") == COLUMNS
+    # targets: gpt2_tiny + 2 presets; models: 2 x 2 modes x 2 lengths; branches: 2 x 2 x 2
+    assert [r["part"] for r in rows] == ["targets"] * 3 + ["models"] * 8 + ["branches"] * 8
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_step"] == r["seq_len"] * r["batch_size"]
+        assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms_median"] / 1e3), rel=1e-3)
+        assert r["flops_per_step"] > 0 and r["min_bytes_gb"] > 0 and r["floor_ms"] > 0
+        assert r["tflops"] * 1e12 == pytest.approx(r["flops_per_step"] / (r["step_ms_median"] / 1e3), rel=1e-3)
+        assert 0 < r["mfu_measured_peak"] and math.isnan(r["mfu_datasheet"])  # no datasheet for a CPU
+        assert r["dtype"] == "fp32" and r["torch"] == torch.__version__ and len(str(r["git_sha"])) >= 7
+    models = {(r["model"], r["mode"], r["seq_len"]): r for r in rows if r["part"] == "models"}
+    assert models["tiny_pha", "train", 32]["batch_size"] == 4 and models["tiny_pha", "train", 64]["batch_size"] == 2
+    assert models["tiny_pha", "train", 64]["flops_per_step"] > 2.5 * models["tiny_pha", "prefill", 64]["flops_per_step"]
+    assert {r["model"] for r in rows if r["part"] == "branches"} == {"tiny_pha:gss", "tiny_pha:attn"}
+
+    header = json.loads((tmp_path / "bench.header.json").read_text())
+    for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
+        assert key in header
+    printed = capsys.readouterr().out
+    assert "# git_sha:" in printed and "tiny_transformer vs gpt2_tiny" in printed and "tok/s" in printed
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["efficiency"])
+    assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
+    run = runs.iloc[0]
+    assert run["metrics.tokens_per_s/models/tiny_pha/train/64"] == pytest.approx(models["tiny_pha", "train", 64]["tokens_per_s"], rel=1e-4)
+    assert run["params.env.git_sha"] == header["git_sha"] and run["params.bench.tokens_per_step"] == "128"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
+    assert {"bench.csv", "bench.header.json", "bench.txt"} <= artifacts
+
+
+def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = efficiency.build_step
+
+    def build_step(mode, workload, fwd, optimizer, batches, amp):
+        if mode == "train" and batches[0][0].shape[1] == 32:
+            def step():
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+            return step
+        return real(mode, workload, fwd, optimizer, batches, amp)
+
+    monkeypatch.setattr(efficiency, "build_step", build_step)
+    rc, rows = bench(tmp_path, "parts=[models]", *TINY, "models=[tiny_pha]", "--no-mlflow")
+    assert rc == 0
+    status = {(r["mode"], r["seq_len"]): r for r in rows}
+    assert status["train", 32]["status"] == "OOM" and "out of memory" in status["train", 32]["note"]
+    assert math.isnan(status["train", 32]["tokens_per_s"]) and status["train", 32]["flops_per_step"] > 0
+    assert [status[k]["status"] for k in [("prefill", 32), ("prefill", 64), ("train", 64)]] == ["ok"] * 3
+
+    # a CSV written without MLflow (as on the GPU machine) is logged afterwards; the OOM cell has no metrics
+    assert main(["bench", "--from-csv", str(tmp_path / "bench.csv"), "--runs-dir", str(tmp_path / "logged")]) == 0
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'logged' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["efficiency"]).iloc[0]
+    assert run["params.bench.models"] == "['tiny_pha']" and "metrics.tokens_per_s/models/tiny_pha/train/64" in run
+    assert "metrics.tokens_per_s/models/tiny_pha/train/32" not in run
+
+
+def test_failing_cell_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch):
+    def broken(*args):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(efficiency, "build_step", broken)
+    rc, rows = bench(tmp_path, "parts=[models]", *TINY, "models=[tiny_gss]", "seq_lens=[32]", "modes=[prefill]",
+                     "--no-mlflow")
+    assert rc == 1 and rows[0]["status"] == "error" and "boom" in rows[0]["note"]
+
+
+def test_time_budget_skips_cells_but_writes_them(tmp_path):
+    rc, rows = bench(tmp_path, "parts=[models]", *TINY, "max_minutes=0", "--no-mlflow")
+    assert rc == 0 and len(rows) == 8 and {r["status"] for r in rows} == {"skipped"}
+
+
+@pytest.mark.parametrize("name, seq_len", [("gpt2_reference", 1024), ("pha_125m:gss", 1024), ("pha_125m:attn", 2048),
+                                           ("pha_125m:ffn", 1024), ("pha_125m", 2048), ("gss_125m", 1024)])
+def test_bench_flops_match_torch_flop_counter(name, seq_len):
+    """Train and prefill FLOPs of the bench's workloads (reference, branch stacks, and the presets' forward) vs
+    Lightning's `measure_flops` on the meta device; FFTs are not counted by torch, so they are left out."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from pha_lab.models.gss import GSS
+
+    wl = make_workload(name, "meta", seq_len)
+    batch = wl.batch(1, seq_len, torch.device("meta"), None)
+    fft = sum(m.flops_per_token(seq_len) for m in wl.module.modules() if isinstance(m, GSS))
+    for training in (True, False):
+        measured = measure_flops(wl.module, lambda: wl.loss(wl.module, batch) if training else wl.forward(wl.module, batch),
+                                 (lambda y: y) if training else None) / seq_len
+        est = wl.flops_per_token(seq_len, training) - (3 if training else 1) * fft
+        assert abs(est / measured - 1) < 0.10, (name, training, est, measured)
+
+
+def test_floors_count_optimizer_and_scale_with_tokens():
+    sizes = make_workload("tiny_pha", "meta").sizes()
+    train = efficiency.floors(sizes, 1e6, 64, 2, True, 1e12, 1e12)
+    prefill = efficiency.floors(sizes, 1e6 / 3, 64, 2, False, 1e12, 1e12)
+    double = efficiency.floors(sizes, 1e6, 64, 4, True, 1e12, 1e12)
+    assert train["min_bytes_gb"] > prefill["min_bytes_gb"] and train["mem_floor_gb"] > prefill["mem_floor_gb"]
+    assert train["mem_floor_gb"] * 1e9 >= 16 * sizes["n_params"]
+    assert double["flops_per_step"] == 2 * train["flops_per_step"]
+    assert train["min_bytes_gb"] < double["min_bytes_gb"] < 2 * train["min_bytes_gb"]  # weight traffic is per step
+
+
+def test_gpt2_reference_trains_on_cpu():
+    result = gpt2_reference.train("gpt2_tiny", seq_len=32, batch_size=2, steps=3, warmup=1, device="cpu")
+    assert result["tokens_per_s"] > 0 and len(result["losses"]) == 4
+    assert all(math.isfinite(v) for v in result["losses"])
+    assert abs(result["losses"][0] - math.log(2048)) < 1.0  # random init: about uniform over the vocabulary
+    model = gpt2_reference.build("gpt2_tiny", 32)
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_lightning_and_plain_loops_are_both_timed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pha_lab.bench.efficiency import OverheadSpec
+    from pha_lab.bench.overhead import measure_loops
+
+    o = OmegaConf.structured(OverheadSpec(model="tiny_pha", seq_len=32, batch_size=2, warmup=1, steps=3, rounds=1,
+                                          compile=False))
+    rows = list(measure_loops(o, torch.device("cpu"), torch.float32, str(tmp_path)))
+    assert [c.mode for c, _ in rows] == ["loop_plain", "loop_lightning"]
+    for cell, result in rows:
+        assert result["status"] == "ok", result
+        assert result["tokens_per_s"] > 0 and result["step_ms_p10"] <= result["step_ms_median"]
