@@ -330,8 +330,9 @@ def mixer_table(runs: pd.DataFrame) -> Table:
     """Learned mixer weight of each branch in each layer (last validation), mean ± std over seeds."""
     done, excluded = finished(runs)
     long = layer_metrics(done, "mixer")
-    notes = _notes(pd.DataFrame(), excluded, "Weights logged at the last validation (`mixer/L{i}/{branch}`); "
-                   "layers counted from 0; serial layers and mixers without weights (concat) have none.")
+    notes = _notes(pd.DataFrame(), excluded, "Weights as each mixer reports them at the last validation "
+                   "(`mixer/L{i}/{branch}`; static: softmax, gate: mean gate, concat: share of the projection's "
+                   "squared norm); layers counted from 0; serial layers have none.")
     return _per_layer(done, long, "mixer-weights", "Learned mixer weights per layer and branch", notes)
 
 
