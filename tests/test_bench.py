@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from pha_lab.bench import efficiency, gpt2_reference
+from pha_lab.bench import dss_variants, efficiency, gpt2_reference
 from pha_lab.bench.efficiency import COLUMNS, make_workload, read_csv
 from pha_lab.cli import main
 
@@ -33,12 +33,12 @@ def bench(tmp_path, *args: str) -> tuple[int, list[dict]]:
 
 
 def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
-    rc, rows = bench(tmp_path, "parts=[targets,models,branches]", *TINY, "--measure-peak")
+    rc, rows = bench(tmp_path, "parts=[targets,models,branches,dss]", *TINY, "dss.variants=[chunked]", "--measure-peak")
     assert rc == 0
     text = (tmp_path / "bench.csv").read_text().splitlines()
     assert text[0].split(",") == COLUMNS
-    # targets: gpt2_tiny + 2 presets; models: 2 x 2 modes x 2 lengths; branches: 2 x 2 x 2
-    assert [r["part"] for r in rows] == ["targets"] * 3 + ["models"] * 8 + ["branches"] * 8
+    # targets: gpt2_tiny + 2 presets; models: 2 x 2 modes x 2 lengths; branches: 2 x 2 x 2; dss: 1 x 2 x 2
+    assert [r["part"] for r in rows] == ["targets"] * 3 + ["models"] * 8 + ["branches"] * 8 + ["dss"] * 4
     for r in rows:
         assert r["status"] == "ok", r
         assert r["tokens_per_step"] == r["seq_len"] * r["batch_size"]
@@ -52,6 +52,7 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     assert models["tiny_pha", "train", 32]["batch_size"] == 4 and models["tiny_pha", "train", 64]["batch_size"] == 2
     assert models["tiny_pha", "train", 64]["flops_per_step"] > 2.5 * models["tiny_pha", "prefill", 64]["flops_per_step"]
     assert {r["model"] for r in rows if r["part"] == "branches"} == {"tiny_pha:gss", "tiny_pha:attn"}
+    assert {r["model"] for r in rows if r["part"] == "dss"} == {"tiny_pha:dss-chunked-32"}
 
     header = json.loads((tmp_path / "bench.header.json").read_text())
     for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
@@ -142,6 +143,29 @@ def test_floors_count_optimizer_and_scale_with_tokens():
     assert train["mem_floor_gb"] * 1e9 >= 16 * sizes["n_params"]
     assert double["flops_per_step"] == 2 * train["flops_per_step"]
     assert train["min_bytes_gb"] < double["min_bytes_gb"] < 2 * train["min_bytes_gb"]  # weight traffic is per step
+
+
+@pytest.mark.parametrize("variant", dss_variants.VARIANTS)
+@pytest.mark.parametrize("length, chunk", [(96, 32), (64, 128)])
+def test_dss_variants_equal_the_definition_in_float64(variant, length, chunk):
+    """Every candidate DSS implementation is the model's function: output against the O(L^2) definition,
+    gradients (input and every parameter) against the model's own FFT path."""
+    torch.manual_seed(1)
+    bench_dss = dss_variants.DSSBench(6, 4, variant, chunk).double()
+    model_dss = dss_variants.DSSBench(6, 4, "fft").double()
+    with torch.no_grad():  # move off the init so every parameter matters
+        for p in bench_dss.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model_dss.load_state_dict(bench_dss.state_dict())
+    v = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
+    y = bench_dss(v)
+    ref = dss_variants.reference(v, bench_dss.dss)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-12
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [v, *bench_dss.parameters()])
+    want = torch.autograd.grad((model_dss(v) * g).sum(), [v, *model_dss.parameters()])
+    for a, b in zip(grads, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-12
 
 
 def test_gpt2_reference_trains_on_cpu():

@@ -6,6 +6,8 @@ One call runs the parts a bench YAML lists (sweeps/efficiency.yaml), in its orde
   models    every preset x context length x {prefill, train} at a constant number of tokens per step
   branches  one branch alone: n_layers x (RMSNorm -> branch -> residual) of a preset's width, on random
             activations (no embedding or LM head), so the cost of GSS, GQA and FFN is seen separately
+  dss       one DSS long convolution (a preset's H, N) in each candidate implementation of
+            pha_lab.bench.dss_variants (the model's FFT path, skip folded into the kernel, chunked scan)
 Each cell is timed with CUDA events (`steps` timed steps after `warmup`, median and p10/p90), its peak
 memory is `max_memory_allocated` after a reset, an out-of-memory cell is recorded as OOM and the run goes
 on. Analytic FLOPs give TFLOP/s and MFU (vs the measured or configured bf16 matmul peak and vs the
@@ -38,7 +40,7 @@ from torch import nn
 
 from pha_lab.config import PROJECT_ROOT, ConfigError, flatten, load_config
 
-PARTS = ("targets", "overhead", "models", "branches")
+PARTS = ("targets", "overhead", "models", "dss", "branches")
 MODES = ("prefill", "train")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BENCH_DIR = PROJECT_ROOT / "sweeps"
@@ -55,6 +57,13 @@ COLUMNS = [
 class BranchesSpec:
     of: str = "pha_180m"  # the preset whose width and branch settings are used
     names: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
+
+
+@dataclass
+class DSSSpec:
+    of: str = "pha_180m"  # the preset whose GSS H (d_hidden) and N (n_modes) are used
+    variants: list[str] = field(default_factory=lambda: ["fft", "fft_skipfold", "chunked"])
+    chunk: int = 128  # chunked variant: tokens per chunk (seq_lens must be multiples of it)
 
 
 @dataclass
@@ -92,6 +101,7 @@ class BenchSpec:
     compile: bool = False  # models/branches parts: one compile per cell (each length is a new graph)
     dtype: str = "bf16"  # autocast dtype on GPU; CPU runs fp32
     branches: BranchesSpec = field(default_factory=BranchesSpec)
+    dss: DSSSpec = field(default_factory=DSSSpec)
     targets: TargetsSpec = field(default_factory=TargetsSpec)
     overhead: OverheadSpec = field(default_factory=OverheadSpec)
     max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
@@ -154,7 +164,8 @@ class Workload:
     """A module to time plus what the bench needs to feed it and count its work.
 
     kind: lm (a preset: token ids -> logits, loss as LMModule computes it), gpt2 (the reference: the loss
-    inside its forward, nanoGPT style) or branch (a BranchStack on random activations)."""
+    inside its forward, nanoGPT style), branch (a BranchStack on random fp32 activations, as the residual
+    stream is) or dss (one DSS layer on v [B, L, H], bf16 on a GPU as autocast makes it, requiring grad)."""
 
     name: str
     kind: str
@@ -165,13 +176,16 @@ class Workload:
     def batch(self, b: int, t: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         if self.kind == "branch":
             return (torch.randn(b, t, self.d_model, device=device, generator=gen),)
+        if self.kind == "dss":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            return (torch.randn(b, t, self.d_model, device=device, generator=gen, dtype=dtype).requires_grad_(),)
         idx = torch.randint(1, self.vocab, (b, t + 1), device=device, generator=gen)  # random ids, never all zero
         return idx[:, :-1], idx[:, 1:]
 
     def loss(self, fwd: Callable, batch: tuple) -> torch.Tensor:
         if self.kind == "gpt2":
             return fwd(*batch)
-        if self.kind == "branch":
+        if self.kind in ("branch", "dss"):
             return fwd(batch[0]).float().square().mean()
         logits = fwd(batch[0])  # as LMModule: fp32 cross-entropy over the flattened logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch[1].flatten())
@@ -182,10 +196,13 @@ class Workload:
     def flops_per_token(self, seq_len: int, training: bool) -> float:
         if self.kind == "lm":
             return self.module.flops_per_token(seq_len, training)["total"]
+        if self.kind == "dss":
+            return (3.0 if training else 1.0) * self.module.flops_per_token(seq_len)
         return analytic_flops_per_token(self.module, seq_len, training)
 
     def sizes(self) -> dict[str, int]:
-        """Per-token widths behind the byte floors: sum of Linear (in+out) and of Linear in, GSS channels."""
+        """Per-token widths behind the byte floors: sum of Linear (in+out) and of Linear in, GSS channels;
+        io_bytes: a DSS layer's own input and output (bf16)."""
         from pha_lab.models.gss import GSS
 
         linears = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
@@ -193,7 +210,8 @@ class Workload:
                 "linear_io": sum(m.in_features + m.out_features for m in linears),
                 "linear_in": sum(m.in_features for m in linears),
                 "gss_h": sum(m.dss.skip.numel() for m in self.module.modules() if isinstance(m, GSS)),
-                "vocab": self.vocab if self.kind != "branch" else 0}
+                "vocab": self.vocab if self.kind in ("lm", "gpt2") else 0,
+                "io_bytes": 4 * self.d_model if self.kind == "dss" else 0}
 
 
 def analytic_flops_per_token(module: nn.Module, seq_len: int, training: bool) -> float:
@@ -206,7 +224,8 @@ def analytic_flops_per_token(module: nn.Module, seq_len: int, training: bool) ->
 
 
 def make_workload(name: str, device: torch.device | str, max_len: int = 1024) -> Workload:
-    """`gpt2_*`: the reference (position table of max_len); `PRESET:BRANCH`: a BranchStack; else a preset."""
+    """`gpt2_*`: the reference (position table of max_len); `PRESET:BRANCH`: a BranchStack;
+    `PRESET:dss-VARIANT[-CHUNK]`: one DSS layer of that preset's GSS; else a preset."""
     from pha_lab.bench import gpt2_reference
     from pha_lab.models import build_model
 
@@ -218,6 +237,12 @@ def make_workload(name: str, device: torch.device | str, max_len: int = 1024) ->
         if ":" in name:
             preset, branch = name.split(":", 1)
             cfg = load_config(preset).model
+            if branch.startswith("dss-"):
+                from pha_lab.bench.dss_variants import DSSBench
+
+                variant, _, chunk = branch[len("dss-"):].partition("-")
+                module = DSSBench(cfg.gss.d_hidden, cfg.gss.n_modes, variant, int(chunk or 128))
+                return Workload(name, "dss", module, 0, cfg.gss.d_hidden)
             return Workload(name, "branch", BranchStack(cfg, branch), 0, cfg.d_model)
         cfg = load_config(name).model
         return Workload(name, "lm", build_model(cfg), cfg.vocab_size, cfg.d_model)
@@ -235,11 +260,13 @@ def floors(sizes: dict[str, int], flops_per_token: float, seq_len: int, batch: i
       matmul I/O 2 B x (in + out) per Linear per token, x3 in training (backward reads both, writes dX)
       logits     prefill 2V (bf16 write); train 16V (bf16 write + read, fp32 copy write + read, fp32 grad)
       GSS FFTs   fp32 rfft/product/irfft over [H, 2L]: ~48 B per channel per token, x3 in training
+      DSS alone  (the dss part) its bf16 input and output, x3 in training: the function's own floor
     memory floor (capacity): train 16 B/param (fp32 weights, grads, Adam m and v) + the bf16 inputs of
       every Linear saved for backward + fp32 and bf16 logits (6V); prefill 4 B/param + bf16 logits."""
     tokens = seq_len * batch
     k = 3 if training else 1
-    per_token = (k * 2 * sizes["linear_io"] + (16 if training else 2) * sizes["vocab"] + k * 48 * sizes["gss_h"])
+    per_token = (k * 2 * sizes["linear_io"] + (16 if training else 2) * sizes["vocab"] + k * 48 * sizes["gss_h"]
+                 + k * sizes.get("io_bytes", 0))
     min_bytes = tokens * per_token + sizes["n_params"] * (42 if training else 6)
     mem = sizes["n_params"] * (16 if training else 4) + tokens * (
         (2 * sizes["linear_in"] + 6 * sizes["vocab"]) if training else 2 * sizes["vocab"])
@@ -350,15 +377,18 @@ class Cell:
 
 
 def plan(spec: DictConfig) -> list[Cell]:
-    """Every cell of the parts `models`, `branches` and `targets`, in run order (the overhead part has its own)."""
+    """Every cell of the parts `models`, `branches`, `dss` and `targets`, in run order (the overhead part has its own)."""
     cells = []
     for part in spec.parts:
         if part == "targets":
             t = spec.targets
             cells += [Cell(part, m, mode, t.seq_len, t.batch_size, t.compile, t.warmup, spec.steps)
                       for m in t.models for mode in t.modes]
-        elif part in ("models", "branches"):
-            names = spec.models if part == "models" else [f"{spec.branches.of}:{b}" for b in spec.branches.names]
+        elif part in ("models", "branches", "dss"):
+            names = {"models": list(spec.models),
+                     "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],
+                     "dss": [f"{spec.dss.of}:dss-{v}" + (f"-{spec.dss.chunk}" if v == "chunked" else "")
+                             for v in spec.dss.variants]}[part]
             cells += [Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), spec.compile, spec.warmup, spec.steps)
                       for m in names for mode in spec.modes for t in spec.seq_lens]
     return cells
