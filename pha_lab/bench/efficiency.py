@@ -24,6 +24,7 @@ import datetime as dt
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -439,6 +440,8 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
 
     cuda = device.type == "cuda"
     git = tracking.git_info()
+    if git["git_sha"] == "unknown":  # a copied tree without .git (e.g. the GPU machine): the caller may say
+        git = {"git_sha": os.environ.get("PHA_GIT_SHA", "unknown"), "git_dirty": os.environ.get("PHA_GIT_DIRTY", "unknown")}
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
@@ -664,7 +667,7 @@ def _run(spec: DictConfig, device: torch.device, opts: BenchOptions) -> tuple[li
         if cell.model not in meta_cache:
             meta_cache[cell.model] = make_workload(cell.model, "meta", max(spec.seq_lens + [spec.targets.seq_len]))
         meta = meta_cache[cell.model]
-        training = cell.mode != "prefill" and not cell.mode.startswith("prefill")
+        training = cell.mode != "prefill"
         fl = floors(meta.sizes(), meta.flops_per_token(cell.seq_len, training), cell.seq_len, cell.batch_size,
                     training, peak[0] if math.isfinite(peak[0]) else 1.0, bandwidth[0])
         if not math.isfinite(peak[0]):
