@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from pha_lab.models.gss import DSS, causal_fft_conv, fp32_region
+from pha_lab.models.gss import DSS, fp32_region
 
 VARIANTS = ("fft", "fft_skipfold", "chunked")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
