@@ -1,7 +1,8 @@
 """Does the suite's training loop cost throughput? The same LMModule, batch and optimiser, trained by
 
-  loop_plain      a hand-written loop: autocast forward + loss, backward, grad clipping, optimizer and
-                  LR-scheduler step, no host synchronisation (the best a loop can do)
+  loop_plain      a hand-written loop: autocast forward + loss, backward, the module's
+                  on_before_optimizer_step, grad clipping, optimizer and LR-scheduler step, no host
+                  synchronisation (the best a loop can do)
   loop_lightning  `lightning.Trainer.fit` as `pha_lab.training.run` configures it: the suite's per-step
                   callbacks (ThroughputMonitor, PeakMemory, LearningRateMonitor, progress bar, interruption
                   handler), an MLflow logger, gradient clipping, bf16-mixed precision
@@ -14,6 +15,7 @@ they run every few hundred steps in real training and are not per-step overhead.
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -61,12 +63,23 @@ class Clock:
         return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
+def module_clips(module) -> bool:
+    """Whether LMModule clips gradients in its own `on_before_optimizer_step` (then the Trainer must not be
+    given gradient_clip_val, as run.py does) rather than through the Trainer."""
+    return "clip_grad_norm_" in inspect.getsource(type(module).on_before_optimizer_step)
+
+
 def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clock) -> None:
-    """What LMModule + Lightning do per step, written out by hand."""
+    """What Lightning does per step with LMModule, written out by hand (its optimizer and LR schedule as
+    LMModule.configure_optimizers builds them, without needing a Trainer)."""
+    from pha_lab.training.module import lr_lambda, param_groups
+
     module.to(device).train()
-    opt_cfg = module.configure_optimizers()
-    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-    clip = module.cfg.optim.grad_clip
+    o, t = module.cfg.optim, module.cfg.trainer
+    opt = torch.optim.AdamW(param_groups(module.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            fused=(o.fused and device.type == "cuda") or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
+    clip = module.cfg.optim.grad_clip if not module_clips(module) else 0.0
     n = 0
     for n, batch in enumerate(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -75,6 +88,7 @@ def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clo
             _, nll, count = module._losses(batch)
             loss = nll / count.clamp_min(1)
         loss.backward()
+        module.on_before_optimizer_step(opt)  # the module's own per-step work (clipping, where it clips)
         if clip:
             torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
@@ -121,7 +135,8 @@ def lightning_loop(module, loader: DataLoader, device: torch.device, precision: 
     trainer = L.Trainer(
         max_steps=len(loader), accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
         logger=logger, callbacks=[*suite_callbacks(cfg, len(loader), workdir), Tick()],
-        log_every_n_steps=cfg.trainer.log_every_n_steps, gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=None if module_clips(module) else (cfg.optim.grad_clip or None),
         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
         default_root_dir=workdir,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -380,17 +381,20 @@ def _run_worker_processes(spec, name, groups, storage_url, extra, tracking_cfg, 
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for group in groups:
-        cmd = [sys.executable, "-m", "pha_lab.sweep.runner", name, "--storage", storage_url,
-               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg)), *extra]
+        cmd = [sys.executable, "-m", "pha_lab.sweep.runner", name, *extra, "--storage", storage_url,
+               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg))]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
         label = f"gpu{group.replace(',', '_')}" if group else f"cpu{len(procs)}"
         log = open(log_dir / f"worker-{label}.log", "a")
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         print(f"[sweep {spec.name}] worker {label}: log {log.name}", flush=True)
     try:
+        last = time.monotonic()
         while any(p.poll() is None for p, _ in procs):
-            time.sleep(15)
-            print(progress(study, spec), flush=True)
+            time.sleep(1)
+            if time.monotonic() - last > 30:
+                print(progress(study, spec), flush=True)
+                last = time.monotonic()
     finally:
         for p, log in procs:
             if p.poll() is None:
@@ -398,6 +402,9 @@ def _run_worker_processes(spec, name, groups, storage_url, extra, tracking_cfg, 
         for p, log in procs:
             p.wait()
             log.close()
+    failed = [(log.name, p.returncode) for p, log in procs if p.returncode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise RuntimeError(f"sweep worker(s) failed: {', '.join(f'{n} (exit {rc})' for n, rc in failed)}")
 
 
 def worker_main(argv: list[str] | None = None) -> int:

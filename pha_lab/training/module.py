@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import lightning as L
-from lightning.pytorch.utilities import grad_norm
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -85,13 +84,17 @@ class LMModule(L.LightningModule):
             raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}")
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip here rather than through the Trainer: Lightning refuses `gradient_clip_val` with a fused
+        AdamW under bf16-mixed, where no gradient scaler is involved and clipping is safe."""
+        clip = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # the norm before clipping
         if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0:
-            norms = grad_norm(self.model, norm_type=2)
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         o, t = self.cfg.optim, self.cfg.trainer
-        fused = o.fused and torch.cuda.is_available() and self.device.type == "cuda"
+        # fused AdamW unscales fp16 gradients itself, after our clipping: use it only without a scaler
+        fused = o.fused and self.device.type == "cuda" and self.trainer.precision != "16-mixed"
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
         )

@@ -174,7 +174,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             max_steps=cfg.trainer.max_steps,
             val_check_interval=cfg.trainer.val_every_n_steps * cfg.trainer.accumulate_grad_batches,  # counts micro-batches
             check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every_n_steps,
-            gradient_clip_val=cfg.optim.grad_clip or None, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,  # clipping: LMModule.on_before_optimizer_step
             precision=_precision(cfg, on_gpu), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             deterministic=cfg.trainer.deterministic, logger=MLFlowLogger(tracking_uri=uri, run_id=run_id),
             callbacks=callbacks, default_root_dir=ckpt_dir, enable_model_summary=False,
