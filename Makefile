@@ -19,7 +19,7 @@ else
 PHA := $(VENV)/bin/pha-lab
 endif
 
-.PHONY: setup test test-slow sweep train bench tables ui clean
+.PHONY: setup test test-slow sweep train bench tables tables-results ui clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,9 @@ bench: $(STAMP)
 
 tables: $(STAMP)
 	$(PHA) tables $(ARGS)
+
+tables-results: $(STAMP)  ## regenerate analysis/out from the committed results/ (no GPU needed)
+	$(PHA) tables --tracking-uri sqlite:///$(abspath results)/mlflow.db --efficiency-csv docs/benchmarks/efficiency.csv $(ARGS)
 
 ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
 	mkdir -p $(RUNS_DIR)
