@@ -15,7 +15,6 @@ they run every few hundred steps in real training and are not per-step overhead.
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -63,12 +62,6 @@ class Clock:
         return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
-def module_clips(module) -> bool:
-    """Whether LMModule clips gradients in its own `on_before_optimizer_step` (then the Trainer must not be
-    given gradient_clip_val, as run.py does) rather than through the Trainer."""
-    return "clip_grad_norm_" in inspect.getsource(type(module).on_before_optimizer_step)
-
-
 def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clock) -> None:
     """What Lightning does per step with LMModule, written out by hand (its optimizer and LR schedule as
     LMModule.configure_optimizers builds them, without needing a Trainer)."""
@@ -79,7 +72,6 @@ def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clo
     opt = torch.optim.AdamW(param_groups(module.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             fused=(o.fused and device.type == "cuda") or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
-    clip = module.cfg.optim.grad_clip if not module_clips(module) else 0.0
     n = 0
     for n, batch in enumerate(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -88,33 +80,19 @@ def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clo
             _, nll, count = module._losses(batch)
             loss = nll / count.clamp_min(1)
         loss.backward()
-        module.on_before_optimizer_step(opt)  # the module's own per-step work (clipping, where it clips)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+        module.on_before_optimizer_step(opt)  # the module's own per-step work: gradient clipping
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     clock.tick(n + 1)
 
 
-def suite_callbacks(cfg, total_steps: int, workdir: Path) -> list:
-    """The per-step callbacks that `pha_lab.training.run.train` attaches (checkpointing and the
-    validation-time mixer introspection left out: they do not run per step)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
-
-    from pha_lab.training import callbacks as cb
-
-    window = max(2, min(50, total_steps // 4))
-    out = [cb.Interruption(workdir / "last.ckpt"), cb.PeakMemory(), LearningRateMonitor(logging_interval="step"),
-           ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
-                             window_size=window)]
-    if hasattr(cb, "TokensProgressBar"):
-        out.append(cb.TokensProgressBar())
-    return out
-
-
 def lightning_loop(module, loader: DataLoader, device: torch.device, precision: str, clock: Clock, workdir: Path) -> None:
+    """Trainer.fit with the callbacks `train` attaches to every step (checkpointing and validation-time
+    introspection left out: they do not run per step)."""
     import lightning as L
+
+    from pha_lab.training.run import per_step_callbacks
 
     class Tick(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -134,9 +112,8 @@ def lightning_loop(module, loader: DataLoader, device: torch.device, precision: 
         logger = False
     trainer = L.Trainer(
         max_steps=len(loader), accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        logger=logger, callbacks=[*suite_callbacks(cfg, len(loader), workdir), Tick()],
+        logger=logger, callbacks=[*per_step_callbacks(cfg, workdir), Tick()],
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        gradient_clip_val=None if module_clips(module) else (cfg.optim.grad_clip or None),
         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
         default_root_dir=workdir,
     )

@@ -90,6 +90,22 @@ def _open_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
+def per_step_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+    """The callbacks that act on every training step (also timed by `pha-lab bench`'s overhead part):
+    interruption, peak memory, LR, tokens/s in the progress bar, Lightning's throughput/MFU."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+
+    from pha_lab.training.callbacks import Interruption, PeakMemory, TokensProgressBar
+
+    window = max(2, min(50, cfg.trainer.max_steps // 4))
+    return [
+        Interruption(ckpt_dir / "last.ckpt"), PeakMemory(), LearningRateMonitor(logging_interval="step"),
+        TokensProgressBar(),
+        ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
+                          window_size=window),
+    ]
+
+
 def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -> TrainResult:
     """Train, test and track one run described by `cfg` (see pha_lab.config).
 
@@ -97,12 +113,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
     on its Optuna trial, so a trial whose worker dies can be resumed in the same run)."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
     from pha_lab.data import build_datamodule
-    from pha_lab.training.callbacks import (Interruption, MixerIntrospection, PeakMemory, RunInterrupted,
-                                           TokensProgressBar, is_interruption)
+    from pha_lab.training.callbacks import Interruption, MixerIntrospection, RunInterrupted, is_interruption
     from pha_lab.training.module import LMModule, NonFiniteLossError
 
     env_before = {key: os.environ.get(key) for key in DDP_ENV}
@@ -120,10 +135,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
     if on_start is not None and rank_zero:
         on_start(run_id, ckpt_dir)
     status, reason = "FAILED", None
-    interruption = Interruption(ckpt_dir / "last.ckpt")
+    step_callbacks = per_step_callbacks(cfg, ckpt_dir)
+    interruption = next(cb for cb in step_callbacks if isinstance(cb, Interruption))
+    last = interruption.ckpt_path
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        last = ckpt_dir / "last.ckpt"
         resume_from = last if resumed and last.is_file() else None
         if resumed and rank_zero:
             if resume_from is not None:
@@ -135,11 +151,13 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
                 client.set_tag(run_id, "restarted_without_checkpoint", "true")
         if rank_zero and resume_from is None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (ckpt_dir / "config.yaml").write_text(to_yaml(cfg))
-            client.log_text(run_id, to_yaml(cfg), "config.yaml")
+            config_yaml = to_yaml(cfg)
+            (ckpt_dir / "config.yaml").write_text(config_yaml)
+            client.log_text(run_id, config_yaml, "config.yaml")
         datamodule = build_datamodule(cfg)
         module = LMModule(cfg)
         on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+        precision = _precision(cfg, on_gpu)
         if cfg.trainer.cpu_threads and not on_gpu:
             torch.set_num_threads(cfg.trainer.cpu_threads)
         if rank_zero and resume_from is None:  # (identical values may be logged again after a restart)
@@ -150,7 +168,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
                 "n_params_non_embedding": module.model.n_params(non_embedding=True),
                 "flops_per_token": f"{module.flops_per_token:.6g}",
                 "checkpoint_dir": str(ckpt_dir),
-                "precision": _precision(cfg, on_gpu),
+                "precision": precision,
             }.items():
                 client.set_tag(run_id, key, str(value))
 
@@ -159,14 +177,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
                                enable_version_counter=False, auto_insert_metric_name=False)
         periodic = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
                                    every_n_train_steps=cfg.trainer.ckpt_every_n_steps)
-        window = max(2, min(50, cfg.trainer.max_steps // 4))
-        callbacks = [
-            best, periodic, interruption, MixerIntrospection(ckpt_dir / "introspection"),
-            PeakMemory(), LearningRateMonitor(logging_interval="step"), TokensProgressBar(),
-            ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
-                              window_size=window),
-            *(extra_callbacks or []),
-        ]
+        callbacks = [best, periodic, MixerIntrospection(ckpt_dir / "introspection"), *step_callbacks,
+                     *(extra_callbacks or [])]
         if cfg.trainer.early_stop_value is not None:
             callbacks.append(EarlyStopping(monitor=objective, mode=mode, stopping_threshold=cfg.trainer.early_stop_value,
                                            patience=10**9, check_on_train_epoch_end=False))
@@ -175,7 +187,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             val_check_interval=cfg.trainer.val_every_n_steps * cfg.trainer.accumulate_grad_batches,  # counts micro-batches
             check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every_n_steps,
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,  # clipping: LMModule.on_before_optimizer_step
-            precision=_precision(cfg, on_gpu), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+            precision=precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             deterministic=cfg.trainer.deterministic, logger=MLFlowLogger(tracking_uri=uri, run_id=run_id),
             callbacks=callbacks, default_root_dir=ckpt_dir, enable_model_summary=False,
         )
@@ -186,7 +198,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
                 f"CUDA out of memory at data.batch_size={cfg.data.batch_size}, data.seq_len={cfg.data.seq_len} "
                 f"(model {cfg.name}): lower the batch size or raise trainer.accumulate_grad_batches. {str(exc).splitlines()[0]}"
             ) from exc
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, for `pha-lab eval RUN_ID`
+        trainer.save_checkpoint(last)  # the final state, for `pha-lab eval RUN_ID`
         test_ckpt = best.best_model_path if cfg.trainer.test_ckpt == "best" and best.best_model_path else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         metrics = {k: float(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
@@ -206,7 +218,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             raise
         if is_interruption(exc):
             status, reason = "KILLED", f"{interruption.requested or type(exc).__name__} {exc}".strip()
-            raise RunInterrupted(f"run {run_id} interrupted ({reason}); checkpoint at {ckpt_dir / 'last.ckpt'}") from exc
+            raise RunInterrupted(f"run {run_id} interrupted ({reason}); checkpoint at {last}") from exc
         reason = str(exc) if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
