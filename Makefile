@@ -19,7 +19,7 @@ else
 PHA := $(VENV)/bin/pha-lab
 endif
 
-.PHONY: setup test test-slow sweep train bench tables tables-results ui clean
+.PHONY: setup test test-slow test-cluster sweep train bench tables tables-results ui clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,11 @@ endif
 test: $(STAMP)  ## fast tests (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: $(STAMP)  ## the heavier tests marked `slow`
-	$(PY) -m pytest -q -m slow $(ARGS)
+test-slow: $(STAMP)  ## the heavier tests marked `slow` (not the cluster ones)
+	$(PY) -m pytest -q -m "slow and not cluster" $(ARGS)
+
+test-cluster: $(STAMP)  ## real PostgreSQL + MLflow server + one-node SLURM (as root: installs the Debian packages)
+	$(PY) -m pytest -q -m cluster tests/cluster $(ARGS)
 
 sweep: $(STAMP)  ## make sweep NAME=smoke|ablation|baselines|hpo|mqar|scale ...
 	$(PHA) sweep $(NAME) $(ARGS)

@@ -30,6 +30,12 @@ def cmd_params(args: argparse.Namespace) -> None:
               f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>21.3f}")
 
 
+def _tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """--tracking-uri / --runs-dir as the config overrides they stand for."""
+    return ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []) + \
+           ([f"tracking.runs_dir={args.runs_dir}"] if args.runs_dir else [])
+
+
 def _split_overrides(words: list[str]) -> tuple[str | None, list[str]]:
     """`EXPERIMENT key=value ...` or just `key=value ...`."""
     if words and "=" not in words[0]:
@@ -43,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pha_lab.training.run import resume_config, summary, train
 
     experiment, overrides = _split_overrides(args.words)
+    overrides = [*overrides, *_tracking_overrides(args)]
     cfg = load_config(experiment, overrides)
     if experiment is None and cfg.resume:  # `pha-lab train resume=RUN_ID [...]`: the run's own config
         from omegaconf import OmegaConf
@@ -64,16 +71,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pha_lab.training.evaluate import evaluate
 
-    table = evaluate(args.target, args.overrides, split=args.split, knockout=args.knockout,
+    table = evaluate(args.target, [*args.overrides, *_tracking_overrides(args)], split=args.split, knockout=args.knockout,
                      per_layer=args.per_layer, which=args.ckpt)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
+
+
+SLURM_OPTIONS = {"partition": "partition", "gpus_per_node": "gpus-per-node", "array_tasks": "array-tasks",
+                 "time_min": "time-limit", "account": "account", "cpus_per_task": "cpus-per-task", "sbatch": "sbatch",
+                 "setup": "setup", "max_parallel": "max-parallel", "folder": "slurm-folder"}
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pha_lab.sweep.runner import run_sweep
     from pha_lab.training.callbacks import RunInterrupted
 
+    given = [f"--{flag}" for key, flag in SLURM_OPTIONS.items() if getattr(args, key) not in (None, [])]
+    if args.launcher == "slurm":
+        from pha_lab.sweep.slurm import SlurmOptions, submit
+
+        opts = SlurmOptions(**{key: getattr(args, key) for key in SLURM_OPTIONS if getattr(args, key) is not None})
+        submit(args.name, args.overrides, opts, storage=args.storage, tracking_uri=args.tracking_uri,
+               runs_dir=args.runs_dir, retry_failed=args.retry_failed, dry_run=args.dry_run)
+        return 0
+    if given or args.dry_run:
+        raise ConfigError(f"{' '.join(given + (['--dry-run'] if args.dry_run else []))}: only with --launcher slurm")
     try:
         run_sweep(args.name, args.overrides, storage=args.storage, tracking_uri=args.tracking_uri,
                   runs_dir=args.runs_dir, retry_failed=args.retry_failed, workers=args.workers)
@@ -136,6 +158,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 
+def _tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (= tracking.tracking_uri=...; "
+                   "default $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db)")
+    p.add_argument("--runs-dir", help="checkpoints and the default database (= tracking.runs_dir=...; default ./runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pha-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment: pha-lab train EXPERIMENT [key=value ...]")
     p.add_argument("words", nargs="*", metavar="EXPERIMENT [key=value ...]",
                    help="a preset name or YAML path, then overrides; or only resume=RUN_ID [overrides]")
+    _tracking_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run or checkpoint, optionally with branch knockout")
@@ -152,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knockout", nargs="*", default=[], choices=["gss", "attn", "ffn"], help="branches to knock out")
     p.add_argument("--per-layer", action="store_true", help="knock out one layer at a time")
     p.add_argument("--ckpt", default="last", choices=["last", "best"])
+    _tracking_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep: pha-lab sweep NAME [key=value ...]")
@@ -163,6 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="where checkpoints and the default databases live (default ./runs)")
     p.add_argument("--retry-failed", action="store_true", help="queue again the cells whose trials failed")
     p.add_argument("--workers", type=int, help="number of workers (default: one per GPU group, or 1 on CPU)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: workers on this machine; slurm: a SLURM job array of workers (submitit)")
+    g = p.add_argument_group("SLURM launcher (--launcher slurm; needs --storage postgresql://... and --tracking-uri http://...)")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted; submit nothing")
+    g.add_argument("--time-limit", dest="time_min", type=int, metavar="MINUTES",
+                   help="walltime of each array task (required); a task at its limit checkpoints and is requeued")
+    g.add_argument("--partition")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node a trial may use (default gpus_per_trial; "
+                   "gpus_per_trial > this: a multi-node DDP trial); 0: a CPU-only partition")
+    g.add_argument("--array-tasks", type=int, help="number of workers (default: one per cell, or per search trial)")
+    g.add_argument("--max-parallel", type=int, help="array tasks running at once (--array=...%%N)")
+    g.add_argument("--account")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                   help="another #SBATCH option, e.g. --sbatch qos=high --sbatch constraint=h100 (repeatable)")
+    g.add_argument("--setup", action="append", metavar="LINE",
+                   help="a shell line run before the workers start, e.g. 'source /shared/venv/bin/activate' (repeatable)")
+    g.add_argument("--slurm-folder", dest="folder", help="submitit's folder for scripts, pickles and logs "
+                   "(default <runs_dir>/slurm/<sweep>; on a filesystem the nodes share)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("prepare", help="build the tokenizer and token caches of an experiment")

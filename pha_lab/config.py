@@ -162,7 +162,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # per node
+    num_nodes: int = 1  # > 1: a multi-node DDP job (one task per device, e.g. under SLURM)
     compile: bool = False
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
     early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
@@ -173,6 +174,7 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     runs_dir: str = "runs"  # checkpoints and the default SQLite database live here
+    checkpoints_dir: Optional[str] = None  # None: <runs_dir>/checkpoints (shared between machines: resume each other's trials)
     tracking_uri: Optional[str] = None  # None: sqlite:///<runs_dir>/mlflow.db; any MLflow URI works
     experiment: str = "default"
     run_name: Optional[str] = None
@@ -446,7 +448,8 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.test_ckpt", t.test_ckpt, ("last", "best"))
-    for key in ("max_steps", "val_every_n_steps", "log_every_n_steps", "ckpt_every_n_steps", "accumulate_grad_batches"):
+    for key in ("max_steps", "val_every_n_steps", "log_every_n_steps", "ckpt_every_n_steps", "accumulate_grad_batches",
+                "devices", "num_nodes"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
 

@@ -1,7 +1,8 @@
 """MLflow plumbing shared by training, sweeps, benchmarks and analysis.
 
 Default store: `sqlite:///<runs_dir>/mlflow.db` (MLflow 3 refuses the old ./mlruns file store), with
-artifacts under `<runs_dir>/artifacts`. Any MLflow tracking URI (e.g. an `http://` server) works too.
+artifacts under `<runs_dir>/artifacts`. Any MLflow tracking URI works too: for several machines an
+`http://` tracking server (on a PostgreSQL backend store), through which artifacts are uploaded.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import platform
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from pha_lab.config import PROJECT_ROOT
@@ -17,6 +19,7 @@ from pha_lab.config import PROJECT_ROOT
 # The user's MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() (called by Lightning's logger)
 # rewrites the variable in-process, which must not redirect this process's later runs.
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy store, no server
 
 
 def runs_dir(tracking_cfg) -> Path:
@@ -41,20 +44,25 @@ def client(uri: str):
 
 
 def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
-    """Experiment id for `name`, created on first use (local stores keep artifacts under runs_dir)."""
-    exp = mlflow_client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if mlflow_client.tracking_uri.startswith("sqlite:"):
-        location = (runs_dir(tracking_cfg) / "artifacts" / name).as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another worker
+    """Experiment id for `name`, created on first use: once, also when several workers start together
+    (a loser of the creation race reads the winner's). A database URI (MLflow without a server) keeps
+    artifacts under runs_dir; a tracking server places them itself (`--artifacts-destination`, proxied)."""
+    from mlflow.exceptions import MlflowException
+
+    scheme = mlflow_client.tracking_uri.split(":", 1)[0].split("+", 1)[0]
+    location = (runs_dir(tracking_cfg) / "artifacts" / name).as_uri() if scheme in DATABASE_SCHEMES else None
+    attempt = 0
+    while True:
         exp = mlflow_client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another worker created it (or holds the database): read theirs
+            attempt += 1
+            if attempt > 5:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def git_info() -> dict[str, str]:

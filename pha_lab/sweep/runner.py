@@ -43,6 +43,35 @@ def default_storage(tracking_cfg) -> str:
     return f"sqlite:///{root / 'optuna.db'}"
 
 
+def create_study_once(spec: SweepSpec, storage_url: str, attempts: int = 8) -> bool:
+    """Create the sweep's study unless it exists; True in the one process that created it. Several machines
+    starting together on a fresh PostgreSQL database race on the schema (IntegrityError on `pg_type`) and
+    on the study row (DuplicatedStudyError): retry the first, read the winner's study on the second."""
+    import optuna
+    import sqlalchemy.exc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for attempt in range(1, attempts + 1):
+        try:
+            optuna.create_study(study_name=spec.name, storage=storage_url, direction=spec.direction)
+            return True
+        except optuna.exceptions.DuplicatedStudyError:
+            return False
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.25 * attempt)
+    return False
+
+
+def wait_for_creator(study, timeout_s: float = 120.0) -> None:
+    """The study was just created by another process: let it queue the grid and name the MLflow parent
+    run first (one queue, one parent run), unless it is gone after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while "mlflow_parent_run_id" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 def open_study(spec: SweepSpec, storage_url: str):
     import optuna
 
@@ -168,10 +197,19 @@ def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg, parent_
                          "cell": cell_key, "seed": str(cfg.seed), "trial_number": str(trial.number),
                          **{f"search.{k}": str(v) for k, v in params.items()}}
     if spec.gpus_per_trial > 1:
-        cfg.trainer.devices = spec.gpus_per_trial
+        cfg.trainer.devices = spec.gpus_per_trial // cfg.trainer.num_nodes  # per node (num_nodes: the SLURM launcher)
     previous = trial.user_attrs.get("mlflow_run_id")
-    if previous and (Path(trial.user_attrs.get("ckpt_dir", "")) / "config.yaml").is_file():
-        cfg.resume = previous  # a re-queued trial continues its own run from its checkpoint
+    if previous:  # a re-queued trial continues its own MLflow run
+        cfg.resume = previous
+        recorded = Path(trial.user_attrs.get("ckpt_dir", ""))
+        if (recorded / "config.yaml").is_file():  # from its checkpoint: this machine's, or on a shared filesystem
+            cfg.tracking.checkpoints_dir = str(recorded.parent)
+        else:  # another machine's checkpoint, not visible here: from step 0, with the trial's config as the run's
+            from pha_lab.training.run import checkpoint_dir
+
+            saved = checkpoint_dir(cfg, previous) / "config.yaml"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(OmegaConf.to_yaml(cfg))
     return cell_key, cfg
 
 
@@ -252,14 +290,14 @@ def progress(study, spec: SweepSpec) -> str:
             f"failed {failed}  left {left}  | {best}")
 
 
-def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg) -> None:
-    """Claim and run trials until the grid (or the search budget) is exhausted."""
+def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg, should_stop=lambda: False) -> None:
+    """Claim and run trials until the grid (or the search budget) is exhausted, or `should_stop()`."""
     import optuna
     from optuna.trial import TrialState
 
     study, storage = open_study(spec, storage_url)
     parent_id = study.user_attrs["mlflow_parent_run_id"]
-    while True:
+    while not should_stop():
         optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued copy
         trial = claim_waiting(study, storage)
         if trial is None and spec.is_search:
@@ -317,7 +355,10 @@ def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracki
     tracking_cfg.tracking_uri = tracking.tracking_uri(tracking_cfg)
     spec = load_sweep(name, list(extra))
     storage_url = storage or default_storage(tracking_cfg)
+    created = create_study_once(spec, storage_url)
     study, _ = open_study(spec, storage_url)
+    if not created:
+        wait_for_creator(study)
     added = enqueue_grid(study, spec, retry_failed)
     sweep_path = Path(name) if Path(name).is_file() else Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"
     parent_id = parent_run(spec, tracking_cfg, sweep_path, study)
@@ -362,8 +403,15 @@ def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, trac
 
 
 def finish(spec: SweepSpec, study, tracking_cfg, parent_id: str, status: str = "FINISHED"):
-    """Summary table (CSV artifact on the parent run); the parent is FINISHED only when no cell is left."""
+    """Summary table (CSV artifact on the parent run); the parent is FINISHED only when no cell is left.
+    While other workers (machines) still run trials, they write it when they end, not this one."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
     table = summary_table(study)
+    if table.state.eq("RUNNING").any():
+        print(f"{progress(study, spec)}  (the last worker to end writes the summary)", flush=True)
+        return table
     out = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name / "summary.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)

@@ -23,11 +23,22 @@ def is_interruption(exc: BaseException) -> bool:
     return isinstance(exc, (RunInterrupted, SIGTERMException, KeyboardInterrupt))
 
 
+_stop_request: str | None = None
+
+
+def request_stop(reason: str | None) -> None:
+    """Make the running fit (or the next one in this process) stop as on SIGTERM; None withdraws it.
+    For a launcher's own warning signal: submitit's SIGUSR2 ahead of a SLURM time limit (sweep/slurm.py)."""
+    global _stop_request
+    _stop_request = reason
+
+
 class Interruption(L.Callback):
-    """Turns SIGINT/SIGTERM into a checkpoint at a batch boundary (`last.ckpt`) and a clean stop.
+    """Turns SIGINT/SIGTERM (or `request_stop`) into a checkpoint at a batch boundary (`last.ckpt`) and a clean stop.
 
     The handlers only set a flag; the exception is raised after the optimizer step of the current
-    batch, so the checkpoint holds a consistent (weights, optimizer, step) triple to resume from."""
+    batch, so the checkpoint holds a consistent (weights, optimizer, step) triple to resume from.
+    Under DDP all ranks stop at the same step when any rank got the signal."""
 
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)
@@ -45,8 +56,9 @@ class Interruption(L.Callback):
                 pass
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.requested:
-            raise RunInterrupted(f"{self.requested} received at step {trainer.global_step}")
+        self.requested = self.requested or _stop_request
+        if trainer.strategy.reduce_boolean_decision(bool(self.requested), all=False):
+            raise RunInterrupted(f"{self.requested or 'another rank'} received at step {trainer.global_step}")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if is_interruption(exception):

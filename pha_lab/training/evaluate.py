@@ -90,7 +90,9 @@ def _log(table: pd.DataFrame, cfg: DictConfig, run_id: str, stage: str, key: str
     for k, v in protocol.items():
         client.set_tag(run_id, f"eval_protocol.{k}", str(v))
     if len(table) > 1:
-        out = tracking.runs_dir(cfg.tracking) / "checkpoints" / run_id / "introspection" / "knockout.csv"
+        from pha_lab.training.run import checkpoint_dir
+
+        out = checkpoint_dir(cfg, run_id) / "introspection" / "knockout.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
         client.log_artifact(run_id, str(out))

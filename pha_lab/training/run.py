@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pha_lab.config import ConfigError, flatten, to_yaml, validate
 from pha_lab import tracking
+from pha_lab.training import ranks
 
 # Lightning's DDP launcher leaves these in os.environ; a later run in the same process (a sweep
 # worker) must not mistake them for an external launcher.
@@ -38,7 +39,8 @@ class TrainResult:
 
 
 def checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
-    return tracking.runs_dir(cfg.tracking) / "checkpoints" / run_id
+    root = cfg.tracking.checkpoints_dir
+    return (Path(root).resolve() if root else tracking.runs_dir(cfg.tracking) / "checkpoints") / run_id
 
 
 def resume_config(run_id: str, cfg: DictConfig) -> DictConfig:
@@ -70,13 +72,24 @@ def _precision(cfg: DictConfig, on_gpu: bool) -> str:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", 0)))
+    return int(rank) == 0
 
 
 def _open_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
-    """(run_id, resumed). DDP worker processes re-run the entry point: they join the rank-0 run."""
+    """(run_id, resumed). DDP worker processes re-run the entry point: they join the rank-0 run
+    (Lightning's launcher passes its id in PHA_RUN_ID; ranks that srun started receive it from rank 0)."""
     if os.environ.get("PHA_RUN_ID"):
         return os.environ["PHA_RUN_ID"], bool(cfg.resume)
+    if not _is_rank_zero():
+        return ranks.receive(cfg.tracking)["run_id"], bool(cfg.resume)
+    run_id, resumed = _create_or_reopen_run(cfg, client, uri)
+    if ranks.srun_world():
+        ranks.share(cfg.tracking, {"run_id": run_id, "config": to_yaml(cfg)})
+    return run_id, resumed
+
+
+def _create_or_reopen_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
     if cfg.resume:
         try:
             run = client.get_run(cfg.resume)
@@ -160,8 +173,10 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         precision = _precision(cfg, on_gpu)
         if cfg.trainer.cpu_threads and not on_gpu:
             torch.set_num_threads(cfg.trainer.cpu_threads)
-        if rank_zero and resume_from is None:  # (identical values may be logged again after a restart)
+        if rank_zero and resume_from is None:
             params = {k: v for k, v in flatten(cfg).items() if k != "resume"}
+            if resumed:  # restarted from step 0 (maybe on another machine): MLflow refuses to change a param
+                params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
             MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(params)
             for key, value in {
                 "n_params": module.model.n_params(),
@@ -188,6 +203,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every_n_steps,
             accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,  # clipping: LMModule.on_before_optimizer_step
             precision=precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+            num_nodes=cfg.trainer.num_nodes,
             deterministic=cfg.trainer.deterministic, logger=MLFlowLogger(tracking_uri=uri, run_id=run_id),
             callbacks=callbacks, default_root_dir=ckpt_dir, enable_model_summary=False,
         )
