@@ -83,9 +83,6 @@ SLURM_OPTIONS = {"partition": "partition", "gpus_per_node": "gpus-per-node", "ar
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pha_lab.sweep.runner import run_sweep
-    from pha_lab.training.callbacks import RunInterrupted
-
     given = [f"--{flag}" for key, flag in SLURM_OPTIONS.items() if getattr(args, key) not in (None, [])]
     if args.launcher == "slurm":
         from pha_lab.sweep.slurm import SlurmOptions, submit
@@ -96,6 +93,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if given or args.dry_run:
         raise ConfigError(f"{' '.join(given + (['--dry-run'] if args.dry_run else []))}: only with --launcher slurm")
+    from pha_lab.sweep.runner import run_sweep
+    from pha_lab.training.callbacks import RunInterrupted
+
     try:
         run_sweep(args.name, args.overrides, storage=args.storage, tracking_uri=args.tracking_uri,
                   runs_dir=args.runs_dir, retry_failed=args.retry_failed, workers=args.workers)

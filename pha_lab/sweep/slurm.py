@@ -123,7 +123,7 @@ def _check_shared_backends(storage: str | None, uri: str) -> None:
         raise ConfigError(f"--launcher slurm needs --storage postgresql://USER:PW@HOST/DB (got {storage or 'the SQLite default'}): "
                           "SQLite on a network filesystem loses updates between nodes")
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        raise ConfigError(f"--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT (got {uri}): "
+        raise ConfigError(f"--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT (got {uri or 'the SQLite default'}): "
                           "the array's tasks log through one MLflow tracking server")
 
 
@@ -156,9 +156,8 @@ def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None 
     with executor.batch():
         jobs = [executor.submit(worker) for _ in range(n_tasks)]
     array_id = jobs[0].job_id.split("_")[0]
-    print(f"[sweep {spec.name}] submitted job array {array_id} ({n_tasks} task(s)); logs and scripts in {folder}\n"
-          f"  watch: squeue -j {array_id}   progress: pha-lab sweep {name} --storage ... (or the MLflow parent run "
-          f"{parent_id})", flush=True)
+    print(f"[sweep {spec.name}] submitted job array {array_id} ({n_tasks} task(s)); scripts and logs in {folder}\n"
+          f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}", flush=True)
     return jobs
 
 

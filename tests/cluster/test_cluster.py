@@ -143,7 +143,7 @@ def test_workers_starting_together_create_one_study_and_one_experiment(cluster, 
     results = [out.split()[-2:] for out, _ in outs]
     assert sorted(created for created, _ in results) == ["False", "False", "False", "True"]
     assert len({exp for _, exp in results}) == 1
-    assert [s.study_name for s in optuna.get_all_studies(storage=url)] == ["race"]
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage=url)] == ["race"]
     assert [e.name for e in mlflow.MlflowClient(cluster.mlflow.url).search_experiments(filter_string="name = 'race'")] == ["race"]
 
 
@@ -212,6 +212,38 @@ def test_train_eval_and_tables_against_the_tracking_server(cluster, three_machin
     for config, runs_of in children.groupby("config"):
         assert set(table.loc[config, "runs"].split(",")) == set(runs_of.run_id)
         assert table.loc[config, "test/ppl"] == pytest.approx(runs_of["metrics.test/ppl"].mean())
+
+
+def test_a_trial_whose_checkpoint_is_out_of_sight_restarts_in_its_own_run(cluster, processes, tmp_path):
+    """Without a shared filesystem another machine cannot read the checkpoint of a trial that died on machine
+    A (simulated: A's checkpoint folder is moved away): machine B trains it again from step 0, in the same
+    MLflow run, which keeps the params it was created with, and the cell still completes once."""
+    name, a, b = "unseen", tmp_path / "machineA", tmp_path / "machineB"
+    path = sweep_file(tmp_path, name, grid={"model.mixer": ["static"]})
+
+    def machine(runs: Path):
+        return processes.start([*PHA, "sweep", path, "--storage", cluster.postgres.url("optuna"),
+                                "--tracking-uri", cluster.mlflow.url, "--runs-dir", str(runs)], runs / "sweep.log")
+
+    proc = machine(a)
+    victim = wait_for("a trial with a checkpoint", lambda: checkpointed_running_trials(cluster, name), 300)[0]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = Path(victim.user_attrs["ckpt_dir"])
+    ckpt.rename(ckpt.with_name(ckpt.name + ".out-of-sight"))
+    time.sleep(6)  # > grace_period
+    assert processes.wait(machine(b), 600) == 0
+
+    retry = [t for t in study_trials(cluster, name) if victim.number in t.system_attrs.get("retry_history", [])]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert retry[0].user_attrs["mlflow_run_id"] == victim.user_attrs["mlflow_run_id"]
+    assert retry[0].user_attrs["ckpt_dir"].startswith(str(b))
+    df = search(cluster, name)
+    run = df[df.run_id == victim.user_attrs["mlflow_run_id"]].iloc[0]
+    assert len(df) == 2 and run.status == "FINISHED" and run["tags.restarted_without_checkpoint"] == "true"
+    assert pd.isna(run.get("tags.resumed_from")) and run["tags.checkpoint_dir"].startswith(str(b))
+    assert run["params.tracking.runs_dir"] == str(a)  # MLflow keeps a run's first params
+    assert run["metrics.train/tokens_seen"] == 40 * 8 * 128  # all 40 steps trained again
 
 
 # --------------------------------------------------------------------------- SLURM job array
