@@ -67,16 +67,22 @@ def _wait(step: str, ready, proc: subprocess.Popen | None, log: Path, timeout: f
     raise ServiceError(f"{step}: not ready after {timeout:.0f} s; log {log}:\n{_tail(log)}")
 
 
-def _stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
-    """SIGTERM the process we started (by its id), SIGKILL it if it does not exit in time."""
-    if proc is None or proc.poll() is not None:
+def _stop(proc: subprocess.Popen | None, group: bool = False, timeout: float = 20) -> None:
+    """SIGTERM the process we started (or, with `group`, its whole session), SIGKILL it if it does not exit in
+    time, then SIGKILL whatever of its session is left (each service is started in a session of its own)."""
+    if proc is None:
         return
-    proc.send_signal(signal.SIGTERM)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def install_debian_packages() -> list[str]:
@@ -110,6 +116,10 @@ class Postgres:
             raise ServiceError(f"postgres: no {name} under /usr/lib/postgresql/*/bin (is Debian's postgresql installed?)")
         return str(found[-1])
 
+    @property
+    def _as_postgres(self) -> list[str]:
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
@@ -122,7 +132,7 @@ class Postgres:
         for d in (self.root, sock):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
-        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        as_postgres = self._as_postgres
         _run("postgres (initdb)", [*as_postgres, self._bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                                    "-E", "UTF8", "--no-sync"])
         self.log.touch()
@@ -150,7 +160,10 @@ class Postgres:
             conn.execute(statement)
 
     def stop(self) -> None:
-        _stop(self.proc)  # SIGTERM: PostgreSQL's "smart" shutdown; clients are gone by now
+        if self.proc is not None and self.proc.poll() is None:  # "fast" shutdown: ends open client sessions too
+            subprocess.run([*self._as_postgres, self._bin("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
+                            "-w", "-t", "30", "stop"], capture_output=True, timeout=60)
+        _stop(self.proc)
 
 
 # --------------------------------------------------------------------------- MLflow tracking server
@@ -184,13 +197,7 @@ class MlflowServer:
             return r.status == 200
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn workers
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(20)
+        _stop(self.proc, group=True)  # the server and its uvicorn workers
 
 
 # --------------------------------------------------------------------------- SLURM (+ munge)
@@ -286,9 +293,14 @@ class Slurm:
         return _run(f"slurm ({args[0]})", list(args), env=self.env, timeout=60)
 
     def stop(self) -> None:
+        """Cancel every job of this cluster and let slurmstepd end their processes, then stop the daemons."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name], env=self.env,
                            capture_output=True, timeout=30)
+            deadline = time.monotonic() + 60  # > KillWait
+            while time.monotonic() < deadline and subprocess.run(
+                    ["squeue", "-h"], capture_output=True, text=True, env=self.env, timeout=10).stdout.strip():
+                time.sleep(1)
         for name in ("slurmd", "slurmctld", "munged"):
             _stop(self.procs.get(name))
 
