@@ -27,6 +27,7 @@ MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
 LAYOUTS = ("parallel", "serial")
 FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("rmsnorm", "layernorm")
+DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -52,8 +53,11 @@ class GSSConfig:
     expansion: float = 1.0  # F = expansion * d_model (rounded to a multiple of 64)
     d_hidden: int = 256  # H: width of the DSS input
     n_modes: int = 64  # N: complex diagonal state size
-    dt_min: float = 1e-3  # initial step sizes, log-uniform over modes (DSS/S4D-Lin init)
-    dt_max: float = 1e-1
+    # dss_exp: DSS-EXP (Gupta et al. 2022; GSS's kernel), skew-HiPPO Lambda init, learned per-mode step dt |
+    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor). See models/gss.py.
+    kernel: str = "dss_exp"
+    dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
+    dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
 
 
 @dataclass
@@ -347,6 +351,7 @@ def validate(cfg: DictConfig) -> None:
     _branches("model.branches", m.branches)
     _choice("model.ffn.kind", m.ffn.kind, FFN_KINDS)
     _choice("model.norm", m.norm, NORMS)
+    _choice("model.gss.kernel", m.gss.kernel, DSS_KERNELS)
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
