@@ -3,7 +3,8 @@
 Each mixer exposes `weights()`, a [k] tensor of its current per-branch weights, for logging:
 static   softmax over per-layer logits, initialised uniform (the paper's "learnable static mixing")
 scalar   free per-branch scalars, initialised 1/k
-channel  per-branch RMSNorm, then per-branch per-channel weights initialised 1/k (Hymba style)
+channel  per-branch RMSNorm, then per-branch per-channel weights (Hymba style), initialised equal and small
+         (residual_init: the normalisation hides the branches' scaled init from the residual stream)
 concat   Linear(k*D -> D) over the concatenated outputs (Falcon-H1 style); weights() = each block's
          share of the weight matrix's squared norm
 gate     input-dependent softmax gate Linear(D -> k) on h, zero-initialised (uniform at start);
@@ -24,6 +25,10 @@ class Mixer(nn.Module):
 
     def weights(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def residual_init(self, out_std: float) -> None:
+        """Called by LanguageModel._init_weights with the std given to the branches' output projections. Mixers
+        whose output scales with the branch outputs need nothing."""
 
 
 class StaticMixer(Mixer):
@@ -60,6 +65,14 @@ class ChannelMixer(Mixer):
 
     def weights(self) -> torch.Tensor:
         return self.scales.mean(dim=1)
+
+    def residual_init(self, out_std: float) -> None:
+        """Each normalised branch output has RMS 1 whatever its projection's init, so at 1/k this mixer would add
+        RMS ~1/sqrt(k) per layer (~50x the embedding's 0.02 after a few layers). Start its weights where a
+        projection with the branches' scaled init, fan-in D, would put a unit-RMS input, averaged over the k
+        branches like the other mixers: out_std * sqrt(D) / k."""
+        with torch.no_grad():
+            self.scales.fill_(out_std * self.scales.shape[1] ** 0.5 / self.k)
 
     def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         w = self.scales.to(ys[0].dtype)
