@@ -26,6 +26,9 @@ def test_registries_match_config_names():
     assert tuple(MIXER_REGISTRY) == MIXERS
     model, _ = tiny_model()
     assert set(model.blocks[0].branches) == set(BRANCHES)
+    assert model.blocks[0].branches["gss"].dss.kind == "dss_exp"  # the default model.gss.kernel
+    with pytest.raises(ValueError, match="choose one of: dss_exp, s4d_lin_noscale"):
+        DSS(4, 4, kernel="dss")
 
 
 def _assert_causal(model, vocab, T=24, t=9):

@@ -13,29 +13,31 @@ to apply via an FFT zero-padded to 2L (fp32 always: bf16 FFTs lose the long tail
 convolution would be circular and leak the future.
 
 dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are as Effective as Structured State
-    Spaces", arXiv 2203.14343, Sec. 3), the DSS variant GSS builds on:
+    Spaces", arXiv 2203.14343), the DSS variant GSS builds on:
         K[h, l] = Re sum_n W[h, n] * (exp(dt_n Lambda_n) - 1) / Lambda_n * exp(dt_n Lambda_n l),
-    i.e. lambda_n = dt_n Lambda_n and C~ = W (exp(dt Lambda) - 1) / Lambda (zero-order hold: every mode's total
-    gain sum_l |K| is about |W / Lambda|, whatever its dt). Lambda_n = -exp(a_n) + i b_n, dt_n = exp(log_dt_n).
+    i.e. lambda_n = dt_n Lambda_n and C~ = W (exp(dt Lambda) - 1) / Lambda (zero-order hold: each mode's kernel
+    sums over l to -W / Lambda, whatever its dt). Lambda_n = -exp(a_n) + i b_n, dt_n = exp(log_dt_n).
     Init as in the DSS reference implementation (github.com/ag1988/dss, src/models/sequence/ss/standalone/dss.py,
     DSSKernel with version="exp"; defaults in configs/model/layer/dss.yaml): Lambda = the N eigenvalues with
     positive imaginary part of the skew-symmetric part of the 2N x 2N HiPPO-LegS matrix, minus 1/2
     (Lambda_init="hippo_skew_pos_imag"); log dt uniform on [log dt_min, log dt_max], dt_min = 1e-3, dt_max = 1e-1;
     Re W, Im W ~ N(0, 1). Two deliberate differences: (1) dt is one per mode, shared by the H channels (the
-    reference draws one dt per channel, for the real and imaginary part separately, which needs an [H, N, L]
+    reference has one dt per channel, separate ones for the real and imaginary part, equal at init, which needs an [H, N, L]
     Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what GSS does
-    (its pseudo-code builds a [N, L] kernel for all H channels; it is the dt = 1 case of this formula, with
-    Im Lambda = exp(.), N = 512 and a random init, as reproduced in lucidrains/gated-state-spaces-pytorch); (2) the
+    (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
+    formula, with Im Lambda = exp(.) and N = 512, H = 256, as reproduced in lucidrains/gated-state-spaces-pytorch,
+    gss.py; the GSS authors' slides say a random init works well for language modelling); (2) the
     skip D starts at 1 (reference: N(0, 1)). The reference trains these parameters without weight decay, as does
     our optimiser (training/module.py: `.dss.` parameters), and with its own lr of 1e-3 (we use the model's lr).
 s4d_lin_noscale: the kernel this project used first: K[h, l] = Re sum_n C[h, n] exp(lambda_n l) with the S4D-Lin
     init lambda_n = dt_n (-1/2 + i pi n) (Gu et al. 2022, arXiv 2206.11893), dt_n geometric over the modes on
     [dt_min, dt_max], C ~ N(0, 1/(2N)), and no discretisation factor (the DSS reference's "exp-no-scale").
 
-Numerics: the angle Im(lambda_n) * l reaches 1e7 rad at l = 65536; in fp32 it would be off by up to half an ulp
-of that (0.03 rad at 32k for the S4D-Lin init). The modes are discretised and the angle reduced mod 2 pi in
-float64 (O(N L) elementwise, cheap), so the fp32 angle is within ~3e-7 rad of float64 at any length
-(tests/test_models.py::test_mode_powers_phase_accuracy); the rest of the kernel and the FFTs run in fp32.
+Numerics: the angle Im(lambda_n) * l reaches ~4e6 rad at l = 65536 for the dss_exp init; formed in fp32 it is
+off by up to half an ulp of that (at 32k: 0.1 rad for dss_exp, 0.03 rad for s4d_lin_noscale). So the modes are
+discretised and the angle reduced mod 2 pi in float64 (O(N L) elementwise, cheap): the fp32 angle is within
+3e-7 rad of float64 at any length (tests/test_models.py::test_mode_powers_phase_accuracy, 2.8e-7 at 65536);
+the rest of the kernel and the FFTs run in fp32.
 """
 
 from __future__ import annotations
