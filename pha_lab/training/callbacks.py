@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived: stop at the next batch boundary, checkpoint, mark the run KILLED."""
+    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED."""
 
 
 def is_interruption(exc: BaseException) -> bool:
@@ -112,6 +112,8 @@ class PeakMemory(L.Callback):
         self.memory.reset(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps:
+            return  # logged at the logging steps only (a logged float becomes a device tensor)
         peak = self.memory.peak_gb(pl_module.device)
         if peak is not None:
             pl_module.log("train/peak_mem_gb", max(self.train_peak, peak), on_step=True, on_epoch=False)
