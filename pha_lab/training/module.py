@@ -92,6 +92,8 @@ class LMModule(L.LightningModule):
     def _check_step_losses(self) -> None:
         """A NaN/inf loss in any micro-batch of this step fails the run *before* the optimizer step, so no
         weights (nor checkpoint) ever hold its NaN. One host sync per optimizer step."""
+        if not self._step_losses:  # no training_step ran: the bench's hand-written loop, which clips only
+            return
         losses, self._step_losses = torch.stack(self._step_losses), []
         if not torch.isfinite(losses).all():
             bad = losses[~torch.isfinite(losses)][0].item()
