@@ -170,6 +170,9 @@ class TrainerConfig:
     compile: bool = False
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
     early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
+    # true: two runs of one config give identical numbers on the same GPU and software (CUBLAS_WORKSPACE_CONFIG,
+    # strict torch.use_deterministic_algorithms: SDPA's deterministic backward, no cuDNN attention; an op without
+    # a deterministic kernel raises). Speed cost: to be measured on GPU (docs/perf-notes.md, deterministic mode)
     deterministic: bool = False
     cpu_threads: Optional[int] = None  # torch threads when training on CPU (None: torch's default)
 

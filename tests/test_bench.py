@@ -57,6 +57,9 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     header = json.loads((tmp_path / "bench.header.json").read_text())
     for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
         assert key in header
+    from pha_lab import tracking
+
+    assert header["git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and header["command"] == tracking.command_line()
     printed = capsys.readouterr().out
     assert "# git_sha:" in printed and "tiny_transformer vs gpt2_tiny" in printed and "tok/s" in printed
 

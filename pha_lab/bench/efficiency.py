@@ -24,7 +24,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -439,9 +438,7 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
     from pha_lab import tracking
 
     cuda = device.type == "cuda"
-    git = tracking.git_info()
-    if git["git_sha"] == "unknown":  # a copied tree without .git (e.g. the GPU machine): the caller may say
-        git = {"git_sha": os.environ.get("PHA_GIT_SHA", "unknown"), "git_dirty": os.environ.get("PHA_GIT_DIRTY", "unknown")}
+    git = tracking.git_info()  # (PHA_GIT_SHA where the tree has no .git, as on the GPU machine)
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
@@ -451,6 +448,7 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
         "python": platform.python_version(),
         "git_sha": git["git_sha"],
         "git_dirty": git["git_dirty"],
+        "command": tracking.command_line(),
         "dtype": f"{spec.dtype}-autocast" if cuda and spec.dtype != "fp32" else "fp32",
         "compile": f"models/branches={spec.compile} targets={spec.targets.compile} overhead={spec.overhead.compile}",
         "tokens_per_step": spec.tokens_per_step,
