@@ -87,6 +87,9 @@ def _colours(labels) -> dict[str, str]:
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
+MARKERS = "osD^vP*X"  # one per line label too, so lines that coincide still show each glyph
+
+
 def _legend_outside(fig, axes) -> None:
     """One legend for the whole figure, right of the panels (labels deduplicated across panels)."""
     handles = {}
@@ -183,6 +186,7 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
     groups = [] if frame.empty else list(frame.groupby(panel, sort=True, dropna=False)) if panel else [((), frame)]
     name = lambda key: " ".join(str(n) for n in (key if isinstance(key, tuple) else (key,)))  # noqa: E731
     colours = _colours(sorted(name(k) for k, _ in frame.groupby(line, sort=True, dropna=False))) if groups else {}
+    markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(colours)}
     fig, axes = _grid(len(groups), sharey=sharey)
     if not groups:
         _empty(axes[0], xlabel, ylabel)
@@ -190,7 +194,8 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
         for label, h in g.groupby(line, sort=True, dropna=False):
             h = h.sort_values(x)
             std = h.get(f"{y} std")
-            ax.errorbar(h[x].astype(float), h[y].astype(float), marker="o", capsize=3, color=colours[name(label)],
+            ax.errorbar(h[x].astype(float), h[y].astype(float), marker=markers[name(label)], mfc="none", capsize=3,
+                        color=colours[name(label)],
                         yerr=None if std is None else std.fillna(0).astype(float), label=name(label))
         key1 = key[0] if isinstance(key, tuple) and len(key) == 1 else key
         title = (titles or {}).get(key1) or ", ".join(f"{p}={k}" for p, k in zip(panel, key if isinstance(key, tuple) else (key,)))

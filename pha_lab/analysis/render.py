@@ -133,8 +133,11 @@ def tokens(value) -> str:
 
 
 def millions(value) -> str:
-    """12,719,512 -> '12.7M' (3 significant digits: non-embedding counts differ by a few %)."""
-    return "" if value is None or pd.isna(value) else f"{float(value) / 1e6:.3g}M"
+    """12,001,152 -> '12.0M', 6,428,048 -> '6.43M': non-embedding counts differ by a few %, so 3 digits."""
+    if value is None or pd.isna(value):
+        return ""
+    m = float(value) / 1e6
+    return f"{m:.1f}M" if m >= 10 else f"{m:.3g}M"
 
 
 def percent(value) -> str:
