@@ -266,8 +266,8 @@ def _per_layer(runs: pd.DataFrame, long: pd.DataFrame, name: str, title: str, no
     """Long (run_id, layer, branch, value) -> mean ± std per (configuration, layer), one column per branch."""
     branches = [b for b in BRANCHES if b in set(long["branch"])] + sorted(set(long["branch"]) - set(BRANCHES))
     wide = long.pivot_table(index=["run_id", "layer"], columns="branch", values="value", aggfunc="first").reset_index()
-    info = _with_model(runs)[["run_id", "experiment", "config_id", "config", "seed", "start_time", "model", *PARAMS]
-                             if len(runs) else ["run_id"]]
+    info = _with_model(runs).reindex(columns=["run_id", "experiment", "config_id", "config", "seed", "start_time", "model",
+                                              *PARAMS] if len(runs) else ["run_id"])
     wide = wide.merge(info, on="run_id") if len(runs) else wide.iloc[0:0]
     frame = aggregate(wide, branches or list(BRANCHES), by=["config_id", "layer"], keep=["model", *PARAMS])
     if len(frame):
