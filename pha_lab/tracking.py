@@ -43,16 +43,30 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3 experiments have a kind; the suite's are model training ("custom_model_development"; the other values
+# are in mlflow/server/js's ExperimentKind). MLflow 3.17's UI shows the GenAI view unless the browser's workflow
+# switch says "Model training" (`?workflowType=machine_learning`, remembered in localStorage): see UI_QUERY.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "?workflowType=machine_learning"  # append to an MLflow 3 UI address to open on the runs table
+
+
 def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
-    """Experiment id for `name`, created on first use (local stores keep artifacts under runs_dir)."""
+    """Experiment id for `name`, created on first use (local stores keep artifacts under runs_dir) with the
+    model-training kind; an existing experiment without a kind gets it, one with a kind keeps its own."""
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            try:
+                mlflow_client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+            except Exception:  # another worker set it at the same moment
+                if EXPERIMENT_KIND[0] not in mlflow_client.get_experiment(exp.experiment_id).tags:
+                    raise
         return exp.experiment_id
     location = None
     if mlflow_client.tracking_uri.startswith("sqlite:"):
         location = (runs_dir(tracking_cfg) / "artifacts" / name).as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created concurrently by another worker
         exp = mlflow_client.get_experiment_by_name(name)
         if exp is None:

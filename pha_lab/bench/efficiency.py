@@ -1,6 +1,6 @@
 """`pha-lab bench`: training and prefill throughput, peak memory and MFU vs context length.
 
-One call runs the parts a bench YAML lists (sweeps/efficiency.yaml), in its order:
+One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order:
   targets   issue 6's T=1024 checks, compiled: the GPT-2 reference vs transformer_125m, PHA-125M MFU
   overhead  the same LMModule trained by a plain PyTorch loop and by Lightning with the suite's callbacks
   models    every preset x context length x {prefill, train} at a constant number of tokens per step
@@ -38,12 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from pha_lab.config import PROJECT_ROOT, ConfigError, flatten, load_config
+from pha_lab.config import BENCH_DIR, ConfigError, flatten, load_config
 
 PARTS = ("targets", "overhead", "models", "dss", "branches")
 MODES = ("prefill", "train")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BENCH_DIR = PROJECT_ROOT / "sweeps"
 COLUMNS = [
     "part", "model", "mode", "seq_len", "batch_size", "tokens_per_step", "status", "tokens_per_s", "step_ms_median",
     "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb", "mem_floor_gb", "flops_per_step", "tflops",
