@@ -57,8 +57,10 @@ tables: $(STAMP)
 tables-results: $(STAMP)  ## regenerate analysis/out from the committed results/ (no GPU needed)
 	$(PHA) tables --tracking-uri sqlite:///$(abspath results)/mlflow.db --efficiency-csv docs/benchmarks/efficiency.csv $(ARGS)
 
-ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000
+ui: $(STAMP)  ## browse runs at http://127.0.0.1:5000 (switch the sidebar to "Model training" for the runs tables)
 	mkdir -p $(RUNS_DIR)
+	@echo 'MLflow 3.17 opens experiments in its GenAI view: click "Model training" in the sidebar once (the browser remembers it),'
+	@echo 'or open http://127.0.0.1:5000/#/experiments/ID?workflowType=machine_learning'
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port 5000
 
 clean:  ## remove the venv, caches and local runs (asks nothing: runs/ holds your MLflow database)

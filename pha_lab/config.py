@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+BENCH_DIR = PROJECT_ROOT / "bench"  # `pha-lab bench` specs (not sweeps: nothing is trained)
 
 # Names the model code registers; a test checks that the registries agree with these tuples.
 BRANCHES = ("gss", "attn", "ffn")
@@ -27,6 +28,7 @@ MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
 LAYOUTS = ("parallel", "serial")
 FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("rmsnorm", "layernorm")
+DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -52,8 +54,11 @@ class GSSConfig:
     expansion: float = 1.0  # F = expansion * d_model (rounded to a multiple of 64)
     d_hidden: int = 256  # H: width of the DSS input
     n_modes: int = 64  # N: complex diagonal state size
-    dt_min: float = 1e-3  # initial step sizes, log-uniform over modes (DSS/S4D-Lin init)
-    dt_max: float = 1e-1
+    # dss_exp: DSS-EXP (Gupta et al. 2022; GSS's kernel), skew-HiPPO Lambda init, learned per-mode step dt |
+    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor). See models/gss.py.
+    kernel: str = "dss_exp"
+    dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
+    dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
 
 
 @dataclass
@@ -167,6 +172,9 @@ class TrainerConfig:
     compile: bool = False
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
     early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
+    # true: two runs of one config give identical numbers on the same GPU and software (CUBLAS_WORKSPACE_CONFIG,
+    # strict torch.use_deterministic_algorithms: SDPA's deterministic backward, no cuDNN attention; an op without
+    # a deterministic kernel raises). Speed cost: to be measured on GPU (docs/perf-notes.md, deterministic mode)
     deterministic: bool = False
     cpu_threads: Optional[int] = None  # torch threads when training on CPU (None: torch's default)
 
@@ -349,6 +357,7 @@ def validate(cfg: DictConfig) -> None:
     _branches("model.branches", m.branches)
     _choice("model.ffn.kind", m.ffn.kind, FFN_KINDS)
     _choice("model.norm", m.norm, NORMS)
+    _choice("model.gss.kernel", m.gss.kernel, DSS_KERNELS)
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,10 +46,18 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3 experiments have a kind; the suite's are model training ("custom_model_development"; the other values
+# are in mlflow/server/js's ExperimentKind). MLflow 3.17's UI shows the GenAI view unless the browser's workflow
+# switch says "Model training" (`?workflowType=machine_learning`, remembered in localStorage): see UI_QUERY.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "?workflowType=machine_learning"  # append to an MLflow 3 UI address to open on the runs table
+
+
 def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
-    """Experiment id for `name`, created on first use: once, also when several workers start together
-    (a loser of the creation race reads the winner's). A database URI (MLflow without a server) keeps
-    artifacts under runs_dir; a tracking server places them itself (`--artifacts-destination`, proxied)."""
+    """Experiment id for `name`, created on first use with the model-training kind: once, also when several
+    workers start together (a loser of the creation race reads the winner's); an existing experiment without
+    a kind gets it, one with a kind keeps its own. A database URI (MLflow without a server) keeps artifacts
+    under runs_dir; a tracking server places them itself (`--artifacts-destination`, proxied)."""
     from mlflow.exceptions import MlflowException
 
     scheme = mlflow_client.tracking_uri.split(":", 1)[0].split("+", 1)[0]
@@ -55,9 +66,15 @@ def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
     while True:
         exp = mlflow_client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND[0] not in exp.tags:
+                try:
+                    mlflow_client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+                except Exception:  # another worker set it at the same moment
+                    if EXPERIMENT_KIND[0] not in mlflow_client.get_experiment(exp.experiment_id).tags:
+                        raise
             return exp.experiment_id
         try:
-            return mlflow_client.create_experiment(name, artifact_location=location)
+            return mlflow_client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException:  # another worker created it (or holds the database): read theirs
             attempt += 1
             if attempt > 5:
@@ -65,26 +82,51 @@ def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
             time.sleep(0.5 * attempt)
 
 
-def git_info() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def git_info(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The commit (40 hex digits) and dirty flag of the code that runs.
 
-    sha = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_sha": sha, "git_dirty": str(bool(dirty)).lower()}
+    From git when `root` is the top of a git checkout; else from $PHA_GIT_SHA / $PHA_GIT_DIRTY, which a
+    copied tree without .git (the GPU machine's) is given by whoever copied it; else "unknown". Never
+    "HEAD": `git rev-parse HEAD` prints that word, and fails, outside a repository."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    sha = _git(root, "rev-parse", "--verify", "HEAD^{commit}") if top and Path(top).resolve() == Path(root).resolve() else None
+    if sha is not None:
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        return {"git_sha": sha, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+    sha = os.environ.get("PHA_GIT_SHA", "").strip().lower()
+    if not sha:
+        return {"git_sha": "unknown", "git_dirty": "unknown"}
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        raise ValueError(f"PHA_GIT_SHA={sha!r} is not a full commit id; set it to the output of `git rev-parse HEAD`")
+    dirty = os.environ.get("PHA_GIT_DIRTY", "unknown").strip().lower()
+    if dirty not in ("true", "false", "unknown"):
+        raise ValueError(f"PHA_GIT_DIRTY={dirty!r}: use true, false or unknown")
+    return {"git_sha": sha, "git_dirty": dirty}
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """git's output in `root`, or None when git is missing or fails (its exit code counts, not its stdout)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def command_line() -> str:
+    """The exact command this process was started with, shell-quoted."""
+    return shlex.join(sys.argv)
 
 
 def environment_tags() -> dict[str, str]:
-    """Host, versions and device: what a reader needs to reproduce or compare a number."""
+    """Code, command, host, versions and device: what a reader needs to reproduce or compare a number."""
     import lightning
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {
         **git_info(),
+        "command": command_line(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,

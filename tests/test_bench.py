@@ -57,6 +57,9 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     header = json.loads((tmp_path / "bench.header.json").read_text())
     for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
         assert key in header
+    from pha_lab import tracking
+
+    assert header["git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and header["command"] == tracking.command_line()
     printed = capsys.readouterr().out
     assert "# git_sha:" in printed and "tiny_transformer vs gpt2_tiny" in printed and "tok/s" in printed
 
@@ -190,3 +193,15 @@ def test_lightning_and_plain_loops_are_both_timed(tmp_path):
     for cell, result in rows:
         assert result["status"] == "ok", result
         assert result["tokens_per_s"] > 0 and result["step_ms_p10"] <= result["step_ms_median"]
+
+
+def test_bench_specs_live_in_bench_and_pha_lab_sweep_points_there(capsys):
+    from pha_lab.config import BENCH_DIR, PROJECT_ROOT
+    from pha_lab.sweep.spec import sweep_names
+
+    assert (BENCH_DIR / "efficiency.yaml").is_file() and not (PROJECT_ROOT / "sweeps" / "efficiency.yaml").exists()
+    assert "efficiency" not in sweep_names() and efficiency.load_spec("efficiency").name == "efficiency"
+    assert main(["sweep", "efficiency"]) == 2
+    err = capsys.readouterr().err
+    assert "'efficiency' is a benchmark spec (bench/efficiency.yaml), not a sweep" in err
+    assert "pha-lab bench efficiency" in err

@@ -52,6 +52,7 @@ def test_misspelt_key_inside_layer_override():
         ("model.layout=paralel", "parallel, serial"),
         ("model.branches=[gss,atn]", "gss, attn, ffn"),
         ("model.ffn.kind=relu", "gelu, swiglu"),
+        ("model.gss.kernel=dss-exp", "(did you mean 'dss_exp'?); choose one of: dss_exp, s4d_lin_noscale"),
     ],
 )
 def test_bad_enum_lists_valid_choices(override, valid):

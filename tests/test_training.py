@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pha_lab import tracking
 from pha_lab.config import load_config
 from pha_lab.training.callbacks import RunInterrupted
 from pha_lab.training.module import LMModule, lr_lambda, param_groups
@@ -18,22 +19,23 @@ from pha_lab.training.run import train
 
 
 class LossRecorder(L.Callback):
-    """Per-step training losses; optionally sends this process a signal after a given step."""
+    """Training losses per optimizer step and of every micro-batch in order (recorded before backward, so a
+    step that ends in an interruption is recorded too); optionally sends this process SIGTERM at the end of
+    optimizer step `signal_at` or of micro-batch number `signal_after_micro`."""
 
-    def __init__(self, signal_at: int | None = None, nan_at: int | None = None):
+    def __init__(self, signal_at: int | None = None, signal_after_micro: int | None = None):
         self.losses: dict[int, float] = {}
-        self.signal_at, self.nan_at = signal_at, nan_at
+        self.micro: list[float] = []
+        self.signal_at, self.signal_after_micro = signal_at, signal_after_micro
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.losses[trainer.global_step + 1] = loss.item()
+        self.micro.append(loss.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step] = outputs["loss"].item()
-        if self.signal_at and trainer.global_step == self.signal_at:
+        if (self.signal_at and trainer.global_step == self.signal_at
+                or self.signal_after_micro and len(self.micro) == self.signal_after_micro):
             os.kill(os.getpid(), signal.SIGTERM)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.nan_at is not None and trainer.global_step == self.nan_at:
-            with torch.no_grad():
-                pl_module.model.wte.weight[0, 0] = float("nan")
-                batch["input_ids"][0, 0] = 0
 
 
 def tiny(tmp_path, experiment="tiny_pha", *overrides):
@@ -62,6 +64,7 @@ def test_tiny_model_learns_and_everything_is_tracked(tmp_path, experiment):
                 "flops_per_token", "protocol.dataset", "protocol.split", "protocol.context", "protocol.stride",
                 "protocol.tokenizer"):
         assert isinstance(row[f"tags.{tag}"], str) and row[f"tags.{tag}"], tag
+    assert row["tags.git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and row["tags.command"] == tracking.command_line()
     # metrics per step and per validation, final test metrics
     for metric in ("train/loss", "train/grad_norm", "lr-AdamW/pg1", "train/device/items_per_sec", "val/loss", "test/loss"):
         assert pd.notna(row[f"metrics.{metric}"]), metric
@@ -98,11 +101,11 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     run_id = str(info.value).split()[1]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'b' / 'runs' / 'mlflow.db'}")
     assert mlflow.get_run(run_id).info.status == "KILLED"
-    assert sorted(first.losses) == list(range(1, 11))
+    assert sorted(first.losses) == list(range(1, 12))  # the signal came after step 10's hooks: stops after step 11
 
     second = LossRecorder()
     resumed = train(tiny(tmp_path / "b", "tiny_pha", *overrides, f"resume={run_id}"), [second])
-    assert resumed.run_id == run_id and sorted(second.losses) == list(range(11, 21))
+    assert resumed.run_id == run_id and sorted(second.losses) == list(range(12, 21))
     merged = {**first.losses, **second.losses}
     assert max(abs(straight.losses[s] - merged[s]) for s in straight.losses) < 1e-6
     a = torch.load(ref.ckpt_dir / "last.ckpt", weights_only=False)["state_dict"]
@@ -111,6 +114,27 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     store = mlflow.search_runs(experiment_names=["test"])
     assert len(store) == 1 and store.status[0] == "FINISHED"
     assert resumed.metrics["test/loss"] == pytest.approx(ref.metrics["test/loss"], abs=1e-5)
+
+
+def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
+    """SIGTERM arrives after the first micro-batch of an accumulated step: the run stops only once that
+    step's optimizer update is done, and the resumed run's micro-batch losses are the uninterrupted run's."""
+    overrides = ["trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.accumulate_grad_batches=2",
+                 "trainer.ckpt_every_n_steps=100"]
+    straight = LossRecorder()
+    train(tiny(tmp_path / "a", "tiny_pha", *overrides), [straight])
+    assert len(straight.micro) == 16
+
+    first = LossRecorder(signal_after_micro=7)  # after the first micro-batch of step 4
+    with pytest.raises(RunInterrupted) as info:
+        train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
+    run_id = str(info.value).split()[1]
+    assert len(first.micro) == 8 and max(first.losses) == 4  # stopped once step 4's second micro-batch was done
+
+    second = LossRecorder()
+    train(tiny(tmp_path / "b", "tiny_pha", *overrides, f"resume={run_id}"), [second])
+    assert len(second.micro) == 8
+    assert first.micro + second.micro == pytest.approx(straight.micro, abs=1e-6)
 
 
 def test_resume_refuses_shape_change(tmp_path):
@@ -124,11 +148,23 @@ def test_resume_refuses_shape_change(tmp_path):
         train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "model.d_model=128", f"resume={run_id}"))
 
 
-def test_same_seed_gives_identical_losses(tmp_path):
-    a, b = LossRecorder(), LossRecorder()
-    train(tiny(tmp_path / "a", "tiny_pha", "trainer.max_steps=8"), [a])
-    train(tiny(tmp_path / "b", "tiny_pha", "trainer.max_steps=8"), [b])
-    assert a.losses == b.losses
+class DeterminismProbe(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.enabled = torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_mode_gives_identical_runs(tmp_path, monkeypatch):
+    """trainer.deterministic: cuBLAS workspace set before anything in train() touches CUDA (the run's tags query
+    the GPU), deterministic algorithms while training and restored after; two runs give identical losses."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen_at_start = []
+    a, b, probe = LossRecorder(), LossRecorder(), DeterminismProbe()
+    on_start = lambda run_id, ckpt_dir: seen_at_start.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    train(tiny(tmp_path / "a", "tiny_pha", "trainer.max_steps=8", "trainer.deterministic=true"), [a, probe], on_start)
+    assert seen_at_start == [":4096:8"] and probe.enabled
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny(tmp_path / "b", "tiny_pha", "trainer.max_steps=8", "trainer.deterministic=true"), [b])
+    assert len(a.losses) == 8 and a.losses == b.losses
 
 
 def test_lightning_matches_plain_pytorch_loop(tmp_path):
@@ -162,14 +198,62 @@ def test_lightning_matches_plain_pytorch_loop(tmp_path):
     assert [round(rec.losses[s + 1], 5) for s in range(steps)] == [round(v, 5) for v in plain]
 
 
-def test_nan_loss_fails_the_run_with_its_step(tmp_path):
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=20")
-    with pytest.raises(Exception, match="non-finite training loss"):
-        train(cfg, [LossRecorder(nan_at=4)])
+class NaNOutputs(L.Callback):
+    """Makes the model's logits NaN for one batch (training at `train_step`, or validation batch `val_batch`);
+    the weights stay finite unless an optimizer step uses the NaN gradients."""
+
+    def __init__(self, train_step: int | None = None, val_batch: int | None = None):
+        self.train_step, self.val_batch, self.handle = train_step, val_batch, None
+
+    def _poison(self, pl_module):
+        self.handle = pl_module.model.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+    def _heal(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.train_step:
+            self._poison(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._heal()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.val_batch:
+            self._poison(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._heal()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._heal()
+
+
+def failed_run(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["test"]).iloc[0]
-    assert run["status"] == "FAILED"
-    assert "at step 5" in run["tags.failure_reason"]  # NaN injected before the 5th step (global_step 4 -> 5)
+    return mlflow.search_runs(experiment_names=["test"]).iloc[0]
+
+
+def test_nan_loss_fails_before_the_optimizer_step_and_checkpoints_stay_finite(tmp_path):
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "trainer.ckpt_every_n_steps=2")
+    with pytest.raises(Exception, match="non-finite training loss"):
+        train(cfg, [NaNOutputs(train_step=3)])  # the 4th optimizer step (global_step 3 -> 4)
+    run = failed_run(tmp_path)
+    assert run["status"] == "FAILED" and "at step 4" in run["tags.failure_reason"]
+    ckpt = torch.load(tmp_path / "runs" / "checkpoints" / run["run_id"] / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2  # the periodic checkpoint before the bad step; none was written at step 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    moments = [t for s in ckpt["optimizer_states"][0]["state"].values() for t in s.values() if torch.is_tensor(t)]
+    assert moments and all(torch.isfinite(t).all() for t in moments)
+
+
+def test_nan_eval_loss_is_an_error_naming_the_stage_and_batch(tmp_path):
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=4", "trainer.val_every_n_steps=2")
+    with pytest.raises(Exception, match=r"non-finite val loss \(nan\) in val batch 1 "):
+        train(cfg, [NaNOutputs(val_batch=1)])
+    assert failed_run(tmp_path)["status"] == "FAILED"
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -202,3 +286,142 @@ def test_eval_knocks_out_branches_and_logs_to_the_run(tmp_path):
     logged = client.get_run(result.run_id).data.metrics
     assert logged["knockout/gss/L0/delta_ppl"] == pytest.approx(table.delta_ppl.iloc[1])
     assert "knockout.csv" in {a.path for a in client.list_artifacts(result.run_id)}
+
+
+# ---------------------------------------------------------------------------- metrics: memory, FLOPs, tokens/s
+class FakeDeviceMemory:
+    """CUDA's peak-allocation counter for a CPU run: `allocate` raises the peak as an allocation would, and
+    `reset` restarts it from what is allocated now, as torch.cuda.reset_peak_memory_stats does."""
+
+    def __init__(self, left_over_gb: float):
+        self.current, self.peak = 0.5, left_over_gb  # the peak an earlier trial in this process left behind
+
+    def reset(self, device):
+        self.peak = self.current
+
+    def peak_gb(self, device):
+        return self.peak
+
+    def allocate(self, gb: float):
+        self.peak = max(self.peak, gb)
+
+
+class Workload(L.Callback):
+    """Training batch k needs 1 + 0.1k GB, a validation batch 3 GB, a test batch 2 GB."""
+
+    def __init__(self, memory):
+        self.memory = memory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.memory.allocate(1.0 + 0.1 * trainer.global_step)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.memory.allocate(3.0)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.memory.allocate(2.0)
+
+
+def test_peak_memory_is_per_stage_and_nothing_carries_over(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pha_lab.data import build_datamodule
+    from pha_lab.training.callbacks import PeakMemory
+
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=6")
+    memory = FakeDeviceMemory(left_over_gb=25.86)
+    logger = CSVLogger(tmp_path, name="peak")
+    trainer = L.Trainer(max_steps=6, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        log_every_n_steps=1, logger=logger, callbacks=[Workload(memory), PeakMemory(memory)],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    module, datamodule = LMModule(cfg), build_datamodule(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    logger.finalize("success")
+    logged = pd.read_csv(tmp_path / "peak" / "version_0" / "metrics.csv")
+    train_peaks = logged.dropna(subset=["train/peak_mem_gb"]).set_index("step")["train/peak_mem_gb"]
+    # the running peak of the training batches so far: not the earlier trial's 25.86 GB, not validation's 3 GB
+    assert sorted(train_peaks.tolist()) == pytest.approx([1.0 + 0.1 * k for k in range(6)])
+    assert logged["val/peak_mem_gb"].dropna().tolist() == [3.0, 3.0]
+    assert logged["test/peak_mem_gb"].dropna().tolist() == [2.0]
+
+
+class BarReading(L.Callback):
+    """What the progress bar shows as tok/s, with the bar's own state at that moment."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = trainer.progress_bar_callback
+        self.state = dict(bar.train_progress_bar.format_dict)
+        self.shown = bar.get_metrics(trainer, pl_module).get("tok/s")
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(tmp_path_factory):
+    """One tiny run with 2 micro-batches per optimizer step, validated twice and tested."""
+    tmp_path = tmp_path_factory.mktemp("accumulated")
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4",
+               "trainer.accumulate_grad_batches=2")
+    bar = BarReading()
+    return cfg, train(cfg, [bar]), bar
+
+
+def test_throughput_flops_per_token_are_the_work_of_each_stage(accumulated_run):
+    """FLOP/s over tokens/s, as Lightning's ThroughputMonitor logs them, is the analytic FLOPs per token of what
+    the stage computes: forward + backward when training, forward only in validation and test."""
+    cfg, result, _ = accumulated_run
+    client = mlflow.tracking.MlflowClient(result.tracking_uri)
+    model = LMModule(cfg).model
+    expected = {"train": model.flops_per_token(cfg.data.seq_len, training=True)["total"],
+                "validate": model.flops_per_token(cfg.data.seq_len, training=False)["total"],
+                "test": model.flops_per_token(cfg.data.seq_len, training=False)["total"]}
+    for stage, per_token in expected.items():
+        flops = {m.step: m.value for m in client.get_metric_history(result.run_id, f"{stage}/device/flops_per_sec")}
+        tokens = {m.step: m.value for m in client.get_metric_history(result.run_id, f"{stage}/device/items_per_sec")}
+        assert flops and flops.keys() == tokens.keys(), stage
+        assert [flops[s] / tokens[s] for s in flops] == pytest.approx([per_token] * len(flops), rel=1e-6), stage
+
+
+def test_progress_bar_tokens_per_s_do_not_divide_by_accumulation(accumulated_run):
+    cfg, _, bar = accumulated_run
+    assert bar.state["n"] == 8 * 2  # the bar counts micro-batches: 2 per optimizer step
+    rate = bar.state["rate"] or bar.state["n"] / bar.state["elapsed"]  # micro-batches per second
+    assert float(bar.shown.replace(",", "")) == pytest.approx(rate * cfg.data.batch_size * cfg.data.seq_len, rel=1e-3)
+
+
+def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tmp_path):
+    """The logged gate weights are the token-weighted mean gate over the whole validation set, padding
+    excluded, recomputed here from the final weights with hooks on the gate projections."""
+    from pha_lab.data import build_datamodule
+
+    cfg = tiny(tmp_path, "tiny_pha", "model.mixer=gate", "trainer.max_steps=10", "trainer.val_every_n_steps=10",
+               "data.max_eval_tokens=1900", "data.eval_batch_size=4")  # 15 windows, the last one padded
+    result = train(cfg)
+    module = LMModule(cfg)
+    module.load_state_dict(torch.load(result.ckpt_dir / "last.ckpt", weights_only=False)["state_dict"])
+    module.eval()
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("validate")
+    gates = {}
+    for i, blk in enumerate(module.model.blocks):
+        blk.mixer.gate.register_forward_hook(lambda m, args, out, i=i: gates.__setitem__(i, torch.softmax(out.float(), -1)))
+    total = {i: torch.zeros(len(blk.names), dtype=torch.float64) for i, blk in enumerate(module.model.blocks)}
+    count, last_batch_means, padded = 0, {}, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            module.model(batch["input_ids"])
+            scored = batch["labels"] != -100
+            padded += int((~scored).sum())
+            count += int(scored.sum())
+            for i, g in gates.items():
+                total[i] += g[scored].double().sum(0)
+                last_batch_means[i] = g.mean((0, 1))  # what was logged before: the last batch, padding included
+    assert padded > 0
+    client = mlflow.tracking.MlflowClient(result.tracking_uri)
+    for i, blk in enumerate(module.model.blocks):
+        expected = (total[i] / count).tolist()
+        logged = [client.get_metric_history(result.run_id, f"mixer/L{i}/{b}")[-1].value for b in blk.names]
+        assert logged == pytest.approx(expected, abs=1e-6)
+        assert max(abs(a - b) for a, b in zip(expected, last_batch_means[i].tolist())) > 1e-5  # the test can tell
+    table = pd.read_csv(result.ckpt_dir / "introspection" / "mixer_weights.csv")
+    assert table.query("layer == 0").weight.tolist() == pytest.approx((total[0] / count).tolist(), abs=1e-6)

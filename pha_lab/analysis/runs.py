@@ -1,11 +1,13 @@
-"""MLflow runs -> pandas: one row per run, grouped over seeds into mean ± std with the run ids kept.
+"""MLflow runs -> pandas: one row per run, pooled over seeds (and over sweeps) into mean ± std with the run ids kept.
 
 `load_runs(sweeps, tracking_uri)` reads child runs with `mlflow.search_runs` from any tracking URI (the
-sweep parent runs are dropped). Columns: `run_id`, `experiment`, `status`, `config` (the sweep cell
-without its seed, else the config name), `config_id` (a hash of the resolved config minus the seed and
-bookkeeping keys: what "the same configuration over seeds" means), then the config keys (`model.mixer`,
-...), final metrics (`test/ppl`, `mixer/L0/gss`, ...) and tags (`n_params`, `protocol.dataset`, ...)
-under their own names. Values that are numbers become numbers. Importing this module does not import
+sweep parent runs are dropped; `sweeps=None` reads every experiment's training runs). Columns: `run_id`,
+`experiment`, `status`, `config` (the sweep cell without its seed, else the config name), `config_id` (what
+"the same configuration" means: a hash of the resolved config minus the seed and the keys that change neither
+what is trained nor how it is scored, see `NOT_IDENTITY`), `recipe_id` (the same without the `model.*` keys:
+data, budget, optimizer), `seed`, `start_time`, `identity` (the hashed key/values), then the config keys
+(`model.mixer`, ...), final metrics (`test/ppl`, `mixer/L0/gss`, ...) and tags (`n_params`, `protocol.dataset`,
+...) under their own names. Values that are numbers become numbers. Importing this module does not import
 torch or lightning.
 """
 
@@ -14,11 +16,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -27,11 +30,16 @@ import pandas as pd
 from pha_lab.config import PROJECT_ROOT
 
 BRANCHES = ("gss", "attn", "ffn")
-BASE_COLUMNS = ["run_id", "experiment", "status", "config", "config_id", "seed"]
-# Params that do not change what is trained: runs differing only in these are the same configuration.
-BOOKKEEPING = ("seed", "resume", "tracking.", "data.cache_dir", "data.data_dir", "data.num_proc", "data.num_workers",
-               "trainer.cpu_threads", "trainer.log_every_n_steps", "trainer.ckpt_every_n_steps")
-_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "config_id")
+BASE_COLUMNS = ["run_id", "experiment", "status", "config", "config_id", "recipe_id", "seed", "start_time", "identity"]
+# Params that change neither what is trained nor how it is scored: runs differing only in these are replicates of
+# one configuration (the seed is the replicate; `name` is a preset's label, not its content; `tracking.` covers
+# the experiment, run name and sweep tags). A key or a prefix ending in ".".
+NOT_IDENTITY = ("seed", "resume", "name", "tracking.", "data.cache_dir", "data.data_dir", "data.num_proc",
+                "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps", "trainer.ckpt_every_n_steps")
+# Tags that resolve what a param leaves to the machine (trainer.precision=auto: bf16-mixed on a GPU, fp32 on CPU).
+IDENTITY_TAGS = ("precision",)
+_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "config_id",
+                "recipe_id", "identity", "start_time")
 
 
 # --------------------------------------------------------------------------- reading
@@ -73,38 +81,47 @@ def _using(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
-def search_runs(experiments: str | Iterable[str], tracking_uri: str) -> pd.DataFrame:
-    """`mlflow.search_runs` of the named experiments at `tracking_uri` (missing experiments: no rows)."""
+def search_runs(experiments: str | Iterable[str] | None, tracking_uri: str) -> pd.DataFrame:
+    """`mlflow.search_runs` of the named experiments (None: every experiment) at `tracking_uri` (missing
+    experiments: no rows)."""
     warnings.filterwarnings("ignore", message="IProgress not found")  # mlflow imports tqdm.auto in notebooks
     import mlflow
 
-    names = [experiments] if isinstance(experiments, str) else list(experiments)
-    if not names or _sqlite_missing(tracking_uri):
-        return pd.DataFrame(columns=["run_id", "experiment_id", "status"])
+    empty = pd.DataFrame(columns=["run_id", "experiment_id", "status"])
+    names = None if experiments is None else [experiments] if isinstance(experiments, str) else list(experiments)
+    if names == [] or _sqlite_missing(tracking_uri):
+        return empty
     with _using(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri)
-        found = {n: client.get_experiment_by_name(n) for n in names}
-        ids = {e.experiment_id: n for n, e in found.items() if e is not None}
+        if names is None:
+            ids = {e.experiment_id: e.name for e in client.search_experiments()}
+        else:
+            found = {n: client.get_experiment_by_name(n) for n in names}
+            ids = {e.experiment_id: n for n, e in found.items() if e is not None}
         if not ids:
-            return pd.DataFrame(columns=["run_id", "experiment_id", "status"])
+            return empty
         df = mlflow.search_runs(experiment_ids=list(ids))
     df.insert(1, "experiment", df["experiment_id"].map(ids))
     return df
 
 
-def load_runs(sweeps: str | Iterable[str], tracking_uri: str | None = None, runs_dir: str | None = None) -> pd.DataFrame:
-    """Every child run of the named sweeps (MLflow experiments), any status, one row each."""
+def load_runs(sweeps: str | Iterable[str] | None, tracking_uri: str | None = None, runs_dir: str | None = None) -> pd.DataFrame:
+    """Every child run of the named sweeps (MLflow experiments), any status, one row each. `sweeps=None`:
+    the training runs (those that logged a model config) of every experiment, what pooling reads."""
     raw = search_runs(sweeps, resolve_uri(tracking_uri, runs_dir))
     if "tags.sweep_parent" in raw:
         raw = raw[raw["tags.sweep_parent"].fillna("") != "true"].drop(columns="tags.sweep_parent")
+    if sweeps is None:
+        raw = raw[raw["params.model.layout"].notna()] if "params.model.layout" in raw else raw.iloc[0:0]
     return tidy(raw)
 
 
 def tidy(raw: pd.DataFrame) -> pd.DataFrame:
-    """mlflow.search_runs' frame -> bare column names, numbers as numbers, config label and id."""
+    """mlflow.search_runs' frame -> bare column names, numbers as numbers, config label and ids."""
     if raw.empty:
         return pd.DataFrame(columns=BASE_COLUMNS)
-    out = {"run_id": raw["run_id"], "experiment": raw.get("experiment", raw["experiment_id"]), "status": raw["status"]}
+    out = {"run_id": raw["run_id"], "experiment": raw.get("experiment", raw["experiment_id"]), "status": raw["status"],
+           "start_time": raw.get("start_time")}
     for col in raw.columns:
         kind, _, name = col.partition(".")
         if kind == "params" and name not in out:
@@ -121,12 +138,29 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col not in _NOT_NUMERIC and not pd.api.types.is_numeric_dtype(df[col]):
             df[col] = _numeric(df[col])
-    params = [c[len("params."):] for c in raw.columns if c.startswith("params.")]
     df["config"] = [_label(r) for r in df.to_dict("records")]
-    df["config_id"] = [_config_id(r, params) for r in df.to_dict("records")]
+    df["identity"] = _identities(raw.reset_index(drop=True))
+    df["config_id"] = [config_key(i) for i in df["identity"]]
+    df["recipe_id"] = [config_key(i, drop=("model",)) for i in df["identity"]]
     if "seed" not in df:
         df["seed"] = np.nan
     return df[BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]]
+
+
+def _identities(raw: pd.DataFrame) -> list[dict[str, str]]:
+    """Per run: the params that say what is trained and how it is scored (as logged, strings), and the
+    `IDENTITY_TAGS`; keys a run did not log are absent, so an old run never matches a new key's value."""
+    cols = [c for c in raw.columns if c.startswith("params.") and not c[len("params."):].startswith(NOT_IDENTITY)]
+    cols += [f"tags.{t}" for t in IDENTITY_TAGS if f"tags.{t}" in raw]
+    rows = raw[cols].to_dict("records") if cols else [{} for _ in range(len(raw))]
+    return [{c.partition(".")[2]: v for c, v in r.items() if isinstance(v, str)} for r in rows]
+
+
+def config_key(identity: dict[str, str], drop: Sequence[str] = ()) -> str:
+    """A short hash of a run's identity minus the `drop` keys (a key also drops its sub-keys: "model" drops
+    every `model.*`): runs with equal keys are replicates of one configuration."""
+    kept = sorted((k, v) for k, v in identity.items() if not any(k == d or k.startswith(d + ".") for d in drop))
+    return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:10]
 
 
 def _numeric(col: pd.Series) -> pd.Series:
@@ -148,12 +182,6 @@ def _label(row: dict) -> str:
 def split_cell(cell: str) -> list[str]:
     """'branches=no_gss,model.mixer=gate,seed=1' -> its `axis=label` parts (labels may hold commas)."""
     return re.split(r",(?=[A-Za-z_][\w.]*=)", cell)
-
-
-def _config_id(row: dict, params: list[str]) -> str:
-    keys = sorted(k for k in params if not k.startswith(BOOKKEEPING))
-    text = "\n".join(f"{k}={row.get(k)!r}" for k in keys)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def finished(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
@@ -207,30 +235,94 @@ def scale_label(n_params) -> str:
 # --------------------------------------------------------------------------- aggregation
 def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = None,
               keep: list[str] = ()) -> pd.DataFrame:
-    """One row per configuration (default: experiment + config_id) over seeds.
+    """One row per configuration (default: `config_id`, pooled over every sweep that ran it), over seeds.
 
-    Each metric m gives columns `m` (mean over the runs that logged it), `m std` (sample std,
-    ddof=1; NaN for one run) and `m n`; `n` counts the runs and `runs` lists their ids (ordered by
-    seed), the provenance of every number in the row. `keep` columns are copied from the first run."""
-    by = list(by or ["experiment", "config_id"])
+    Each metric m gives columns `m` (mean over the runs that logged it), `m std` (sample std, ddof=1; NaN for
+    one run) and `m n`; `n` counts the runs, `sweeps` says how many came from each sweep and `runs` lists their
+    ids (ordered by seed), the provenance of every number in the row. `keep` columns are copied from the first
+    run. Two runs of one configuration and seed in one sweep are a bookkeeping duplicate (a grid cell run
+    twice), not two replicates: the first started is kept, the others are left out of the statistics and named
+    in the `duplicates` column, with a warning."""
+    by = list(by or ["config_id"])
     columns = by + [c for c in ("config", *keep) if c not in by] + [
-        x for m in metrics for x in (m, f"{m} std", f"{m} n")] + ["n", "runs"]
+        x for m in metrics for x in (m, f"{m} std", f"{m} n")] + ["n", "sweeps", "runs", "duplicates"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
+    runs, left_out = drop_duplicates(runs, by)
     rows = []
-    for _, group in runs.groupby(by, sort=False, dropna=False):
-        group = group.sort_values(["seed", "run_id"]) if "seed" in group else group
+    for key, group in runs.groupby(by, sort=False, dropna=False):
+        group = group.sort_values([c for c in ("seed", "experiment", "start_time", "run_id") if c in group])
         first = group.iloc[0]
         row = {c: first.get(c) for c in columns if c in group}
+        row["config"] = "; ".join(dict.fromkeys(group["config"].astype(str))) if "config" in group else None
         for m in metrics:
             values = pd.to_numeric(group[m], errors="coerce").dropna() if m in group else pd.Series(dtype=float)
             row[m] = values.mean() if len(values) else np.nan
             row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{m} n"] = len(values)
         row["n"] = len(group)
+        row["sweeps"] = ", ".join(f"{e} ({k})" for e, k in sorted(group["experiment"].astype(str).value_counts().items()))
         row["runs"] = ",".join(group["run_id"])
+        row["duplicates"] = left_out.get(key if isinstance(key, tuple) else (key,), "")
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def drop_duplicates(runs: pd.DataFrame, by: list[str] = ("config_id",)) -> tuple[pd.DataFrame, dict[tuple, str]]:
+    """(runs without bookkeeping duplicates, {group key of `by`: what was left out}): of several runs with one
+    sweep, configuration and seed (and `by` key), only the first started counts; a warning names the others."""
+    key = list(dict.fromkeys(["experiment", "config_id", "seed", *by]))
+    order = [c for c in ("start_time", "run_id") if c in runs]
+    runs = runs.sort_values(order, kind="stable") if order else runs
+    dup = runs.duplicated(key, keep="first")
+    if not dup.any():
+        return runs, {}
+    messages: dict[tuple, list[str]] = {}
+    for _, group in runs[runs.duplicated(key, keep=False)].groupby(key, sort=False, dropna=False):
+        kept, extra = group["run_id"].iloc[0], list(group["run_id"].iloc[1:])
+        first = group.iloc[0]
+        text = (f"{first['experiment']} seed {_seed(first['seed'])}: {len(group)} runs, kept {kept[:8]}, "
+                f"left out {', '.join(r[:8] for r in extra)}")
+        messages.setdefault(tuple(first[c] for c in by), []).append(text)
+    joined = {k: "; ".join(v) for k, v in messages.items()}
+    warnings.warn("bookkeeping duplicates (one sweep ran one configuration and seed more than once; only the first "
+                  "started run counts): " + "; ".join(joined.values()), DuplicateRunsWarning, stacklevel=3)
+    return runs[~dup], joined
+
+
+class DuplicateRunsWarning(UserWarning):
+    """A sweep ran one configuration and seed more than once (e.g. a grid cell claimed by two workers)."""
+
+
+def _seed(value) -> str:
+    return str(int(value)) if isinstance(value, (int, float, np.number)) and not pd.isna(value) else str(value)
+
+
+def difference(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): the Welch t interval (unequal variances) on the difference of means at
+    `level`; NaN bounds when either side has fewer than 2 runs (no spread to judge the noise by)."""
+    from scipy import stats
+
+    a = pd.to_numeric(pd.Series(list(a), dtype=object), errors="coerce").dropna().to_numpy(float)
+    b = pd.to_numeric(pd.Series(list(b), dtype=object), errors="coerce").dropna().to_numpy(float)
+    if not len(a) or not len(b):
+        return np.nan, np.nan, np.nan
+    delta = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return delta, np.nan, np.nan
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return delta, float(ci.low), float(ci.high)
+
+
+def reading(delta: float, low: float, high: float) -> str:
+    """How a difference reads: 'within noise' when its interval covers 0, else 'higher' or 'lower'."""
+    if pd.isna(delta):
+        return ""
+    if pd.isna(low) or pd.isna(high):
+        return "no interval (a side has < 2 runs)"
+    if low <= 0 <= high:
+        return "within noise"
+    return "higher" if delta > 0 else "lower"
 
 
 def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataFrame:

@@ -26,8 +26,11 @@ from pha_lab.models.gss import DSS, fp32_region
 VARIANTS = ("fft", "fft_skipfold", "chunked")
 
 
-def _params(dss: DSS, work: torch.dtype):
-    return tuple(p.to(work) for p in (dss.log_neg_re, dss.im, dss.c_re, dss.c_im, dss.skip))
+def _modes(dss: DSS, work: torch.dtype):
+    """(lambda [N], C~ [H, N], D [H]) of the layer's discretisation (any `model.gss.kernel`), in `work` precision."""
+    m = dss.discretised()
+    cdt = torch.complex128 if work == torch.float64 else torch.complex64
+    return torch.complex(m.lam_re, m.lam_im).to(cdt), m.coef().to(cdt), dss.skip.to(work)
 
 
 def fft_skipfold(v: torch.Tensor, dss: DSS) -> torch.Tensor:
@@ -52,9 +55,7 @@ def chunked(v: torch.Tensor, dss: DSS, chunk: int = 128) -> torch.Tensor:
     nc = length // q
     work = torch.promote_types(v.dtype, torch.float32)
     cdt = torch.complex128 if work == torch.float64 else torch.complex64
-    log_neg_re, im, c_re, c_im, skip = _params(dss, work)
-    lam = torch.complex(-torch.exp(log_neg_re), im)  # [N]
-    c = torch.complex(c_re, c_im)  # [H, N]
+    lam, c, skip = _modes(dss, work)  # [N], [H, N], [H]
     pos = torch.arange(q, device=v.device, dtype=work)
     # intra-chunk: Toeplitz T[h, i, j] = K[h, i - j] (i >= j) + D_h [i == j]
     k = (c.unsqueeze(-1) * torch.exp(lam[:, None] * pos)).sum(1).real  # [H, Q] = K[:, :Q]
@@ -98,7 +99,7 @@ class DSSBench(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: FFT variants as GSS.flops_per_token counts them; chunked: the Toeplitz
         matmul (2Q), chunk states (4N), state carry (8N nc / Q) and read-out (4N, after 6N for C S)."""
-        h, n = self.dss.c_re.shape
+        h, n = self.dss.skip.numel(), self.dss.im.numel()
         if self.variant != "chunked":
             m = 2 * seq_len
             return h * (3 * 2.5 * m * math.log2(m) + 6 * m) / seq_len

@@ -1,6 +1,6 @@
 """`pha-lab bench`: training and prefill throughput, peak memory and MFU vs context length.
 
-One call runs the parts a bench YAML lists (sweeps/efficiency.yaml), in its order:
+One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order:
   targets   issue 6's T=1024 checks, compiled: the GPT-2 reference vs transformer_125m, PHA-125M MFU
   overhead  the same LMModule trained by a plain PyTorch loop and by Lightning with the suite's callbacks
   models    every preset x context length x {prefill, train} at a constant number of tokens per step
@@ -24,7 +24,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,12 +38,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from pha_lab.config import PROJECT_ROOT, ConfigError, flatten, load_config
+from pha_lab.config import BENCH_DIR, ConfigError, flatten, load_config
 
 PARTS = ("targets", "overhead", "models", "dss", "branches")
 MODES = ("prefill", "train")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BENCH_DIR = PROJECT_ROOT / "sweeps"
 COLUMNS = [
     "part", "model", "mode", "seq_len", "batch_size", "tokens_per_step", "status", "tokens_per_s", "step_ms_median",
     "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb", "mem_floor_gb", "flops_per_step", "tflops",
@@ -439,9 +437,7 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
     from pha_lab import tracking
 
     cuda = device.type == "cuda"
-    git = tracking.git_info()
-    if git["git_sha"] == "unknown":  # a copied tree without .git (e.g. the GPU machine): the caller may say
-        git = {"git_sha": os.environ.get("PHA_GIT_SHA", "unknown"), "git_dirty": os.environ.get("PHA_GIT_DIRTY", "unknown")}
+    git = tracking.git_info()  # (PHA_GIT_SHA where the tree has no .git, as on the GPU machine)
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
@@ -451,6 +447,7 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
         "python": platform.python_version(),
         "git_sha": git["git_sha"],
         "git_dirty": git["git_dirty"],
+        "command": tracking.command_line(),
         "dtype": f"{spec.dtype}-autocast" if cuda and spec.dtype != "fp32" else "fp32",
         "compile": f"models/branches={spec.compile} targets={spec.targets.compile} overhead={spec.overhead.compile}",
         "tokens_per_step": spec.tokens_per_step,

@@ -27,7 +27,7 @@ def make_branch(name: str, cfg) -> nn.Module:
     d = cfg.d_model
     if name == "gss":
         g = cfg.gss
-        return GSS(d, g.expansion, g.d_hidden, g.n_modes, g.dt_min, g.dt_max)
+        return GSS(d, g.expansion, g.d_hidden, g.n_modes, g.dt_min, g.dt_max, g.kernel)
     if name == "attn":
         a = cfg.attn
         return GroupedQueryAttention(d, a.n_heads, a.n_kv_heads, a.rope_base, a.dropout)

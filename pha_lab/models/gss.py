@@ -2,27 +2,56 @@
 
     u = GELU(W_u h)            width F = expansion * D   (the gate)
     v = GELU(W_v h)            width H = d_hidden        (reduced width, the DSS input)
-    y = DSS(v)                 causal long convolution with K[l] = Re sum_n C~_n exp(lambda_n l), plus D * v
+    y = DSS(v)                 causal long convolution y = K * v with K[h, l] = Re sum_n C~[h, n] exp(lambda_n l), plus D * v
     out = W_o((W_g y) * u)
 
 (Mehta et al.'s pseudo-code swaps the letters u and v; we follow the project's design notes.)
 
-The kernel K is built once per forward, from modes lambda_n shared by the H channels and per-channel
-coefficients C~_{h,n}, so it costs O(N * L) to build and O(H * L log L) to apply via an FFT
-zero-padded to 2L (fp32 always: bf16 FFTs lose the long tail). Without the 2L padding the
+The kernel K (`model.gss.kernel`) is built once per forward from N modes lambda_n shared by the H channels and
+per-channel coefficients C~[h, n], so it costs O(N * L) memory plus an [H, N] @ [N, L] product, and O(H * L log L)
+to apply via an FFT zero-padded to 2L (fp32 always: bf16 FFTs lose the long tail). Without the 2L padding the
 convolution would be circular and leak the future.
+
+dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are as Effective as Structured State
+    Spaces", arXiv 2203.14343), the DSS variant GSS builds on:
+        K[h, l] = Re sum_n W[h, n] * (exp(dt_n Lambda_n) - 1) / Lambda_n * exp(dt_n Lambda_n l),
+    i.e. lambda_n = dt_n Lambda_n and C~ = W (exp(dt Lambda) - 1) / Lambda (zero-order hold: each mode's kernel
+    sums over l to -W / Lambda, whatever its dt). Lambda_n = -exp(a_n) + i b_n, dt_n = exp(log_dt_n).
+    Init as in the DSS reference implementation (github.com/ag1988/dss, src/models/sequence/ss/standalone/dss.py,
+    DSSKernel with version="exp"; defaults in configs/model/layer/dss.yaml): Lambda = the N eigenvalues with
+    positive imaginary part of the skew-symmetric part of the 2N x 2N HiPPO-LegS matrix, minus 1/2
+    (Lambda_init="hippo_skew_pos_imag"); log dt uniform on [log dt_min, log dt_max], dt_min = 1e-3, dt_max = 1e-1;
+    Re W, Im W ~ N(0, 1). Two deliberate differences: (1) dt is one per mode, shared by the H channels (the
+    reference has one dt per channel, separate ones for the real and imaginary part, equal at init, which needs an [H, N, L]
+    Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what GSS does
+    (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
+    formula, with Im Lambda = exp(.) and N = 512, H = 256, as reproduced in lucidrains/gated-state-spaces-pytorch,
+    gss.py; the GSS authors' slides say a random init works well for language modelling); (2) the
+    skip D starts at 1 (reference: N(0, 1)). The reference trains these parameters without weight decay, as does
+    our optimiser (training/module.py: `.dss.` parameters), and with its own lr of 1e-3 (we use the model's lr).
+s4d_lin_noscale: the kernel this project used first: K[h, l] = Re sum_n C[h, n] exp(lambda_n l) with the S4D-Lin
+    init lambda_n = dt_n (-1/2 + i pi n) (Gu et al. 2022, arXiv 2206.11893), dt_n geometric over the modes on
+    [dt_min, dt_max], C ~ N(0, 1/(2N)), and no discretisation factor (the DSS reference's "exp-no-scale").
+
+Numerics: the angle Im(lambda_n) * l reaches ~4e6 rad at l = 65536 for the dss_exp init; formed in fp32 it is
+off by up to half an ulp of that (at 32k: 0.1 rad for dss_exp, 0.03 rad for s4d_lin_noscale). So the modes are
+discretised and the angle reduced mod 2 pi in float64 (O(N L) elementwise, cheap): the fp32 angle is within
+3e-7 rad of float64 at any length (tests/test_models.py::test_mode_powers_phase_accuracy, 2.8e-7 at 65536);
+the rest of the kernel and the FFTs run in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pha_lab.config import round_to
+from pha_lab.config import DSS_KERNELS, round_to
 
 
 def fp32_region(device: torch.device):
@@ -32,13 +61,51 @@ def fp32_region(device: torch.device):
     return nullcontext()
 
 
-def dss_kernel(log_neg_re: torch.Tensor, im: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor, length: int) -> torch.Tensor:
-    """K[h, l] = Re sum_n C~[h, n] exp(lambda_n * l), lambda_n = -exp(log_neg_re_n) + i im_n.  -> [H, L]"""
-    pos = torch.arange(length, device=im.device, dtype=im.dtype)
-    decay = torch.exp(-torch.exp(log_neg_re)[:, None] * pos)  # [N, L]
-    phase = im[:, None] * pos
-    # Re(C (cos + i sin) decay) = (C_re cos - C_im sin) decay: two real [H,N]@[N,L] matmuls, no complex copies.
-    return c_re @ (decay * torch.cos(phase)) - c_im @ (decay * torch.sin(phase))
+@functools.lru_cache(maxsize=8)
+def skew_hippo_eigenvalues(n_modes: int) -> torch.Tensor:
+    """DSS's Lambda init [N] (complex128, CPU): the N eigenvalues with the largest imaginary part of the
+    skew-symmetric part of the 2N x 2N HiPPO-LegS matrix (purely imaginary, in conjugate pairs), minus 1/2."""
+    q = torch.sqrt(2 * torch.arange(2 * n_modes, dtype=torch.float64, device="cpu") + 1)
+    legs = torch.tril(q[:, None] * q[None, :], diagonal=-1)  # HiPPO-LegS below the diagonal (sign irrelevant here)
+    eig = torch.linalg.eigvals((legs - legs.T) / 2)
+    top = eig[torch.argsort(eig.imag, descending=True)[:n_modes]]
+    return torch.complex(torch.full_like(top.real, -0.5), top.imag)
+
+
+class DiscreteDSS(NamedTuple):
+    """A DSS layer in discrete time, per channel h and mode n (float64, see the module docstring):
+
+        x_t[h, n] = exp(lambda_n) x_{t-1}[h, n] + v_t[h],    y_t[h] = Re sum_n coef[h, n] x_t[h, n]  (+ D v_t[h])
+
+    whose impulse response is the kernel K[h, l] = Re sum_n coef[h, n] exp(lambda_n l)."""
+
+    lam_re: torch.Tensor  # [N] log |per-step decay| (< 0)
+    lam_im: torch.Tensor  # [N] per-step rotation (rad)
+    coef_re: torch.Tensor  # [H, N]
+    coef_im: torch.Tensor  # [H, N]
+
+    def decay(self) -> torch.Tensor:
+        """exp(lambda): each mode's complex per-step decay, [N]."""
+        return torch.exp(torch.complex(self.lam_re, self.lam_im))
+
+    def coef(self) -> torch.Tensor:
+        return torch.complex(self.coef_re, self.coef_im)
+
+
+def mode_powers(lam_re: torch.Tensor, lam_im: torch.Tensor, length: int, dtype: torch.dtype = torch.float32):
+    """exp(lambda_n l) for l < length as (real, imag), each [N, L] in `dtype`. The exponent is formed in float64
+    and the angle reduced mod 2 pi there, so only a value in [0, 2 pi) is rounded to fp32."""
+    pos = torch.arange(length, device=lam_im.device, dtype=torch.float64)
+    angle = torch.remainder(lam_im.double()[:, None] * pos, 2 * math.pi).to(dtype)
+    magnitude = torch.exp((lam_re.double()[:, None] * pos).to(dtype))
+    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+
+
+def dss_kernel(modes: DiscreteDSS, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """K[h, l] = Re sum_n coef[h, n] exp(lambda_n l)  -> [H, L] in `dtype`."""
+    re, im = mode_powers(modes.lam_re, modes.lam_im, length, dtype)
+    # Re(C (re + i im)) = C_re re - C_im im: two real [H,N]@[N,L] matmuls, no complex copies.
+    return modes.coef_re.to(dtype) @ re - modes.coef_im.to(dtype) @ im
 
 
 def causal_fft_conv(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -53,24 +120,51 @@ def causal_fft_conv(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 class DSS(nn.Module):
-    """Diagonal state space layer (DSS-exp), H channels sharing N complex modes."""
+    """Diagonal state space layer: H channels sharing N complex modes, kernel `dss_exp` or `s4d_lin_noscale`."""
 
-    def __init__(self, d_hidden: int, n_modes: int, dt_min: float = 1e-3, dt_max: float = 1e-1):
+    def __init__(self, d_hidden: int, n_modes: int, dt_min: float = 1e-3, dt_max: float = 1e-1, kernel: str = "dss_exp"):
         super().__init__()
-        # S4D-Lin style init: lambda_n = dt_n * (-1/2 + i pi n), dt_n log-uniform in [dt_min, dt_max].
-        dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), n_modes))
-        self.log_neg_re = nn.Parameter(torch.log(0.5 * dt))  # Lambda (real part, kept negative)
-        self.im = nn.Parameter(math.pi * torch.arange(n_modes) * dt)  # Lambda (imaginary part)
-        scale = 1.0 / math.sqrt(2 * n_modes)
-        self.c_re = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (real)
-        self.c_im = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (imag)
+        if kernel not in DSS_KERNELS:
+            raise ValueError(f"unknown DSS kernel '{kernel}'; choose one of: {', '.join(DSS_KERNELS)}")
+        self.kind = kernel
+        device = torch.get_default_device()  # the eigenvalues are computed on the CPU (also under a meta device)
+        if kernel == "dss_exp":
+            lam = skew_hippo_eigenvalues(n_modes).to(device)
+            log_dt = math.log(dt_min) + torch.rand(n_modes) * (math.log(dt_max) - math.log(dt_min))
+            self.log_dt = nn.Parameter(log_dt)  # dt (per mode)
+            self.log_neg_re = nn.Parameter(torch.log(-lam.real).float())  # Lambda = -exp(log_neg_re) + i im
+            self.im = nn.Parameter(lam.imag.float())
+            self.w_re = nn.Parameter(torch.randn(d_hidden, n_modes))  # W (real)
+            self.w_im = nn.Parameter(torch.randn(d_hidden, n_modes))  # W (imag)
+        else:  # lambda_n = dt_n * (-1/2 + i pi n), dt_n geometric in [dt_min, dt_max]; no discretisation factor
+            dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), n_modes))
+            self.log_neg_re = nn.Parameter(torch.log(0.5 * dt))  # lambda = -exp(log_neg_re) + i im
+            self.im = nn.Parameter(math.pi * torch.arange(n_modes) * dt)
+            scale = 1.0 / math.sqrt(2 * n_modes)
+            self.c_re = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (real)
+            self.c_im = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (imag)
         self.skip = nn.Parameter(torch.ones(d_hidden))  # D
 
+    def discretised(self) -> DiscreteDSS:
+        """The per-mode discrete exponents lambda and per-channel coefficients, in float64 (shared by the
+        convolution kernel and a step-by-step recurrence)."""
+        if self.kind == "s4d_lin_noscale":
+            return DiscreteDSS(-torch.exp(self.log_neg_re.double()), self.im.double(), self.c_re.double(), self.c_im.double())
+        dt = torch.exp(self.log_dt.double())
+        lam_re, lam_im = -torch.exp(self.log_neg_re.double()), self.im.double()  # continuous-time Lambda
+        z_re, z_im = dt * lam_re, dt * lam_im  # dt Lambda
+        # exp(z) - 1 without cancellation for small |z|: expm1(Re z) cos(Im z) - 2 sin^2(Im z / 2) + i exp(Re z) sin(Im z)
+        e_re = torch.expm1(z_re) * torch.cos(z_im) - 2 * torch.sin(z_im / 2) ** 2
+        e_im = torch.exp(z_re) * torch.sin(z_im)
+        norm = lam_re**2 + lam_im**2  # > 0: Re Lambda < 0
+        b_re, b_im = (e_re * lam_re + e_im * lam_im) / norm, (e_im * lam_re - e_re * lam_im) / norm  # (exp(z) - 1) / Lambda
+        w_re, w_im = self.w_re.double(), self.w_im.double()
+        return DiscreteDSS(z_re, z_im, w_re * b_re - w_im * b_im, w_re * b_im + w_im * b_re)
+
     def kernel(self, length: int) -> torch.Tensor:
-        work = torch.promote_types(self.im.dtype, torch.float32)
-        params = (self.log_neg_re, self.im, self.c_re, self.c_im)
-        with fp32_region(self.im.device):
-            return dss_kernel(*(p.to(work) for p in params), length)
+        work = torch.promote_types(self.skip.dtype, torch.float32)
+        with fp32_region(self.skip.device):
+            return dss_kernel(self.discretised(), length, work)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         with fp32_region(v.device):
@@ -79,12 +173,13 @@ class DSS(nn.Module):
 
 
 class GSS(nn.Module):
-    def __init__(self, d_model: int, expansion: float, d_hidden: int, n_modes: int, dt_min: float, dt_max: float):
+    def __init__(self, d_model: int, expansion: float, d_hidden: int, n_modes: int, dt_min: float, dt_max: float,
+                 kernel: str = "dss_exp"):
         super().__init__()
         d_gate = round_to(expansion * d_model)  # F
         self.W_u = nn.Linear(d_model, d_gate, bias=False)
         self.W_v = nn.Linear(d_model, d_hidden, bias=False)
-        self.dss = DSS(d_hidden, n_modes, dt_min, dt_max)
+        self.dss = DSS(d_hidden, n_modes, dt_min, dt_max, kernel)
         self.W_g = nn.Linear(d_hidden, d_gate, bias=False)
         self.W_o = nn.Linear(d_gate, d_model, bias=False)
         self.W_o.is_residual_out = True  # scaled init, see LanguageModel._init_weights

@@ -30,16 +30,39 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.wte.weight
         self._init_weights()
 
+    def n_residual_additions(self) -> int:
+        """How many times the network adds to its residual stream: one per branch in a serial block, one per
+        parallel block (its mixer adds the branches' mixture once)."""
+        return sum(1 if blk.layout == "parallel" else len(blk.names) for blk in self.blocks)
+
     def _init_weights(self) -> None:
-        """GPT-2 init: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        """GPT-2 init: N(0, init_std), with the output projections that write to the residual stream scaled so
+        that the stream's variance at init does not grow with depth or depend on the layout.
+
+        GPT-2 scales them by 1/sqrt(number of residual additions) (2 per layer for attention + MLP); we count the
+        real additions (n_residual_additions: k per serial block of k branches, 1 per parallel block), so each
+        addition carries ~1/N_res of one branch's variance and all N_res of them about one branch's variance.
+        A parallel block's mixer starts as a uniform average of its k branches (every mixer: sum of squared
+        weights 1/k), which shrinks its one addition by 1/sqrt(k); its branches get sqrt(k) back, so a
+        parallel and a serial stack of the same branches start with the same residual growth. The channel
+        mixer RMS-normalises each branch, so no projection scale reaches the stream: it scales its weights
+        instead (ChannelMixer.residual_init). tests/test_models.py::test_initial_residual_growth measures it."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear) and not getattr(module.weight, "no_init", False):
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_out", False) else 1.0
-                nn.init.normal_(module.weight, 0.0, std * scale)
+                nn.init.normal_(module.weight, 0.0, std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.wte.weight, 0.0, std)
+        n_res = self.n_residual_additions()
+        for blk in self.blocks:
+            k = len(blk.names) if blk.layout == "parallel" else 1
+            out_std = std * math.sqrt(k / n_res)
+            for module in blk.branches.modules():
+                if getattr(module, "is_residual_out", False):
+                    nn.init.normal_(module.weight, 0.0, out_std)
+            if blk.layout == "parallel":
+                blk.mixer.residual_init(out_std)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, vocab]."""

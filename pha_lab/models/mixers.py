@@ -3,11 +3,13 @@
 Each mixer exposes `weights()`, a [k] tensor of its current per-branch weights, for logging:
 static   softmax over per-layer logits, initialised uniform (the paper's "learnable static mixing")
 scalar   free per-branch scalars, initialised 1/k
-channel  per-branch RMSNorm, then per-branch per-channel weights initialised 1/k (Hymba style)
+channel  per-branch RMSNorm, then per-branch per-channel weights (Hymba style), initialised equal and small
+         (residual_init: the normalisation hides the branches' scaled init from the residual stream)
 concat   Linear(k*D -> D) over the concatenated outputs (Falcon-H1 style); weights() = each block's
          share of the weight matrix's squared norm
 gate     input-dependent softmax gate Linear(D -> k) on h, zero-initialised (uniform at start);
-         weights() = mean gate over the tokens of the last forward (the "dynamic" ablation)
+         weights() = mean gate over the tokens of the last forward (the "dynamic" ablation); the logged
+         weights are its mean over the validation set's scored tokens (training.callbacks.MixerIntrospection)
 mean     fixed 1/k, no parameters (the control)
 """
 
@@ -24,6 +26,14 @@ class Mixer(nn.Module):
 
     def weights(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def residual_init(self, out_std: float) -> None:
+        """Called by LanguageModel._init_weights with the std given to the branches' output projections. Mixers
+        whose output scales with the branch outputs need nothing."""
+
+    def token_weights(self) -> torch.Tensor | None:
+        """[B, T, k] per-token weights of the last forward for an input-dependent mixer, else None."""
+        return None
 
 
 class StaticMixer(Mixer):
@@ -61,6 +71,14 @@ class ChannelMixer(Mixer):
     def weights(self) -> torch.Tensor:
         return self.scales.mean(dim=1)
 
+    def residual_init(self, out_std: float) -> None:
+        """Each normalised branch output has RMS 1 whatever its projection's init, so at 1/k this mixer would add
+        RMS ~1/sqrt(k) per layer (~50x the embedding's 0.02 after a few layers). Start its weights where a
+        projection with the branches' scaled init, fan-in D, would put a unit-RMS input, averaged over the k
+        branches like the other mixers: out_std * sqrt(D) / k."""
+        with torch.no_grad():
+            self.scales.fill_(out_std * self.scales.shape[1] ** 0.5 / self.k)
+
     def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         w = self.scales.to(ys[0].dtype)
         return sum(w[i] * norm(y) for i, (norm, y) in enumerate(zip(self.norms, ys)))
@@ -90,14 +108,20 @@ class GateMixer(Mixer):
         self.gate = nn.Linear(d_model, n_branches, bias=False)
         nn.init.zeros_(self.gate.weight)
         self.gate.weight.no_init = True
-        self.register_buffer("last_mean", torch.full((n_branches,), 1.0 / n_branches), persistent=False)
+        self.last_gate: torch.Tensor | None = None  # [B, T, k] fp32 gates of the last forward (detached)
 
     def weights(self) -> torch.Tensor:
-        return self.last_mean
+        if self.last_gate is None:
+            return torch.full((self.k,), 1.0 / self.k)
+        return self.last_gate.mean(dim=(0, 1))
+
+    def token_weights(self) -> torch.Tensor | None:
+        return self.last_gate
 
     def forward(self, ys: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        g = torch.softmax(self.gate(h).float(), dim=-1).to(ys[0].dtype)  # [B, T, k]
-        self.last_mean.copy_(g.detach().float().mean(dim=(0, 1)))
+        g = torch.softmax(self.gate(h).float(), dim=-1)  # [B, T, k]
+        self.last_gate = g.detach()
+        g = g.to(ys[0].dtype)
         return sum(g[..., i : i + 1] * y for i, y in enumerate(ys))
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from pha_lab.config import PROJECT_ROOT, ConfigError, load_config
+from pha_lab.config import BENCH_DIR, PROJECT_ROOT, ConfigError, load_config
 
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 SEARCH_TYPES = ("float", "int", "categorical")
@@ -118,6 +118,9 @@ def load_sweep(name_or_path: str, extra: list[str] = ()) -> SweepSpec:
     path = Path(name_or_path)
     if not path.is_file():
         path = SWEEPS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file() and (BENCH_DIR / f"{name_or_path}.yaml").is_file():
+        raise ConfigError(f"'{name_or_path}' is a benchmark spec ({BENCH_DIR.name}/{name_or_path}.yaml), not a sweep: "
+                          f"run it with `pha-lab bench {name_or_path}` (bench specs live in {BENCH_DIR}, sweeps in {SWEEPS_DIR})")
     if not path.is_file():
         near = difflib.get_close_matches(str(name_or_path), sweep_names(), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""

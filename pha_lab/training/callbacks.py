@@ -12,11 +12,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived: stop at the next batch boundary, checkpoint, mark the run KILLED."""
+    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED."""
 
 
 def is_interruption(exc: BaseException) -> bool:
@@ -34,39 +35,47 @@ def request_stop(reason: str | None) -> None:
 
 
 class Interruption(L.Callback):
-    """Turns SIGINT/SIGTERM (or `request_stop`) into a checkpoint at a batch boundary (`last.ckpt`) and a clean stop.
+    """Turns SIGINT/SIGTERM (or `request_stop`) into a checkpoint (`last.ckpt`) and a clean stop right after an
+    optimizer step.
 
-    The handlers only set a flag; the exception is raised after the optimizer step of the current
-    batch, so the checkpoint holds a consistent (weights, optimizer, step) triple to resume from.
-    Under DDP all ranks stop at the same step when any rank got the signal."""
+    The handlers only set a flag; the exception is raised at the end of the first batch that completes an
+    optimizer step after it (never inside a gradient accumulation), so the checkpoint holds a consistent
+    (weights, optimizer, step, data position) to resume from exactly. Under DDP every rank stops after the same
+    step when any rank got the signal. While training, they replace Lightning's own SIGTERM handler, which
+    would stop after the current micro-batch."""
 
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
+        self._step = 0
 
     def _handler(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after Lightning installed its handlers for this fit
             try:
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread: leave signals to the caller
                 pass
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if not stepped:  # inside a gradient accumulation (the same batches on every DDP rank)
+            return
         self.requested = self.requested or _stop_request
         if trainer.strategy.reduce_boolean_decision(bool(self.requested), all=False):
-            raise RunInterrupted(f"{self.requested or 'another rank'} received at step {trainer.global_step}")
+            raise RunInterrupted(f"{self.requested or 'another rank'} received; stopped after step {trainer.global_step}")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if is_interruption(exception):
             trainer.save_checkpoint(self.ckpt_path)
         self._restore()
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._restore()
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()  # before Lightning's teardown puts back the handlers it found
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -84,29 +93,86 @@ class TokensProgressBar(TQDMProgressBar):
         fmt = bar.format_dict if bar is not None else {}
         rate = fmt.get("rate") or (fmt["n"] / fmt["elapsed"] if fmt.get("elapsed") and fmt.get("n") else None)
         if rate:
-            d = pl_module.cfg.data
-            items["tok/s"] = f"{rate * d.batch_size * d.seq_len / trainer.accumulate_grad_batches:,.0f}"
+            d = pl_module.cfg.data  # the bar counts micro-batches, whatever the accumulation
+            items["tok/s"] = f"{rate * d.batch_size * d.seq_len:,.0f}"
         return items
 
 
+class CudaMemory:
+    """The device's peak-allocation counter (None off CUDA): what PeakMemory reads and resets."""
+
+    @staticmethod
+    def reset(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @staticmethod
+    def peak_gb(device: torch.device) -> float | None:
+        return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
 class PeakMemory(L.Callback):
-    """CUDA peak allocated memory (GB) at each logging step."""
+    """Peak allocated device memory (GB) per stage: `train/peak_mem_gb` (the running peak of this fit's
+    training), `val/peak_mem_gb` and `test/peak_mem_gb` (each evaluation's peak).
+
+    The counter is reset when each stage starts, so nothing carries over from an earlier run in the same
+    process (a sweep worker) or from validation into training."""
+
+    def __init__(self, memory=None):
+        self.memory = memory or CudaMemory()
+        self.train_peak = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_peak = 0.0
+        self.memory.reset(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            if (trainer.global_step % trainer.log_every_n_steps) == 0:
-                pl_module.log("train/peak_mem_gb", torch.cuda.max_memory_allocated(pl_module.device) / 1e9)
+        if trainer.global_step % trainer.log_every_n_steps:
+            return  # logged at the logging steps only (a logged float becomes a device tensor)
+        peak = self.memory.peak_gb(pl_module.device)
+        if peak is not None:
+            pl_module.log("train/peak_mem_gb", max(self.train_peak, peak), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        peak = self.memory.peak_gb(pl_module.device)
+        if peak is not None and trainer.state.fn == TrainerFn.FITTING:  # keep training's peak so far
+            self.train_peak = max(self.train_peak, peak)
+        self.memory.reset(pl_module.device)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._log_eval("val", pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.memory.reset(pl_module.device)  # training goes on from here; its earlier peak is in train_peak
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.memory.reset(pl_module.device)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log_eval("test", pl_module)
+
+    def _log_eval(self, stage: str, pl_module) -> None:
+        peak = self.memory.peak_gb(pl_module.device)
+        if peak is not None:
+            pl_module.log(f"{stage}/peak_mem_gb", peak, sync_dist=True, reduce_fx="max")
 
 
 class MixerIntrospection(L.Callback):
     """At every validation: each layer's mixer weights and each branch's output RMS (on the first
-    validation batch) as metrics `mixer/L{i}/{branch}` and `rms/L{i}/{branch}`. At the end of fit:
-    a per-layer x per-branch table (`mixer_weights.csv`) and heatmap (`mixer_weights.png`),
-    the paper's "sandwich" figure for one run, as MLflow artifacts."""
+    validation batch) as metrics `mixer/L{i}/{branch}` and `rms/L{i}/{branch}`. An input-dependent mixer
+    (gate) reports its mean weights over the validation set's scored tokens (labels != -100: padding
+    excluded), token-weighted over all batches and ranks. At the end of fit: the last validation's
+    per-layer x per-branch table (`mixer_weights.csv`) and heatmap (`mixer_weights.png`), the paper's
+    "sandwich" figure for one run, as MLflow artifacts."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.rms: list[dict[str, float]] = []
+        self.weights: list[dict[str, float]] = []  # as logged at the last validation
+        self._gate_sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (sum of gates, tokens)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._gate_sums = {}
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
@@ -114,15 +180,28 @@ class MixerIntrospection(L.Callback):
             self.rms = self._recorder.__enter__()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0 and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if batch_idx == 0:
             self._recorder.__exit__(None, None, None)
             self.rms = [dict(layer) for layer in self.rms]
+        scored = (batch["labels"] != -100).unsqueeze(-1)
+        for i, blk in enumerate(pl_module.model.blocks):
+            gates = blk.mixer.token_weights() if hasattr(blk, "mixer") else None
+            if gates is not None:  # summed on the device: no sync per batch
+                total, count = self._gate_sums.get(i, (0.0, 0.0))
+                self._gate_sums[i] = (total + (gates.double() * scored).sum(dim=(0, 1)), count + scored.sum())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        self.weights = pl_module.model.mixer_weights()
+        for i, (total, count) in self._gate_sums.items():
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+            count = trainer.strategy.reduce(count.double(), reduce_op="sum")
+            self.weights[i] = dict(zip(pl_module.model.blocks[i].names, (total / count.clamp_min(1)).tolist()))
         metrics = {}
-        for i, (weights, rms) in enumerate(zip(pl_module.model.mixer_weights(), self.rms)):
+        for i, (weights, rms) in enumerate(zip(self.weights, self.rms)):
             metrics.update({f"mixer/L{i}/{b}": w for b, w in weights.items()})
             metrics.update({f"rms/L{i}/{b}": r for b, r in rms.items()})
         pl_module.log_dict(metrics)
@@ -130,10 +209,11 @@ class MixerIntrospection(L.Callback):
     def table(self, pl_module):
         import pandas as pd
 
+        weights = self.weights or pl_module.model.mixer_weights()
         rows = []
-        for i, (weights, rms) in enumerate(zip(pl_module.model.mixer_weights(), self.rms or [{}] * len(pl_module.model.blocks))):
+        for i, (w, rms) in enumerate(zip(weights, self.rms or [{}] * len(pl_module.model.blocks))):
             for b in pl_module.model.blocks[i].names:
-                rows.append({"layer": i, "branch": b, "weight": weights.get(b, float("nan")), "rms": rms.get(b, float("nan"))})
+                rows.append({"layer": i, "branch": b, "weight": w.get(b, float("nan")), "rms": rms.get(b, float("nan"))})
         return pd.DataFrame(rows)
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pha_lab.models import build_model
@@ -50,12 +50,14 @@ class LMModule(L.LightningModule):
         self.model = build_model(cfg.model)
         self.is_mqar = cfg.data.source == "mqar"
         seq_len = cfg.data.seq_len
-        # FLOPs of one training batch (fwd+bwd) for Lightning's ThroughputMonitor -> MFU.
-        self.flops_per_token = self.model.flops_per_token(seq_len)["total"]
-        self.flops_per_batch = self.flops_per_token * seq_len * cfg.data.batch_size
-        self.train_loss = MeanMetric()
-        self.eval_nll = SumMetric()  # summed over scored tokens: exact token-level loss, PPL and bits per byte
-        self.eval_tokens = SumMetric()
+        self.flops_per_token = self.model.flops_per_token(seq_len)["total"]  # training: forward + backward
+        self.eval_flops_per_token = self.model.flops_per_token(seq_len, training=False)["total"]  # forward only
+        self._last_batch_size = cfg.data.batch_size
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked before it
+        # summed over scored tokens: exact token-level loss, PPL and bits per byte. NaN checks are ours
+        # (_eval_step): the metrics' default would drop a NaN loss and keep its tokens.
+        self.eval_nll = SumMetric(nan_strategy="disable")
+        self.eval_tokens = SumMetric(nan_strategy="disable")
         if self.is_mqar:
             self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=-100, average="micro")
         if cfg.trainer.compile:
@@ -63,6 +65,14 @@ class LMModule(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    @property
+    def flops_per_batch(self) -> float:
+        """FLOPs of the batch just processed, read by Lightning's ThroughputMonitor after every batch (-> FLOP/s,
+        MFU): forward + backward in training, forward only in validation and test, over that batch's rows."""
+        training = self._trainer is None or self.trainer.training
+        per_token = self.flops_per_token if training else self.eval_flops_per_token
+        return per_token * self.cfg.data.seq_len * self._last_batch_size
 
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"])
@@ -74,18 +84,27 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         _, nll, count = self._losses(batch)
         loss = nll / count.clamp_min(1)
-        self.train_loss.update(loss.detach())
+        self._last_batch_size = batch["input_ids"].shape[0]
+        self._step_losses.append(loss.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}")
+    def _check_step_losses(self) -> None:
+        """A NaN/inf loss in any micro-batch of this step fails the run *before* the optimizer step, so no
+        weights (nor checkpoint) ever hold its NaN. One host sync per optimizer step."""
+        if not self._step_losses:  # no training_step ran: the bench's hand-written loop, which clips only
+            return
+        losses, self._step_losses = torch.stack(self._step_losses), []
+        if not torch.isfinite(losses).all():
+            bad = losses[~torch.isfinite(losses)][0].item()
+            raise NonFiniteLossError(f"non-finite training loss ({bad}) at step {self.global_step + 1}; "
+                                     "the optimizer step was not taken")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip here rather than through the Trainer: Lightning refuses `gradient_clip_val` with a fused
-        AdamW under bf16-mixed, where no gradient scaler is involved and clipping is safe."""
+        """Check the losses, then clip here rather than through the Trainer: Lightning refuses
+        `gradient_clip_val` with a fused AdamW under bf16-mixed, where no gradient scaler is involved and
+        clipping is safe."""
+        self._check_step_losses()
         clip = self.cfg.optim.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # the norm before clipping
         if (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0:
@@ -104,8 +123,12 @@ class LMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict) -> None:
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         logits, nll, count = self._losses(batch)
+        self._last_batch_size = batch["input_ids"].shape[0]
+        if not torch.isfinite(nll):
+            raise NonFiniteLossError(f"non-finite {stage} loss ({nll.item()}) in {stage} batch {batch_idx} "
+                                     f"(after training step {self.global_step}): the model's outputs are not finite")
         self.eval_nll.update(nll.detach().float())
         self.eval_tokens.update(count.float())
         if self.is_mqar:
@@ -134,13 +157,13 @@ class LMModule(L.LightningModule):
         return datamodule.eval_protocol(EVAL_SPLITS[stage]) if datamodule is not None else {}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -103,6 +103,22 @@ def _create_or_reopen_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]
     return run.info.run_id, False
 
 
+def prepare_determinism(cfg: DictConfig) -> None:
+    """`trainer.deterministic`: Lightning then enables `torch.use_deterministic_algorithms(True)` (strict: an op
+    without a deterministic kernel raises; SDPA's flash and memory-efficient backward switch to their
+    deterministic modes, cuDNN attention is not chosen). cuBLAS reads CUBLAS_WORKSPACE_CONFIG once per process,
+    at its first use, so it must be set before anything touches CUDA (the run's tags query the GPU)."""
+    import torch
+
+    if not cfg.trainer.deterministic or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8"):
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError("trainer.deterministic=true: this process already uses CUDA without CUBLAS_WORKSPACE_CONFIG, "
+                          "so cuBLAS may not be deterministic; start it with CUBLAS_WORKSPACE_CONFIG=:4096:8 in the "
+                          "environment (e.g. a sweep that mixes deterministic and non-deterministic trials)")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+
+
 def per_step_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     """The callbacks that act on every training step (also timed by `pha-lab bench`'s overhead part):
     interruption, peak memory, LR, tokens/s in the progress bar, Lightning's throughput/MFU."""
@@ -139,6 +155,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
     else:
         changed = []
     validate(cfg)
+    prepare_determinism(cfg)
+    deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     uri = tracking.tracking_uri(cfg.tracking)
     client = tracking.client(uri)
     run_id, resumed = _open_run(cfg, client, uri)
@@ -244,6 +262,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
             client.set_terminated(run_id, status)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # the next run in this process (a sweep) starts a new group
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])  # Lightning leaves it set
         for key, value in env_before.items():
             if value is None:
                 os.environ.pop(key, None)
