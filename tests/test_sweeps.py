@@ -122,7 +122,7 @@ def test_worker_killed_before_first_checkpoint_restarts_in_its_run(tmp_path):
     """The retry starts the cell over in the same MLflow run; it re-logs the run's params, which must
     not include the tags (trial_number changes on a retry, and MLflow refuses to change a param)."""
     runs = tmp_path / "runs"
-    overrides = {**FAST, "trainer.max_steps": 40, "trainer.ckpt_every_n_steps": 1000, "trainer.val_every_n_steps": 40}
+    overrides = {**FAST, "trainer.max_steps": 20, "trainer.ckpt_every_n_steps": 1000, "trainer.val_every_n_steps": 20}
     path = write_sweep(tmp_path, "early", overrides=overrides)
     client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
     victim = kill_sweep_when(path, runs, "early", lambda t: "mlflow_run_id" in t.user_attrs
@@ -189,11 +189,15 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
     spec = load_sweep(path)
     cells = list(spec.cells())
     study, storage = open_study(spec, storage_url)
+    dead = []
     for key in cells[:n_dead]:  # a dead worker's trials: RUNNING, last heartbeat long ago
         study.enqueue_trial({"cell": key})
-        claim_waiting(study, storage).suggest_categorical("cell", cells)
+        dead.append(claim_waiting(study, storage))
+        dead[-1].suggest_categorical("cell", cells)
+    heartbeats = TrialHeartbeatModel.__table__
     with storage.engine.begin() as conn:
-        conn.execute(sa.update(TrialHeartbeatModel.__table__).values(heartbeat=datetime(2000, 1, 1)))
+        conn.execute(sa.update(heartbeats).where(heartbeats.c.trial_id.in_([t._trial_id for t in dead]))
+                     .values(heartbeat=datetime(2000, 1, 1)))
     gate = tmp_path / "gate"
     gate.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, path, storage_url, str(gate)], text=True,
@@ -205,7 +209,8 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     claimed = Counter(cell for out, _ in outputs for cell in out.split())
-    assert claimed == Counter(cells), f"claimed more than once: {[c for c, n in claimed.items() if n > 1]}"
+    assert claimed == Counter(cells), f"cells not claimed exactly once: {claimed - Counter(cells)} too many, " \
+                                      f"{Counter(cells) - claimed} missing"
     trials = optuna.load_study(study_name="race", storage=storage_url).get_trials()
     assert len(trials) == len(cells) + n_dead  # no cell queued twice, one retry per dead trial
     assert Counter(t.params["cell"] for t in trials if t.state.name == "COMPLETE") == Counter(cells)
