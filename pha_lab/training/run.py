@@ -179,7 +179,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         if cfg.trainer.cpu_threads and not on_gpu:
             torch.set_num_threads(cfg.trainer.cpu_threads)
         if rank_zero and resume_from is None:  # (identical values may be logged again after a restart)
-            params = {k: v for k, v in flatten(cfg).items() if k != "resume"}
+            # tracking.tags are the run's tags already; as params they would differ on a sweep's retry
+            # (trial_number), and MLflow refuses to change a logged param
+            params = {k: v for k, v in flatten(cfg).items() if k != "resume" and not k.startswith("tracking.tags.")}
             MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(params)
             for key, value in {
                 "n_params": module.model.n_params(),
