@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 
 import mlflow
 import optuna
@@ -15,8 +16,8 @@ import pytest
 import yaml
 
 from pha_lab.config import ConfigError
-from pha_lab.sweep.runner import run_sweep
-from pha_lab.sweep.spec import load_sweep, sweep_names
+from pha_lab.sweep.runner import claim_waiting, enqueue_grid, open_study, run_sweep, tell, worker_seed
+from pha_lab.sweep.spec import load_sweep, suggest, sweep_names
 
 FAST = {"trainer.max_steps": 8, "trainer.val_every_n_steps": 4, "trainer.ckpt_every_n_steps": 4,
         "trainer.log_every_n_steps": 2, "data.max_eval_tokens": 2048, "optim.warmup_steps": 2}
@@ -72,28 +73,36 @@ def test_smoke_end_to_end(tmp_path):
     assert len(mlflow_runs(runs, "smoke")) == len(df)
 
 
+def kill_sweep_when(path, runs, name, ready, timeout=240):
+    """Start `pha-lab sweep PATH`, SIGKILL its process group once a RUNNING trial satisfies
+    `ready(trial)` (the worker dies without any cleanup), wait past the grace period; the victim."""
+    proc = subprocess.Popen([sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    victim = None
+    deadline = time.time() + timeout
+    while time.time() < deadline and victim is None and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            victim = next((t for t in study_trials(runs, name) if t.state.name == "RUNNING" and ready(t)), None)
+        except Exception:
+            continue  # the study does not exist yet
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert victim is not None, "no trial reached the kill point in time"
+    time.sleep(4)  # > grace_period: the trial's heartbeat is stale
+    return victim
+
+
+def has_file(name):
+    return lambda t: bool(t.user_attrs.get("ckpt_dir")) and os.path.exists(os.path.join(t.user_attrs["ckpt_dir"], name))
+
+
 def test_killed_worker_trial_resumes_in_its_run(tmp_path):
     runs = tmp_path / "runs"
     overrides = {**FAST, "trainer.max_steps": 40, "trainer.ckpt_every_n_steps": 5, "trainer.val_every_n_steps": 20}
     path = write_sweep(tmp_path, "killme", overrides=overrides,
                        grid={"model.mixer": ["static", "mean"]})
-    proc = subprocess.Popen([sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    victim = None
-    deadline = time.time() + 240
-    while time.time() < deadline and victim is None:
-        time.sleep(0.5)
-        try:
-            for t in study_trials(runs, "killme"):
-                ckpt = t.user_attrs.get("ckpt_dir")
-                if t.state.name == "RUNNING" and ckpt and os.path.exists(os.path.join(ckpt, "last.ckpt")):
-                    victim = t
-        except Exception:
-            continue  # the study does not exist yet
-    assert victim is not None, "no trial reached a checkpoint in time"
-    os.killpg(proc.pid, signal.SIGKILL)  # the worker dies without any cleanup
-    proc.wait()
-    time.sleep(4)  # > grace_period: the trial's heartbeat is stale
+    victim = kill_sweep_when(path, runs, "killme", has_file("last.ckpt"))
 
     table = run_sweep(path, runs_dir=str(runs))
     trials = study_trials(runs, "killme")
@@ -109,6 +118,31 @@ def test_killed_worker_trial_resumes_in_its_run(tmp_path):
     assert (table.state == "COMPLETE").sum() == 2
 
 
+def test_worker_killed_before_first_checkpoint_restarts_in_its_run(tmp_path):
+    """The retry starts the cell over in the same MLflow run; it re-logs the run's params, which must
+    not include the tags (trial_number changes on a retry, and MLflow refuses to change a param)."""
+    runs = tmp_path / "runs"
+    overrides = {**FAST, "trainer.max_steps": 20, "trainer.ckpt_every_n_steps": 1000, "trainer.val_every_n_steps": 20}
+    path = write_sweep(tmp_path, "early", overrides=overrides)
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    victim = kill_sweep_when(path, runs, "early", lambda t: "mlflow_run_id" in t.user_attrs
+                             and client.get_run(t.user_attrs["mlflow_run_id"]).data.params)  # params logged
+    assert not has_file("last.ckpt")(victim), "the worker was killed after its first checkpoint"
+
+    table = run_sweep(path, runs_dir=str(runs))
+    assert list(table.state) == ["FAIL", "COMPLETE"]
+    retry = study_trials(runs, "early")[1]
+    assert retry.system_attrs["failed_trial"] == victim.number
+    assert retry.user_attrs["mlflow_run_id"] == victim.user_attrs["mlflow_run_id"]
+    df = mlflow_runs(runs, "early")
+    children = df[df["tags.sweep_parent"] != "true"]
+    assert list(children.run_id) == [victim.user_attrs["mlflow_run_id"]]  # the same run, finished
+    child = children.iloc[0]
+    assert child.status == "FINISHED" and child["tags.restarted_without_checkpoint"] == "true"
+    assert child["metrics.test/loss"] > 0
+    assert not [c for c in df.columns if c.startswith("params.tracking.tags")]
+
+
 def test_two_workers_share_a_grid_without_duplicates(tmp_path):
     runs = tmp_path / "runs"
     path = write_sweep(tmp_path, "pair", grid={"model.mixer": ["static", "mean", "scalar", "gate"]})
@@ -120,6 +154,104 @@ def test_two_workers_share_a_grid_without_duplicates(tmp_path):
     assert len(logs) == 2
     workers_used = {t.user_attrs.get("worker") for t in trials}
     assert len(workers_used) == 2  # both workers took trials
+    assert len({t.user_attrs["sampler_seed"] for t in trials}) == 2  # each with its own sampler seed
+
+
+# One worker ("machine") of the claim race: queue the grid as every `pha-lab sweep` does, then claim
+# and finish trials through the worker's own next_trial/tell; the trial body itself is instant.
+CLAIMER = """
+import os, sys, time, yaml
+from pha_lab.sweep.runner import enqueue_grid, next_trial, open_study, tell
+from pha_lab.sweep.spec import SweepSpec
+path, url, gate = sys.argv[1:]
+spec = SweepSpec(**yaml.safe_load(open(path)))  # (the test validated it: load_sweep)
+study, storage = open_study(spec, url, sampler_seed=0)
+open(os.path.join(gate, f"ready-{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(gate, "go")):
+    time.sleep(0.005)
+enqueue_grid(study, storage, spec)
+while (trial := next_trial(study, storage, spec)) is not None:
+    print(trial.suggest_categorical("cell", list(spec.cells())), flush=True)
+    tell(study, trial, 0.0)
+"""
+
+
+def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
+    """`n_workers` processes released at one instant on one study of 16 cells, of which `n_dead`
+    hold RUNNING trials of a worker that died long ago. Checks that every cell ran exactly once:
+    each dead trial failed and re-queued once, no cell queued twice, no trial claimed twice.
+    (Any RDB URL: issue 15 runs it against PostgreSQL.)"""
+    import sqlalchemy as sa
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    path = write_sweep(tmp_path, "race", grid={"model.mixer": ["static", "mean", "scalar", "gate"]},
+                       seeds=[0, 1, 2, 3], grace_period=60)
+    spec = load_sweep(path)
+    cells = list(spec.cells())
+    study, storage = open_study(spec, storage_url)
+    dead = []
+    for key in cells[:n_dead]:  # a dead worker's trials: RUNNING, last heartbeat long ago
+        study.enqueue_trial({"cell": key})
+        dead.append(claim_waiting(study, storage))
+        dead[-1].suggest_categorical("cell", cells)
+    heartbeats = TrialHeartbeatModel.__table__
+    with storage.engine.begin() as conn:
+        conn.execute(sa.update(heartbeats).where(heartbeats.c.trial_id.in_([t._trial_id for t in dead]))
+                     .values(heartbeat=datetime(2000, 1, 1)))
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, path, storage_url, str(gate)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n_workers)]
+    deadline = time.time() + 60
+    while len(list(gate.glob("ready-*"))) < n_workers and time.time() < deadline:
+        time.sleep(0.01)
+    (gate / "go").touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    claimed = Counter(cell for out, _ in outputs for cell in out.split())
+    assert claimed == Counter(cells), f"cells not claimed exactly once: {claimed - Counter(cells)} too many, " \
+                                      f"{Counter(cells) - claimed} missing"
+    trials = optuna.load_study(study_name="race", storage=storage_url).get_trials()
+    assert len(trials) == len(cells) + n_dead  # no cell queued twice, one retry per dead trial
+    assert Counter(t.params["cell"] for t in trials if t.state.name == "COMPLETE") == Counter(cells)
+    assert sorted(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs) \
+        == sorted(t.number for t in trials if t.state.name == "FAIL") == list(range(n_dead))
+
+
+@pytest.mark.parametrize("repetition", range(3))
+def test_four_workers_run_every_cell_once_on_sqlite(tmp_path, repetition):
+    claim_race(tmp_path, f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_tell_tolerates_a_trial_finished_elsewhere(tmp_path, capsys):
+    """A worker whose trial another worker already failed as stale (its heartbeats were late)
+    reports it and goes on instead of crashing on a second tell."""
+    spec = load_sweep(write_sweep(tmp_path, "late", grid={"model.mixer": ["static"]}))
+    study, storage = open_study(spec, f"sqlite:///{tmp_path}/optuna.db")
+    enqueue_grid(study, storage, spec)
+    trial = claim_waiting(study, storage)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # as the other worker's stale check did
+    assert tell(study, trial, 1.0) is False
+    assert study.trials[0].state.name == "FAIL" and "was already FAIL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_workers_first_suggestions_differ(tmp_path, sampler):
+    """Each worker's sampler is seeded by worker_seed (what the launcher passes to its workers):
+    two workers of one launch draw different first suggestions, the same launch again draws the
+    same ones, and a later launch (resuming the study) draws new ones."""
+    spec = load_sweep(write_sweep(tmp_path, "draws", sampler=sampler, n_trials=4,
+                                  search={"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+                                          "optim.warmup_steps": {"type": "int", "low": 0, "high": 100}}))
+    url = f"sqlite:///{tmp_path}/optuna.db"
+
+    def first_suggestion(worker_index, n_trials_at_launch):
+        study, _ = open_study(spec, url, worker_seed(spec, worker_index, n_trials_at_launch))
+        return suggest(study.ask(), spec)
+
+    first = [first_suggestion(0, 0), first_suggestion(1, 0)]
+    assert first[0] != first[1]
+    assert first_suggestion(0, 0) == first[0] and first_suggestion(0, 3) != first[0]
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -138,18 +270,47 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert len(run_sweep(path, runs_dir=str(runs), retry_failed=True)) == 3
 
 
-def test_hpo_with_pruning_prunes(tmp_path):
+def test_median_pruning_after_warmup_steps(tmp_path):
+    """Reports are at optimizer steps, so a pruner with n_warmup_steps > 0 prunes: a learning-rate
+    grid (run in order) whose third cell barely learns is pruned at its first report past the warm-up."""
     runs = tmp_path / "runs"
-    overrides = {**FAST, "trainer.max_steps": 12, "trainer.val_every_n_steps": 2}
-    path = write_sweep(tmp_path, "tune", overrides=overrides, sampler="random", n_trials=6,
+    path = write_sweep(tmp_path, "prune", grid={"optim.lr": [1.0e-2, 5.0e-3, 1.0e-7]},
+                       overrides={**FAST, "trainer.max_steps": 8, "trainer.val_every_n_steps": 2},
+                       pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3})
+    table = run_sweep(path, runs_dir=str(runs))
+    assert list(table.state) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    trials = study_trials(runs, "prune")
+    assert [sorted(t.intermediate_values) for t in trials] == [[2, 4, 6, 8], [2, 4, 6, 8], [2, 4]]
+    assert trials[2].user_attrs["pruned_at_step"] == 4
+    df = mlflow_runs(runs, "prune")
+    run = df[df.run_id == trials[2].user_attrs["mlflow_run_id"]].iloc[0]
+    assert run.status == "KILLED" and run["tags.pruned_at_step"] == "4"
+    assert "pruned by Optuna: at step 4" in run["tags.killed_reason"]
+    assert (df[df.run_id != run.run_id].status == "FINISHED").all()
+
+
+def test_hpo_search_with_pruning(tmp_path):
+    """A sampled search: distinct suggestions, reports at optimizer steps, pruned trials KILLED in
+    MLflow with their step (which of the random trials get pruned depends on the draws)."""
+    runs = tmp_path / "runs"
+    overrides = {**FAST, "trainer.max_steps": 8, "trainer.val_every_n_steps": 2}
+    path = write_sweep(tmp_path, "tune", overrides=overrides, sampler="random", n_trials=4,
                        search={"optim.lr": {"type": "float", "low": 1e-6, "high": 3e-2, "log": True}},
                        objective={"metric": "val/loss", "direction": "minimize"},
-                       pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 0})
+                       pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3})
     table = run_sweep(path, runs_dir=str(runs))
-    assert len(table) == 6 and (table.state == "PRUNED").sum() >= 1
-    df = mlflow_runs(runs, "tune")
-    pruned = df[df["tags.killed_reason"].fillna("").str.contains("pruned")]
-    assert len(pruned) == (table.state == "PRUNED").sum()
+    assert len(table) == 4 and table.state.isin(["COMPLETE", "PRUNED"]).all()
+    trials = study_trials(runs, "tune")
+    assert len({t.params["optim.lr"] for t in trials}) == 4
+    df = mlflow_runs(runs, "tune").set_index("run_id")
+    for t in trials:
+        run = df.loc[t.user_attrs["mlflow_run_id"]]
+        if t.state.name == "PRUNED":
+            step = t.user_attrs["pruned_at_step"]
+            assert step >= 4 and sorted(t.intermediate_values) == list(range(2, step + 1, 2))
+            assert run.status == "KILLED" and run["tags.pruned_at_step"] == str(step)
+        else:
+            assert sorted(t.intermediate_values) == [2, 4, 6, 8] and run.status == "FINISHED"
 
 
 def test_bad_sweeps_fail_before_any_trial(tmp_path):

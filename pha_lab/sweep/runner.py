@@ -2,14 +2,16 @@
 
 - Storage: SQLite beside the MLflow database by default (`<runs_dir>/optuna.db`), or any RDB URL
   (PostgreSQL for several machines: each runs workers against the same study).
-- Grid cells are enqueued once (idempotently) as WAITING trials; a worker claims one with an atomic
-  WAITING -> RUNNING transition, so no two workers run the same cell. Search trials come from the
-  sampler (TPE / random), with median pruning on the validation objective if enabled.
+- Grid cells are enqueued once, in one locked transaction (also when several machines start the
+  sweep together), as WAITING trials; a worker claims one with a conditional WAITING -> RUNNING
+  UPDATE, so no two workers run the same cell, on SQLite as on PostgreSQL. Search trials come from
+  the sampler (TPE / random), seeded per worker (`worker_seed`), with median pruning on the
+  validation objective if enabled, reported at the optimizer step (`pruning.PruneAtStep`).
 - Workers: one per group of `gpus_per_trial` GPUs (pinned with CUDA_VISIBLE_DEVICES), or one on CPU.
 - Robustness: a trial that raises is FAILED (reason in its user attrs and its MLflow run) and the
   sweep goes on; a running trial sends heartbeats, so one whose worker died is found stale by the
   next worker and re-queued with its MLflow run id, and resumes from its last checkpoint in that
-  run; SIGINT/SIGTERM checkpoints the trial and re-queues it. Failed cells rerun only with
+  run (or, if it died before its first one, starts over in that run); SIGINT/SIGTERM checkpoints the trial and re-queues it. Failed cells rerun only with
   `--retry-failed`.
 - MLflow: one experiment per sweep, a parent run (sweep file and summary table as artifacts) and a
   nested child run per trial tagged with sweep, cell, seed and trial number.
@@ -18,14 +20,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import warnings
 import time
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +69,27 @@ def create_study_once(spec: SweepSpec, storage_url: str, attempts: int = 8) -> b
 
 
 def wait_for_creator(study, timeout_s: float = 120.0) -> None:
-    """The study was just created by another process: let it queue the grid and name the MLflow parent
-    run first (one queue, one parent run), unless it is gone after `timeout_s`."""
+    """The study was just created by another process: let it create the sweep's MLflow parent run first
+    (one parent run, however many machines start together), unless it is gone after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while "mlflow_parent_run_id" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(1)
 
 
-def open_study(spec: SweepSpec, storage_url: str):
+def worker_seed(spec: SweepSpec, worker_index: int, n_trials_at_launch: int) -> int:
+    """The sampler seed of one worker: distinct per machine, per worker and per launch, reproducible.
+
+    A hash of the sweep's first seed, this machine's hostname (machines running the same command on
+    one study), the worker's index among the launcher's workers, and the number of trials the study
+    held when the sweep was launched (a resumed sweep must not replay its first launch's draws).
+    The same launch on the same machine draws the same seeds again."""
+    key = f"{spec.seeds[0]}|{socket.gethostname()}|{worker_index}|{n_trials_at_launch}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def open_study(spec: SweepSpec, storage_url: str, sampler_seed: int | None = None):
+    """(study, its RDBStorage). `sampler_seed`: this worker's `worker_seed`; the launcher, which
+    never samples, leaves it None."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -84,8 +101,9 @@ def open_study(spec: SweepSpec, storage_url: str):
         grace_period=spec.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
     )
-    sampler = (optuna.samplers.TPESampler(seed=spec.seeds[0]) if spec.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=spec.seeds[0]))
+    # constant_liar: a TPE worker treats the others' running trials as bad, so it samples elsewhere
+    sampler = (optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if spec.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=sampler_seed))
     pruning = spec.pruning or {}
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(pruning.get("n_startup_trials", 2)),
                                           n_warmup_steps=int(pruning.get("n_warmup_steps", 0)))
@@ -95,40 +113,137 @@ def open_study(spec: SweepSpec, storage_url: str):
     return study, storage
 
 
-def enqueue_grid(study, spec: SweepSpec, retry_failed: bool = False) -> int:
-    """Queue every cell not yet in the study (idempotent); with retry_failed, also cells that only failed."""
+# Atomic bookkeeping. Optuna's own state changes read the trial and then write it; the row lock
+# (SELECT ... FOR UPDATE) that should make that safe is ignored by SQLite, so two workers can both
+# take one WAITING trial (optuna/optuna#4002). Here every change that decides *who* runs a trial is
+# a single conditional UPDATE (`... WHERE state = <expected>`) whose row count says whether this
+# process won: SQLite runs writers one at a time, PostgreSQL and MySQL re-check the WHERE clause on
+# the row they lock, so exactly one process wins on each engine. The SQL uses Optuna's RDB schema
+# (optuna.storages._rdb.models, Optuna pinned in requirements.lock) through the storage's engine.
+def _transition(storage, trial_id: int, old, new) -> bool:
+    """Set a trial's state from `old` to `new` iff it is still `old`; True if this call did it."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb.models import TrialModel
     from optuna.trial import TrialState
+
+    now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC datetimes
+    trials = TrialModel.__table__
+    values = {"state": new}
+    if new == TrialState.RUNNING:
+        values["datetime_start"] = now
+    if new.is_finished():
+        values["datetime_complete"] = now
+    with storage.engine.begin() as conn:
+        changed = conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id, trials.c.state == old)
+                               .values(**values)).rowcount
+    return changed == 1
+
+
+def claim_waiting(study, storage):
+    """Take one WAITING trial (WAITING -> RUNNING, atomic), or None when none is left."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if _transition(storage, t._trial_id, TrialState.WAITING, TrialState.RUNNING):
+            storage.record_heartbeat(t._trial_id)  # stale-checkable from the start
+            return optuna.Trial(study, t._trial_id)
+    return None
+
+
+def fail_stale_trials(study, storage) -> list[int]:
+    """optuna.storages.fail_stale_trials, with the RUNNING -> FAIL change atomic: a dead worker's
+    trial is failed, and re-queued by the storage's retry callback, by exactly one live worker.
+    Returns the numbers of the trials this call failed."""
+    import copy
+
+    from optuna.trial import TrialState
+
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        if _transition(storage, trial_id, TrialState.RUNNING, TrialState.FAIL):
+            frozen = copy.deepcopy(storage.get_trial(trial_id))
+            storage.get_heartbeat_stale_trial_callback()(study, frozen)
+            failed.append(frozen.number)
+    return failed
+
+
+def enqueue_grid(study, storage, spec: SweepSpec, retry_failed: bool = False) -> int:
+    """Queue every cell not yet in the study; with retry_failed, also cells that only failed.
+
+    Idempotent also when several machines start the sweep at once: the check and the inserts are
+    one transaction that begins by writing the study's row. That write is the lock Optuna's own
+    trial creation takes (SELECT ... FOR UPDATE on `studies`), and on SQLite it takes the database's
+    write lock at once (as BEGIN IMMEDIATE would), so a second enqueuer waits and then sees the
+    first one's cells. (A unique marker row per cell would do it too, but --retry-failed must queue
+    a cell again, and the marker would have to count generations.) The trials are written as
+    `study.enqueue_trial({"cell": key}, user_attrs=...)` writes them, which cannot join a transaction."""
+    import json
+
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+    from sqlalchemy.orm import Session
 
     if spec.is_search:
         return 0
-    by_cell: dict[str, set] = {}
-    for t in study.get_trials(deepcopy=False):
-        cell = t.system_attrs.get("fixed_params", t.params).get("cell")
-        by_cell.setdefault(cell, set()).add(t.state)
+    Trial, System, User = models.TrialModel, models.TrialSystemAttributeModel, models.TrialUserAttributeModel
+    study_id = study._study_id
+    alive = {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED}
     added = 0
-    for key in spec.cells():
-        states = by_cell.get(key, set())
-        alive = states & {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED}
-        if not states or (retry_failed and not alive):
-            study.enqueue_trial({"cell": key}, user_attrs={"retry_of_failed": bool(states)})
+    with Session(storage.engine) as session, session.begin():
+        studies = models.StudyModel.__table__
+        session.execute(sa.update(studies).where(studies.c.study_id == study_id)
+                        .values(study_name=studies.c.study_name))  # the lock, held to commit
+        by_cell: dict[str, set] = {}
+        rows = session.execute(sa.select(Trial.state, System.value_json).join(System, System.trial_id == Trial.trial_id)
+                               .where(Trial.study_id == study_id, System.key == "fixed_params"))
+        for state, fixed in rows:
+            by_cell.setdefault(json.loads(fixed).get("cell"), set()).add(state)
+        for key in spec.cells():
+            states = by_cell.get(key, set())
+            if states and not (retry_failed and not states & alive):
+                continue
+            trial = Trial(study_id=study_id, number=None, state=TrialState.WAITING)
+            session.add(trial)
+            session.flush()
+            trial.number = trial.count_past_trials(session)
+            session.add_all([System(trial_id=trial.trial_id, key="fixed_params", value_json=json.dumps({"cell": key})),
+                             User(trial_id=trial.trial_id, key="retry_of_failed", value_json=json.dumps(bool(states)))])
             added += 1
     return added
 
 
-def claim_waiting(study, storage):
-    """Atomically take one WAITING trial (WAITING -> RUNNING), or None."""
+def tell(study, trial, value: float | None = None, state=None) -> bool:
+    """study.tell that tolerates a trial already finished elsewhere (another worker failed it as
+    stale while this one's heartbeats were late): say so and go on. True if this call finished it."""
     import optuna
+
+    try:
+        study.tell(trial, value, state=state)
+        return True
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        now = study._storage.get_trial(trial._trial_id).state
+        if not now.is_finished():
+            raise
+        print(f"[sweep {study.study_name}] trial {trial.number} was already {now.name} (failed as stale by "
+              f"another worker?); its result ({state.name if state else value}) is not recorded", file=sys.stderr)
+        return False
+
+
+def next_trial(study, storage, spec: SweepSpec):
+    """The next trial this worker runs: a queued one (grid cells, re-queued trials), else for a
+    search a newly sampled one while the budget lasts; None when there is nothing left."""
     from optuna.trial import TrialState
 
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
+    fail_stale_trials(study, storage)  # dead workers' trials -> FAIL + re-queued copy
+    trial = claim_waiting(study, storage)
+    if trial is None and spec.is_search:
+        started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
+                   and "failed_trial" not in t.system_attrs]
+        if len(started) < spec.n_trials:
+            trial = study.ask()
+    return trial
 
 
 class Heartbeat:
@@ -227,15 +342,13 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
             cell_key, cfg = trial_config(spec, trial, extra, tracking_cfg, parent_id)
         except Exception as exc:
             trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             return "FAIL"
         callbacks = []
         if spec.pruning.get("enabled"):
-            from optuna_integration import PyTorchLightningPruningCallback
+            from pha_lab.sweep.pruning import PruneAtStep
 
-            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric))
-
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            callbacks.append(PruneAtStep(trial, monitor=spec.metric))
 
         def on_start(run_id: str, ckpt_dir: Path) -> None:
             trial.set_user_attr("mlflow_run_id", run_id)
@@ -245,22 +358,22 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
         try:
             result = train(cfg, callbacks, on_start=on_start)
         except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(study, trial, state=TrialState.PRUNED)
             return "PRUNED"
         except RunInterrupted:
-            study.tell(trial, state=TrialState.FAIL)
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study.trials[trial.number])
+            if tell(study, trial, state=TrialState.FAIL):  # else another worker already re-queued it
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study.trials[trial.number])
             raise
         except Exception as exc:
             trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}"[:2000])
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             print(f"[sweep {spec.name}] trial {trial.number} ({cell_key}) FAILED: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
             return "FAIL"
         finally:
             os.environ.pop("PHA_TRIAL_CONFIG", None)
         value = objective_value(client, result.run_id, spec.metric, spec.direction)
-        study.tell(trial, value)
+        tell(study, trial, value)
         return "COMPLETE"
 
 
@@ -290,23 +403,16 @@ def progress(study, spec: SweepSpec) -> str:
             f"failed {failed}  left {left}  | {best}")
 
 
-def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg, should_stop=lambda: False) -> None:
-    """Claim and run trials until the grid (or the search budget) is exhausted, or `should_stop()`."""
-    import optuna
-    from optuna.trial import TrialState
-
-    study, storage = open_study(spec, storage_url)
+def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg, sampler_seed: int,
+                should_stop=lambda: False) -> None:
+    """Claim and run trials until the grid (or the search budget) is exhausted, or `should_stop()` (a
+    launcher's hook: the SLURM worker's stop signal)."""
+    study, storage = open_study(spec, storage_url, sampler_seed)
     parent_id = study.user_attrs["mlflow_parent_run_id"]
-    while not should_stop():
-        optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL + re-queued copy
-        trial = claim_waiting(study, storage)
-        if trial is None and spec.is_search:
-            started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
-                       and "failed_trial" not in t.system_attrs]
-            if len(started) < spec.n_trials:
-                trial = study.ask()
-        if trial is None:
-            return
+    print(f"[sweep {spec.name}] worker {socket.gethostname()}:{os.getpid()}, sampler seed {sampler_seed}", flush=True)
+    while not should_stop() and (trial := next_trial(study, storage, spec)) is not None:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("sampler_seed", sampler_seed)
         run_trial(spec, study, storage, trial, extra, tracking_cfg, parent_id)
         print(progress(study, spec), flush=True)
 
@@ -356,10 +462,10 @@ def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracki
     spec = load_sweep(name, list(extra))
     storage_url = storage or default_storage(tracking_cfg)
     created = create_study_once(spec, storage_url)
-    study, _ = open_study(spec, storage_url)
+    study, storage = open_study(spec, storage_url)
     if not created:
         wait_for_creator(study)
-    added = enqueue_grid(study, spec, retry_failed)
+    added = enqueue_grid(study, storage, spec, retry_failed)
     sweep_path = Path(name) if Path(name).is_file() else Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"
     parent_id = parent_run(spec, tracking_cfg, sweep_path, study)
     tracking.client(tracking_cfg.tracking_uri).update_run(parent_id, status="RUNNING")
@@ -389,10 +495,12 @@ def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, trac
     status = "FINISHED"
     try:
         groups = worker_groups(spec.gpus_per_trial, workers)
+        n_trials = len(study.get_trials(deepcopy=False))
+        seeds = [worker_seed(spec, index, n_trials) for index in range(len(groups))]
         if groups == [None]:
-            worker_loop(spec, storage_url, list(extra), tracking_cfg)
+            worker_loop(spec, storage_url, list(extra), tracking_cfg, seeds[0])
         else:
-            _run_worker_processes(spec, name, groups, storage_url, list(extra), tracking_cfg, study)
+            _run_worker_processes(spec, name, groups, seeds, storage_url, list(extra), tracking_cfg, study)
     except BaseException:
         status = "KILLED"
         print(f"[sweep {spec.name}] interrupted; run the same command again to resume", file=sys.stderr)
@@ -404,10 +512,8 @@ def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, trac
 
 def finish(spec: SweepSpec, study, tracking_cfg, parent_id: str, status: str = "FINISHED"):
     """Summary table (CSV artifact on the parent run); the parent is FINISHED only when no cell is left.
-    While other workers (machines) still run trials, they write it when they end, not this one."""
-    import optuna
-
-    optuna.storages.fail_stale_trials(study)
+    While a trial is RUNNING (on another worker or machine, or on a dead one not found stale yet), this
+    worker writes nothing: the last worker to end writes it (else a late, partial table could win)."""
     table = summary_table(study)
     if table.state.eq("RUNNING").any():
         print(f"{progress(study, spec)}  (the last worker to end writes the summary)", flush=True)
@@ -423,14 +529,16 @@ def finish(spec: SweepSpec, study, tracking_cfg, parent_id: str, status: str = "
     return table
 
 
-def _run_worker_processes(spec, name, groups, storage_url, extra, tracking_cfg, study) -> None:
-    """One worker process per GPU group, pinned with CUDA_VISIBLE_DEVICES; logs under runs/sweeps/NAME/."""
+def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, tracking_cfg, study) -> None:
+    """One worker process per GPU group, pinned with CUDA_VISIBLE_DEVICES, each with its own sampler
+    seed; logs under runs/sweeps/NAME/."""
     log_dir = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for group in groups:
+    for group, seed in zip(groups, seeds):
         cmd = [sys.executable, "-m", "pha_lab.sweep.runner", name, *extra, "--storage", storage_url,
-               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg))]
+               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg)),
+               "--sampler-seed", str(seed)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
         label = f"gpu{group.replace(',', '_')}" if group else f"cpu{len(procs)}"
         log = open(log_dir / f"worker-{label}.log", "a")
@@ -462,12 +570,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", required=True)
     parser.add_argument("--tracking-uri", required=True)
     parser.add_argument("--runs-dir", required=True)
+    parser.add_argument("--sampler-seed", type=int, required=True, help="this worker's worker_seed()")
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args(argv)
     if join_ddp_trial():
         return 0
     base = load_config(None, [f"tracking.runs_dir={args.runs_dir}", f"tracking.tracking_uri={args.tracking_uri}"])
-    worker_loop(load_sweep(args.name, args.extra), args.storage, args.extra, base.tracking)
+    worker_loop(load_sweep(args.name, args.extra), args.storage, args.extra, base.tracking, args.sampler_seed)
     return 0
 
 

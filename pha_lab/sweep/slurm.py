@@ -205,7 +205,7 @@ class SweepWorker(submitit.helpers.Checkpointable):
         return self._work(env, tracking_cfg)
 
     def _work(self, env, tracking_cfg) -> str:
-        from pha_lab.sweep.runner import finish, open_study, progress, worker_loop
+        from pha_lab.sweep.runner import finish, open_study, progress, worker_loop, worker_seed
         from pha_lab.training.callbacks import RunInterrupted
 
         signals = _StopOnSignals()
@@ -213,9 +213,11 @@ class SweepWorker(submitit.helpers.Checkpointable):
         study, _ = open_study(spec, self.storage)
         print(f"[sweep {spec.name}] worker {env.job_id} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}) on "
               f"{env.hostname}: {env.num_tasks} task(s)", flush=True)
+        # distinct per array task; a requeued task sees a larger study, so it does not replay its first draws
+        seed = worker_seed(spec, int(env.array_task_id or 0), len(study.get_trials(deepcopy=False)))
         status = "KILLED"
         try:
-            worker_loop(spec, self.storage, self.extra, tracking_cfg, should_stop=lambda: signals.received is not None)
+            worker_loop(spec, self.storage, self.extra, tracking_cfg, seed, should_stop=lambda: signals.received is not None)
             status = "FINISHED" if signals.received is None else "KILLED"
         except RunInterrupted as exc:  # the trial checkpointed and is queued again
             print(f"[sweep {spec.name}] worker {env.job_id}: {exc}", flush=True)

@@ -45,7 +45,7 @@ class SweepSpec:
     objective: dict[str, str] = field(default_factory=lambda: {"metric": "val/loss", "direction": "minimize"})
     n_trials: int | None = None  # search sweeps: total sampled trials (the grid cell is sampled too)
     sampler: str = "tpe"  # tpe | random (search sweeps)
-    pruning: dict[str, Any] = field(default_factory=dict)  # {enabled, n_startup_trials, n_warmup_steps}
+    pruning: dict[str, Any] = field(default_factory=dict)  # {enabled, n_startup_trials, n_warmup_steps (optimizer steps)}
     gpus_per_trial: int = 1
     max_retries: int = 2  # re-runs of a trial whose worker died (heartbeat), from its checkpoint
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats

@@ -192,8 +192,10 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         if cfg.trainer.cpu_threads and not on_gpu:
             torch.set_num_threads(cfg.trainer.cpu_threads)
         if rank_zero and resume_from is None:
-            params = {k: v for k, v in flatten(cfg).items() if k != "resume"}
-            if resumed:  # restarted from step 0 (maybe on another machine): MLflow refuses to change a param
+            # tracking.tags are the run's tags already; as params they would differ on a sweep's retry
+            # (trial_number), and MLflow refuses to change a logged param
+            params = {k: v for k, v in flatten(cfg).items() if k != "resume" and not k.startswith("tracking.tags.")}
+            if resumed:  # restarted from step 0, maybe on another machine (tracking.runs_dir...): keep the first params
                 params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
             MLFlowLogger(tracking_uri=uri, run_id=run_id).log_hyperparams(params)
             for key, value in {
