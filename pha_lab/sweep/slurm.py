@@ -156,7 +156,7 @@ def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None 
     with executor.batch():
         jobs = [executor.submit(worker) for _ in range(n_tasks)]
     array_id = jobs[0].job_id.split("_")[0]
-    print(f"[sweep {spec.name}] submitted job array {array_id} ({n_tasks} task(s)); scripts and logs in {folder}\n"
+    print(f"[sweep {spec.name}] submitted {n_tasks} worker(s) as SLURM job {array_id}; scripts and logs in {folder}\n"
           f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}", flush=True)
     return jobs
 

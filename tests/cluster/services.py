@@ -144,7 +144,7 @@ class Postgres:
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         _wait("postgres (server start)", self._accepts, self.proc, self.log, 60)
         for db in self.databases:
-            self._sql(f"CREATE DATABASE {db}")
+            self.sql(f"CREATE DATABASE {db}")
         return self
 
     def _accepts(self) -> bool:
@@ -153,7 +153,7 @@ class Postgres:
         psycopg.connect(self.url("postgres"), connect_timeout=2).close()
         return True
 
-    def _sql(self, statement: str) -> None:
+    def sql(self, statement: str) -> None:
         import psycopg
 
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:

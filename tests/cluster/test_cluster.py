@@ -65,6 +65,7 @@ def search(cluster, name: str) -> pd.DataFrame:
 def assert_every_cell_once_and_resumed(cluster, name: str, n_cells: int, victims: list) -> pd.DataFrame:
     """Optuna and MLflow agree: each cell COMPLETE exactly once, one FINISHED child run per cell, each victim's
     retry completed in the victim's MLflow run from its last checkpoint; the parent's summary is complete."""
+    client = mlflow.MlflowClient(cluster.mlflow.url)
     trials = study_trials(cluster, name)
     states = Counter(t.state.name for t in trials)
     assert states["RUNNING"] == states["WAITING"] == 0, states
@@ -82,9 +83,11 @@ def assert_every_cell_once_and_resumed(cluster, name: str, n_cells: int, victims
         assert retries[0].user_attrs["mlflow_run_id"] == run_id  # the same MLflow run, no new one
         run = children[children.run_id == run_id].iloc[0]
         assert run["tags.resumed_from"] == str(Path(victim.user_attrs["ckpt_dir"]) / "last.ckpt")
-        assert run["metrics.train/tokens_seen"] > 0
+        assert run["metrics.train/tokens_seen"] == 40 * 8 * 128  # 40 steps of tiny_pha's 8 x 128 tokens
+        # resumed, not retrained: the steps before the checkpoint were logged once (later ones may be twice)
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert steps.count(min(steps)) == 1 and max(steps) >= 35, steps
     # the parent's summary (downloaded through the server) is the study's final state
-    client = mlflow.MlflowClient(cluster.mlflow.url)
     summary = pd.read_csv(client.download_artifacts(parents.run_id.iloc[0], "summary.csv", tempfile.mkdtemp()))
     assert sorted(summary[summary.state == "COMPLETE"].cell) == sorted(complete)
     assert set(summary.state) <= {"COMPLETE", "FAIL"} and len(summary) == len(trials)
@@ -123,7 +126,7 @@ def test_workers_starting_together_create_one_study_and_one_experiment(cluster, 
     pg_type) and MLflow's create_experiment races on the server; each process ends with the same study and
     experiment, and exactly one of them created the study."""
     url = cluster.postgres.url("optuna").rsplit("/", 1)[0] + "/race"
-    cluster.postgres._sql("CREATE DATABASE race")
+    cluster.postgres.sql("CREATE DATABASE race")
     script = tmp_path / "race.py"
     script.write_text(
         "import sys, time\n"
@@ -259,7 +262,7 @@ def test_slurm_array_tasks_requeued_mid_trial_resume(cluster, processes, tmp_pat
                           "--gpus-per-node", "0", "--array-tasks", "2", "--time-limit", "30", "--cpus-per-task", "1"],
                          capture_output=True, text=True, timeout=300, env=cluster.slurm.env)
     assert out.returncode == 0, out.stderr[-3000:]
-    array = out.stdout.split("submitted job array ")[1].split()[0]
+    array = out.stdout.split("as SLURM job ")[1].split(";")[0]
     assert (runs / "slurm" / name / f"{array}_submission.sh").is_file()
 
     def one_per_task():
@@ -292,7 +295,7 @@ def test_slurm_two_task_ddp_trials(cluster, tmp_path):
                           "--array-tasks", "1", "--time-limit", "30"],
                          capture_output=True, text=True, timeout=300, env=cluster.slurm.env)
     assert out.returncode == 0, out.stderr[-3000:]
-    job = out.stdout.split("submitted job array ")[1].split()[0]
+    job = out.stdout.split("as SLURM job ")[1].split(";")[0]
     wait_for("the DDP job to end", lambda: not cluster.slurm.command("squeue", "-h", "-j", job).strip(), 600, 2)
     assert job_field(cluster, job, "JobState") == "COMPLETED" and job_field(cluster, job, "NumTasks") == "2"
     trials = study_trials(cluster, name)
