@@ -55,24 +55,29 @@ def create_study_once(spec: SweepSpec, storage_url: str, attempts: int = 8) -> b
     import sqlalchemy.exc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
         try:
             optuna.create_study(study_name=spec.name, storage=storage_url, direction=spec.direction)
             return True
         except optuna.exceptions.DuplicatedStudyError:
             return False
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
-            if attempt == attempts:
+            attempt += 1
+            if attempt >= attempts:
                 raise
             time.sleep(0.25 * attempt)
-    return False
 
 
 def wait_for_creator(study, timeout_s: float = 120.0) -> None:
-    """The study was just created by another process: let it create the sweep's MLflow parent run first
-    (one parent run, however many machines start together), unless it is gone after `timeout_s`."""
+    """The study was created by another process: let it create the sweep's MLflow parent run first (one
+    parent run, however many machines start together), unless it has not after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while "mlflow_parent_run_id" not in study.user_attrs and time.monotonic() < deadline:
+    while "mlflow_parent_run_id" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            print(f"[sweep {study.study_name}] the study has no MLflow parent run {timeout_s:.0f} s after it was "
+                  "created elsewhere (that process stopped?): finding or creating it here", flush=True)
+            return
         time.sleep(1)
 
 
