@@ -24,8 +24,9 @@ def cluster(request):
     except ServiceError as exc:
         pytest.fail(f"cluster component could not start: {exc}", pytrace=False)
     request.addfinalizer(services.stop)
-    if report is not None:
-        report.write_line("[cluster] started in " + ", ".join(f"{k} {v:.1f} s" for k, v in services.timings.items()))
+    if report is not None:  # shown even under output capture: what each component took to start
+        with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            report.write_line("\n[cluster] started: " + ", ".join(f"{k} {v:.1f} s" for k, v in services.timings.items()))
     return services
 
 
