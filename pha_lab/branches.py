@@ -62,13 +62,15 @@ The contract, stated once:
   causal along T. Optional, read where present: `flops_per_token(seq_len)`, the forward FLOPs per token that are
   not a Linear weight's (attention's QK^T and AV, GSS's FFTs), and `flops_part`, the name of that part (default:
   the class name); `is_residual_out` on each Linear that writes to the residual stream; `no_init` on a weight that
-  keeps its own init; `no_weight_decay` on a parameter the optimizer must not decay (undecayed anyway: vectors).
+  keeps its own init; `no_weight_decay = True` on a matrix the optimizer must not decay (an unmarked matrix is
+  decayed, an unmarked vector such as a bias is not: training.module.param_groups).
 - decoding (issue 14) will add an optional per-branch pair on the module (`init_state`, `step`); the registry
   needs no change for it, and a model decodes when every branch it has provides the pair.
 
-Two names may share one module with different sections. A sliding-window attention branch, for example, is
+Two names may share one module with different sections. A sliding-window attention branch, for example, would be
 `register_branch("swa", SlidingWindowConfig, "pha_lab.models.attention:GroupedQueryAttention")` with
-`SlidingWindowConfig(AttnConfig)` adding `window: int`, which `from_config` passes on.
+`SlidingWindowConfig(AttnConfig)` adding `window: int` (and `GroupedQueryAttention.from_config` passing it on):
+its section `model.swa` then sits beside `model.attn`, so a layer can have both.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class GSSConfig(BranchConfig):
     d_hidden: int = 256  # H: width of the DSS input
     n_modes: int = 64  # N: complex diagonal state size
     # dss_exp: DSS-EXP (Gupta et al. 2022; GSS's kernel), skew-HiPPO Lambda init, learned per-mode step dt |
-    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor). See models/gss.py.
+    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor).
+    # See models/gss.py.
     kernel: str = "dss_exp"
     dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
     dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
@@ -138,9 +141,8 @@ class GSSConfig(BranchConfig):
     def validate(self, model: Any, key: str) -> None:
         check_choice(f"{key}.kernel", self.kernel, DSS_KERNELS)
         if self.expansion <= 0 or self.d_hidden < 1 or self.n_modes < 1:
-            raise ConfigError(
-                f"{key}.expansion={self.expansion}, d_hidden={self.d_hidden}, n_modes={self.n_modes} must all be positive"
-            )
+            raise ConfigError(f"{key}.expansion={self.expansion}, d_hidden={self.d_hidden}, n_modes={self.n_modes} "
+                              "must all be positive")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"need 0 < {key}.dt_min <= {key}.dt_max, got {self.dt_min}, {self.dt_max}")
 

@@ -3,6 +3,7 @@
 `load_config(path_or_name, overrides)` merges schema defaults <- experiment YAML (following its
 `extends:` chain) <- dotlist overrides, then validates everything that can be checked before a
 tensor is built. Every failure is a `ConfigError` whose message names the key and the fix.
+Each registered branch contributes its own section `model.<name>` and validates it (pha_lab.branches).
 This module deliberately imports no torch/lightning so that light commands stay fast.
 """
 

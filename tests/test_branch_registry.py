@@ -158,7 +158,10 @@ def name_rule(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and not name.startswith("wte.") and ".mixer." not in name and ".dss." not in name
 
 
-@pytest.mark.parametrize("experiment", ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential"])
+TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential"]
+
+
+@pytest.mark.parametrize("experiment", TINY_FAMILIES)
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("tied,norm", [(True, "rmsnorm"), (False, "layernorm")])
 def test_weight_decay_groups_are_those_the_parameter_names_gave(experiment, mixer, tied, norm):

@@ -38,12 +38,13 @@ BASE_COLUMNS = ["run_id", "experiment", "status", "config", "family", "family_so
 # one configuration (the seed is the replicate; `name` is a preset's label, not its content; `tracking.` covers
 # the experiment, run name and sweep tags; `model.family` labels what the other keys build). A key or a prefix
 # ending in ".".
-NOT_IDENTITY = ("seed", "resume", "name", "model.family", "tracking.", "data.cache_dir", "data.data_dir", "data.num_proc",
-                "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps", "trainer.ckpt_every_n_steps")
+NOT_IDENTITY = ("seed", "resume", "name", "model.family", "tracking.", "data.cache_dir", "data.data_dir",
+                "data.num_proc", "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps",
+                "trainer.ckpt_every_n_steps")
 # Tags that resolve what a param leaves to the machine (trainer.precision=auto: bf16-mixed on a GPU, fp32 on CPU).
 IDENTITY_TAGS = ("precision",)
-_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "family", "config_id",
-                "recipe_id", "identity", "start_time")
+_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "family",
+                "config_id", "recipe_id", "identity", "start_time")
 
 
 # --------------------------------------------------------------------------- reading
@@ -254,7 +255,9 @@ def model_family(row: dict) -> str:
     """The table label of a run's family (recorded, else guessed): PHA, Transformer, GSS, GSS-Hybrid, sequential
     PHA, PHA without gss, ..., with the mixer of a parallel model that does not use the static one: PHA (gate)."""
     family = recorded_family(row) or guessed_family(row)
-    name = FAMILY_LABELS.get(family) or (f"PHA without {family.removeprefix('pha_no_')}" if family.startswith("pha_no_") else family)
+    name = FAMILY_LABELS.get(family, family)
+    if family.startswith("pha_no_"):
+        name = "PHA without " + family.removeprefix("pha_no_")
     mixer = row.get("model.mixer")
     static = mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer))
     return name if row.get("model.layout") != "parallel" or static else f"{name} ({mixer})"
