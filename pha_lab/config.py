@@ -3,6 +3,7 @@
 `load_config(path_or_name, overrides)` merges schema defaults <- experiment YAML (following its
 `extends:` chain) <- dotlist overrides, then validates everything that can be checked before a
 tensor is built. Every failure is a `ConfigError` whose message names the key and the fix.
+Each registered branch contributes its own section `model.<name>` and validates it (pha_lab.branches).
 This module deliberately imports no torch/lightning so that light commands stay fast.
 """
 
@@ -15,59 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from pha_lab.branches import BRANCH_REGISTRY
+from pha_lab.errors import ConfigError, check_choice as _choice
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 BENCH_DIR = PROJECT_ROOT / "bench"  # `pha-lab bench` specs (not sweeps: nothing is trained)
 
-# Names the model code registers; a test checks that the registries agree with these tuples.
-BRANCHES = ("gss", "attn", "ffn")
+# Names the model code registers; a test checks that the registries agree with these tuples (branches: see
+# pha_lab.branches, whose registry is the only list of them).
 MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
 LAYOUTS = ("parallel", "serial")
-FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("rmsnorm", "layernorm")
-DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key and a way to fix it in the message."""
-
-
 # --------------------------------------------------------------------------- schema: model
-@dataclass
-class AttnConfig:
-    n_heads: int = 12
-    n_kv_heads: int = 4  # grouped-query attention; = n_heads gives plain multi-head attention
-    rope_base: float = 10000.0
-    dropout: float = 0.0
-
-
-@dataclass
-class GSSConfig:
-    """Gated State Space branch (Mehta et al. 2022): u = GELU(W_u h) of width F = expansion*D,
-    v = GELU(W_v h) of width H = d_hidden, y = DSS(v), out = W_o((W_g y) * u)."""
-
-    expansion: float = 1.0  # F = expansion * d_model (rounded to a multiple of 64)
-    d_hidden: int = 256  # H: width of the DSS input
-    n_modes: int = 64  # N: complex diagonal state size
-    # dss_exp: DSS-EXP (Gupta et al. 2022; GSS's kernel), skew-HiPPO Lambda init, learned per-mode step dt |
-    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor). See models/gss.py.
-    kernel: str = "dss_exp"
-    dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
-    dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
-
-
-@dataclass
-class FFNConfig:
-    kind: str = "gelu"  # gelu | swiglu
-    expansion: float = 4.0  # hidden = expansion * d_model, rounded to a multiple of 64 ...
-    hidden: Optional[int] = None  # ... unless given explicitly
-
-
 @dataclass
 class LayerOverride:
     """Give some layers their own layout/branches/mixer, e.g. attention in 2 layers of a GSS stack."""
@@ -80,6 +48,14 @@ class LayerOverride:
 
 @dataclass
 class ModelConfig:
+    """The model section. Each registered branch adds its own section beside these keys, `model.<name>` (e.g.
+    model.attn, model.gss, model.ffn: pha_lab.branches), when `schema()` builds the structured config."""
+
+    # What the analysis groups runs by, logged as the run's `family` tag: pha, transformer, gss, gss_hybrid,
+    # sequential_pha, and for the ablation pha_no_<branch> (removing a branch changes the architecture, so the
+    # family; the mixer does not: model.mixer says it). Set by every preset and by each sweep cell that changes
+    # the architecture; null: unrecorded (the tables then guess it from the layout and branches, and say so).
+    family: Optional[str] = None
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     d_model: int = 768
     n_layers: int = 12
@@ -87,9 +63,6 @@ class ModelConfig:
     branches: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
     mixer: str = "static"  # parallel layout only
     overrides: list[LayerOverride] = field(default_factory=list)
-    attn: AttnConfig = field(default_factory=AttnConfig)
-    gss: GSSConfig = field(default_factory=GSSConfig)
-    ffn: FFNConfig = field(default_factory=FFNConfig)
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -201,7 +174,17 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 def schema() -> DictConfig:
-    return OmegaConf.structured(Config)
+    """The defaults, with one `model.<name>` section per registered branch (its config dataclass), so a branch
+    registered after this module was imported (a plugin, a test) is part of the schema too."""
+    cfg = OmegaConf.structured(Config)
+    taken = {f.name for f in dataclasses.fields(ModelConfig)}
+    with open_dict(cfg.model):
+        for name, branch in BRANCH_REGISTRY.items():
+            if name in taken:
+                raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name}: register it "
+                                  f"under another name")
+            cfg.model[name] = OmegaConf.structured(branch.config)
+    return cfg
 
 
 def experiment_names() -> list[str]:
@@ -297,19 +280,12 @@ def load_config(experiment: str | os.PathLike | None = None, overrides: list[str
 
 
 # --------------------------------------------------------------------------- validation
-def _choice(key: str, value: Any, valid: tuple[str, ...], prep: str = "for") -> None:
-    if value not in valid:
-        near = difflib.get_close_matches(str(value), valid, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"invalid value '{value}' {prep} {key}{hint}; choose one of: {', '.join(valid)}")
-
-
 def _branches(key: str, branches: Any) -> list[str]:
-    names = list(branches)
+    names, registered = list(branches), tuple(BRANCH_REGISTRY)
     for b in names:
-        _choice(key, b, BRANCHES, prep="in")
+        _choice(key, b, registered, prep="in")
     if not names:
-        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(BRANCHES)}")
+        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(registered)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"{key}={names} repeats a branch")
     return names
@@ -353,41 +329,14 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.layout", m.layout, LAYOUTS)
     _choice("model.mixer", m.mixer, MIXERS)
     _branches("model.branches", m.branches)
-    _choice("model.ffn.kind", m.ffn.kind, FFN_KINDS)
     _choice("model.norm", m.norm, NORMS)
-    _choice("model.gss.kernel", m.gss.kernel, DSS_KERNELS)
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
-    specs = layer_specs(m)
-    if any("attn" in s["branches"] for s in specs):
-        a = m.attn
-        if a.n_heads < 1 or a.n_kv_heads < 1:
-            raise ConfigError(f"model.attn.n_heads={a.n_heads} and n_kv_heads={a.n_kv_heads} must be >= 1")
-        if m.d_model % a.n_heads:
-            raise ConfigError(
-                f"model.d_model={m.d_model} is not divisible by model.attn.n_heads={a.n_heads}; "
-                f"pick n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}"
-            )
-        if a.n_heads % a.n_kv_heads:
-            raise ConfigError(
-                f"model.attn.n_heads={a.n_heads} is not a multiple of model.attn.n_kv_heads={a.n_kv_heads}; "
-                f"pick n_kv_heads among {[k for k in range(1, a.n_heads + 1) if a.n_heads % k == 0]}"
-            )
-        if (m.d_model // a.n_heads) % 2:
-            raise ConfigError(
-                f"head dim d_model/n_heads = {m.d_model // a.n_heads} must be even for RoPE (model.d_model, model.attn.n_heads)"
-            )
-    if any("gss" in s["branches"] for s in specs):
-        g = m.gss
-        if g.expansion <= 0 or g.d_hidden < 1 or g.n_modes < 1:
-            raise ConfigError(
-                f"model.gss.expansion={g.expansion}, d_hidden={g.d_hidden}, n_modes={g.n_modes} must all be positive"
-            )
-        if not 0 < g.dt_min <= g.dt_max:
-            raise ConfigError(f"need 0 < model.gss.dt_min <= model.gss.dt_max, got {g.dt_min}, {g.dt_max}")
-    if m.ffn.expansion <= 0 and m.ffn.hidden is None:
-        raise ConfigError(f"model.ffn.expansion={m.ffn.expansion} must be positive (or set model.ffn.hidden)")
+    used = {b for spec in layer_specs(m) for b in spec["branches"]}
+    for name in (b for b in BRANCH_REGISTRY if b in used):  # each branch checks its own section, as its dataclass
+        section = OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[name].config), m[name])
+        OmegaConf.to_object(section).validate(m, f"model.{name}")
 
     d = cfg.data
     _choice("data.source", d.source, DATA_SOURCES)

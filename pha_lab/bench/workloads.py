@@ -22,6 +22,7 @@ from pha_lab.bench.timing import prefill_step, train_step
 from pha_lab.config import load_config
 from pha_lab.models import build_model
 from pha_lab.models.blocks import make_branch, make_norm
+from pha_lab.models.flops import flops_per_token
 from pha_lab.models.gss import GSS
 
 
@@ -93,12 +94,8 @@ class Workload:
 
 
 def analytic_flops_per_token(module: nn.Module, seq_len: int, training: bool) -> float:
-    """LanguageModel.flops_per_token's rule for any module: 2 per Linear weight, plus the sequence mixing
-    of every submodule that defines `flops_per_token(seq_len)` (attention, GSS); x3 for training."""
-    matmul = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-    mixing = sum(m.flops_per_token(seq_len) for m in module.modules()
-                 if m is not module and callable(getattr(m, "flops_per_token", None)))
-    return (3.0 if training else 1.0) * (2.0 * matmul + mixing)
+    """The models' one FLOPs rule (pha_lab.models.flops) for any module."""
+    return flops_per_token(module, seq_len, training)["total"]
 
 
 def make_workload(name: str, device: torch.device | str, max_len: int = 1024) -> Workload:

@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pha_lab.branches import BRANCH_REGISTRY
+
 
 class RunInterrupted(Exception):
     """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED."""
@@ -209,7 +211,7 @@ class MixerIntrospection(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         long = self.table(pl_module)
         wide = long.pivot(index="layer", columns="branch", values="weight").reindex(
-            columns=[b for b in ("gss", "attn", "ffn") if b in set(long.branch)]
+            columns=[b for b in BRANCH_REGISTRY if b in set(long.branch)]
         )
         csv, png = self.out_dir / "mixer_weights.csv", self.out_dir / "mixer_weights.png"
         long.to_csv(csv, index=False)
