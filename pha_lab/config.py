@@ -18,7 +18,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pha_lab import PROJECT_ROOT
+from pha_lab.errors import ConfigError
+
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 BENCH_DIR = PROJECT_ROOT / "bench"  # `pha-lab bench` specs (not sweeps: nothing is trained)
 
@@ -31,10 +33,6 @@ NORMS = ("rmsnorm", "layernorm")
 DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key and a way to fix it in the message."""
 
 
 # --------------------------------------------------------------------------- schema: model
@@ -425,26 +423,9 @@ def validate(cfg: DictConfig) -> None:
                 f"or lower data.tokenizer.train_vocab_size"
             )
     if d.source == "mqar":
-        q = d.mqar
-        if q.vocab_size > m.vocab_size:
-            raise ConfigError(
-                f"data.mqar.vocab_size={q.vocab_size} exceeds model.vocab_size={m.vocab_size}; raise model.vocab_size"
-            )
-        if 4 * q.num_kv_pairs > d.seq_len:
-            raise ConfigError(
-                f"data.mqar.num_kv_pairs={q.num_kv_pairs} needs data.seq_len >= 4*num_kv_pairs = {4 * q.num_kv_pairs} "
-                f"(got {d.seq_len})"
-            )
-        if q.num_kv_pairs < 1 or q.vocab_size // 2 - 1 < q.num_kv_pairs:
-            raise ConfigError(
-                f"data.mqar.num_kv_pairs={q.num_kv_pairs} must be in 1..data.mqar.vocab_size/2-1 "
-                f"({q.vocab_size // 2 - 1}): keys and values are drawn without replacement from half the vocab each"
-            )
-        if q.power_a <= 0 or q.num_train_examples < 1 or q.num_test_examples < 1:
-            raise ConfigError(
-                f"data.mqar: need power_a > 0 (got {q.power_a}), num_train_examples >= 1 (got "
-                f"{q.num_train_examples}) and num_test_examples >= 1 (got {q.num_test_examples})"
-            )
+        from pha_lab.data.mqar import check_config  # here, not at the top: the data package takes ~0.6 s to import
+
+        check_config(d, m.vocab_size)  # MQAR's rules live beside its generator
 
     o = cfg.optim
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.weight_decay < 0:

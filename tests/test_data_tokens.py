@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import DataError, build_tokenizer, data_root, splits, token_split
+from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, data_root, splits, token_split
 from pha_lab.data import tokens as tokmod
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, eval_windows, lm_metrics
 
@@ -54,7 +54,7 @@ def test_every_eval_token_scored_exactly_once(tmp_path, n_tokens, seq_len, strid
         real = x != n_tokens + 1  # not padding
         n_real = int(real.sum())
         assert real[:n_real].all() and (x[:n_real] == np.arange(begin, begin + n_real)).all()  # contiguous stream
-        for j in np.flatnonzero(y != -100):
+        for j in np.flatnonzero(y != IGNORE_INDEX):
             assert y[j] == begin + j + 1  # label = next token
             assert j < n_real
             if begin > 0:  # after the first window, a scored token has >= seq_len - stride + 1 tokens of context
