@@ -140,15 +140,20 @@ def _open(base: Path) -> Optional[TokenSplit]:
 @contextmanager
 def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
     """With worker processes, switch off the tokenizers' thread pool (forked children would warn and drop it
-    anyway); with one process, leave it on so encode_batch_fast uses every core."""
-    if num_proc <= 1 or "TOKENIZERS_PARALLELISM" in os.environ:
-        yield
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    anyway); with one process, leave it on so encode_batch_fast uses every core. Afterwards the process's own
+    `os.environ` is put back: datasets' map(num_proc > 1) leaves a deep copy in its place, which later changes
+    to the environment (monkeypatch's undo included) would update instead of the real one."""
+    environ, before = os.environ, os.environ.get("TOKENIZERS_PARALLELISM")
+    if num_proc > 1 and before is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         yield
     finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        os.environ = environ
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _build(
