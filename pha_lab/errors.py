@@ -1,5 +1,9 @@
-"""The suite's user-facing error types, in a leaf module that imports nothing of the suite (so that the config
-schema, the branch registry and the data layer can all raise them without importing each other)."""
+"""The suite's user-facing error types, in a leaf module that imports nothing of the suite.
+
+Every layer raises them (config loading, the branch registry, data sources, the MQAR generator, sweeps, the
+bench) without importing another layer for it; `pha_lab.config` re-exports `ConfigError` and `pha_lab.data`
+re-exports `DataError`, where users import them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key and a way to fix it in the message."""
+
+
+class DataError(ConfigError):
+    """A data problem (missing file, empty split, unreachable hub), with the path, the config key and a fix."""
 
 
 def check_choice(key: str, value: Any, valid: tuple[str, ...], prep: str = "for") -> None:

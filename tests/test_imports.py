@@ -8,9 +8,13 @@ efficiency at the top)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import graphlib
 from pathlib import Path
 from typing import Iterator
+
+import pytest
 
 import pha_lab
 
@@ -161,3 +165,25 @@ def _imports_lightning_on_import(path: Path) -> bool:
         if not in_function and not getattr(node, "level", 0) and any(n.split(".")[0] == "lightning" for n in names):
             return True
     return False
+
+
+def test_pha_lab_has_no_import_circle_even_through_functions():
+    """With function-level imports counted too: a circle there is a design knot (data.corpora <-> data.mqar was
+    one), even when it happens to import."""
+    top, local = import_graph(ROOT, "pha_lab")
+    both = {m: top[m] | local[m] for m in top}
+    cli_free = {m: {t for t in ts if t != "pha_lab.cli"} for m, ts in both.items() if m != "pha_lab.cli"}
+    assert cycle(cli_free) is None, f"import circle: {' -> '.join(cycle(cli_free))}"
+
+
+@pytest.mark.parametrize("module,heavy", [
+    ("pha_lab.config", ["torch", "lightning", "pha_lab.data", "mlflow"]),
+    ("pha_lab.sweep.spec", ["torch", "lightning", "optuna", "mlflow"]),
+    ("pha_lab.analysis.runs", ["torch", "lightning", "mlflow"]),
+    ("pha_lab.data", ["torch", "lightning", "datasets"]),
+])
+def test_light_modules_import_nothing_heavy(module, heavy):
+    """Start-up time: `pha-lab --help`, config checks and the analysis must not pay for torch/lightning/mlflow."""
+    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], f"importing {module} loads {loaded}"

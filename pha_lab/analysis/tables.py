@@ -423,7 +423,7 @@ def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[
 
     The perplexity notebook runs once per dataset that has runs (or once for WikiText-103, showing
     the paper's numbers beside an empty table)."""
-    import papermill as pm
+    import papermill as pm  # start-up time: ~1 s (and a Jupyter stack), only to render the notebooks
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pha_lab.config import BENCH_DIR, ConfigError
+from pha_lab.config import BENCH_DIR, ConfigError, load_yaml
 
 PARTS = ("targets", "overhead", "models", "dss", "branches")
 MODES = ("prefill", "train")
@@ -87,25 +86,8 @@ class BenchSpec:
 
 
 def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny: bool = False) -> DictConfig:
-    """Schema <- bench YAML <- (its `cpu:` section when `tiny`) <- key=value overrides."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = BENCH_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"bench config '{name_or_path}' not found (a YAML path, or a name in {BENCH_DIR})")
-    try:
-        spec = OmegaConf.merge(OmegaConf.structured(BenchSpec), OmegaConf.load(path))
-        cpu = OmegaConf.to_container(spec.cpu) if spec.cpu is not None else None
-        spec.cpu = None
-        if tiny and cpu:
-            spec = OmegaConf.merge(spec, cpu)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"bench overrides must look like key=value, got '{item}'")
-            spec = OmegaConf.merge(spec, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as exc:
-        valid = ", ".join(f.name for f in dataclasses.fields(BenchSpec))
-        raise ConfigError(f"bench config {path}: {str(exc).splitlines()[0]} (top-level keys: {valid})") from None
+    """Schema <- bench YAML (its `extends:` chain) <- its `cpu:` section when `tiny` <- key=value overrides."""
+    spec = load_yaml(BenchSpec, name_or_path, BENCH_DIR, "bench spec", overrides, sections={"cpu": tiny})
     for key, values, valid in (("parts", spec.parts, PARTS), ("modes", spec.modes, MODES),
                                ("targets.modes", spec.targets.modes, MODES), ("dtype", [spec.dtype], tuple(DTYPES))):
         bad = [v for v in values if v not in valid]
