@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.models import build_model
 
 
@@ -30,14 +31,13 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only the 2-D weights of the branch and LM projections; never norms, biases, the embedding,
-    mixer parameters or the SSM's Lambda / C~ / D."""
+    """AdamW groups as each parameter asks: the module that owns a parameter marks it `no_weight_decay = True`
+    where it must not be decayed (the embedding, norms, mixer parameters, the SSM's Lambda / dt / C~ / D);
+    unmarked matrices (the branch and LM-head projections) are decayed, unmarked vectors (biases) are not."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():  # a tied LM head appears once, as wte.weight
-        if not p.requires_grad:
-            continue
-        plain_matrix = p.ndim == 2 and not name.startswith("wte.") and ".mixer." not in name and ".dss." not in name
-        (decay if plain_matrix else no_decay).append(p)
+    for p in model.parameters():  # a tied LM head appears once, as the embedding
+        if p.requires_grad:
+            (no_decay if getattr(p, "no_weight_decay", p.ndim < 2) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -59,7 +59,7 @@ class LMModule(L.LightningModule):
         self.eval_nll = SumMetric(nan_strategy="disable")
         self.eval_tokens = SumMetric(nan_strategy="disable")
         if self.is_mqar:
-            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=-100, average="micro")
+            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=IGNORE_INDEX, average="micro")
         if cfg.trainer.compile:
             self.model.compile()
 
@@ -77,8 +77,8 @@ class LMModule(L.LightningModule):
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"])
         labels = batch["labels"]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return logits, nll, (labels != -100).sum()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits, nll, (labels != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -132,7 +132,7 @@ class LMModule(L.LightningModule):
         self.eval_nll.update(nll.detach().float())
         self.eval_tokens.update(count.float())
         if self.is_mqar:
-            mask = batch["labels"] != -100
+            mask = batch["labels"] != IGNORE_INDEX
             self.eval_acc.update(logits.argmax(-1)[mask], batch["labels"][mask])
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
