@@ -6,7 +6,6 @@ Heavy imports (torch, lightning, mlflow) happen inside each command so `pha-lab 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pha_lab.config import ConfigError
@@ -39,6 +38,7 @@ def _split_overrides(words: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pha_lab.config import load_config
+    from pha_lab.training import handoff
     from pha_lab.training.callbacks import RunInterrupted
     from pha_lab.training.run import resume_config, summary, train
 
@@ -53,10 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except RunInterrupted as exc:
-        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={str(exc).split()[1]}",
-              file=sys.stderr)
+        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={exc.run_id}", file=sys.stderr)
         return 130
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this command too
+    if handoff.is_rank_zero():  # DDP ranks > 0 run this command too
         print("\n" + summary(result))
     return 0
 

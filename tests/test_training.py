@@ -14,7 +14,8 @@ import torch
 from pha_lab import tracking
 from pha_lab.config import load_config
 from pha_lab.training.callbacks import RunInterrupted
-from pha_lab.training.module import LMModule, lr_lambda, param_groups
+from pha_lab.training.module import LMModule
+from pha_lab.training.optim import build_optimizer, build_schedule, lr_lambda, param_groups
 from pha_lab.training.run import train
 
 
@@ -98,9 +99,12 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     first = LossRecorder(signal_at=10)
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
+    assert info.value.ckpt_path == tmp_path / "b" / "runs" / "checkpoints" / run_id / "last.ckpt"
+    assert info.value.ckpt_path.is_file()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'b' / 'runs' / 'mlflow.db'}")
     assert mlflow.get_run(run_id).info.status == "KILLED"
+    assert mlflow.get_run(run_id).data.tags["killed_reason"] == "SIGTERM received; stopped after step 11"
     assert sorted(first.losses) == list(range(1, 12))  # the signal came after step 10's hooks: stops after step 11
 
     second = LossRecorder()
@@ -128,7 +132,7 @@ def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
     first = LossRecorder(signal_after_micro=7)  # after the first micro-batch of step 4
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
     assert len(first.micro) == 8 and max(first.losses) == 4  # stopped once step 4's second micro-batch was done
 
     second = LossRecorder()
@@ -143,7 +147,7 @@ def test_resume_refuses_shape_change(tmp_path):
     first = LossRecorder(signal_at=3)
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10"), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
     with pytest.raises(ConfigError, match=r"model\.d_model: 64 -> 128"):
         train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "model.d_model=128", f"resume={run_id}"))
 
@@ -183,8 +187,8 @@ def test_lightning_matches_plain_pytorch_loop(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, steps, o.min_lr_ratio))
+    opt = build_optimizer(model, o, torch.device("cpu"), "32-true")
+    sched = build_schedule(opt, o, steps)
     plain = []
     for step, batch in zip(range(steps), dm.train_dataloader()):
         logits = model(batch["input_ids"])

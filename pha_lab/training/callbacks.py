@@ -17,7 +17,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED."""
+    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED.
+
+    `run_id` and `ckpt_path` (None while raised inside the fit) name the run to resume and its checkpoint."""
+
+    def __init__(self, message: str, run_id: str | None = None, ckpt_path: Path | None = None):
+        super().__init__(message)
+        self.run_id, self.ckpt_path = run_id, ckpt_path
 
 
 def is_interruption(exc: BaseException) -> bool:
@@ -27,10 +33,18 @@ def is_interruption(exc: BaseException) -> bool:
 class Interruption(L.Callback):
     """Turns SIGINT/SIGTERM into a checkpoint (`last.ckpt`) and a clean stop right after an optimizer step.
 
-    The handlers only set a flag; the exception is raised at the end of the first batch that completes an
-    optimizer step after it (never inside a gradient accumulation), so the checkpoint holds a consistent
-    (weights, optimizer, step, data position) to resume from exactly. While training, they replace Lightning's
-    own SIGTERM handler, which would stop after the current micro-batch."""
+    The handlers only set a flag; the exception is raised at the end of a batch that completes an optimizer step
+    (never inside a gradient accumulation), so the checkpoint holds a consistent (weights, optimizer, step, data
+    position) to resume from exactly. While training, they replace Lightning's own SIGTERM handler, which would
+    stop after the current micro-batch.
+
+    One process: it stops after the first optimizer step that ends after the signal. Under DDP the signal may
+    reach the ranks at different steps, and a rank that stopped alone would leave the others blocked in the next
+    all-reduce, so the ranks decide together (any rank's flag stops all of them: `reduce_boolean_decision`, an
+    all-reduce of one integer and a host read) at every `trainer.log_every_n_steps`-th optimizer step and at the
+    last one, where the step path touches the host anyway. The price is latency: up to log_every_n_steps - 1
+    more optimizer steps after the signal (a SLURM warning signal must leave time for them and the checkpoint).
+    A signal in the last steps before an early stop is not honoured: that run ends normally."""
 
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)
@@ -51,8 +65,17 @@ class Interruption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
-        if self.requested and stepped:
-            raise RunInterrupted(f"{self.requested} received; stopped after step {trainer.global_step}")
+        if not stepped:  # inside a gradient accumulation
+            return
+        if trainer.world_size == 1:
+            stop = self.requested is not None
+        elif trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+            stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        else:
+            return  # (every rank is at the same step: they all take or skip the decision together)
+        if stop:
+            raise RunInterrupted(f"{self.requested or 'a signal to another rank'} received; "
+                                 f"stopped after step {trainer.global_step}")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if is_interruption(exception):
