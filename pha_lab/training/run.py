@@ -94,10 +94,10 @@ def prepare_determinism(cfg: DictConfig) -> None:
 # --------------------------------------------------------------------------- the MLflow run
 @dataclass
 class TrackedRun:
-    """The MLflow run being trained, as every rank sees it; only rank 0 writes to it (`tag`, `start`, `finish`)."""
+    """The MLflow run being trained, as every rank sees it; only rank 0 has a client and writes to the run."""
 
     cfg: DictConfig
-    client: object
+    client: object | None
     uri: str
     run_id: str
     resumed: bool
@@ -161,9 +161,7 @@ class TrackedRun:
 
 
 def _open_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
-    """(run_id, resumed): rank 0 creates the run or reopens `resume`; the other ranks join rank 0's."""
-    if not handoff.is_rank_zero():
-        return handoff.joined_run_id(cfg.tracking), bool(cfg.resume)
+    """(run_id, resumed), on rank 0: a new run, or `resume` reopened."""
     if cfg.resume:
         try:
             run = client.get_run(cfg.resume)
@@ -199,12 +197,15 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
     from pha_lab.training.callbacks import RunInterrupted, is_interruption
 
     uri = tracking.tracking_uri(cfg.tracking)
-    client = tracking.client(uri)
+    rank_zero = handoff.is_rank_zero()
+    client = tracking.client(uri) if rank_zero else None  # (srun starts the ranks together: one creates the database)
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     with handoff.ddp_session():
-        run = TrackedRun(cfg, client, uri, *_open_run(cfg, client, uri), rank_zero=handoff.is_rank_zero())
-        if run.rank_zero:
+        if rank_zero:
+            run = TrackedRun(cfg, client, uri, *_open_run(cfg, client, uri), rank_zero=True)
             handoff.publish_run(run.run_id, cfg)
+        else:  # rank 0's run
+            run = TrackedRun(cfg, None, uri, handoff.joined_run_id(cfg.tracking), bool(cfg.resume), rank_zero=False)
         status, reason = "FAILED", None
         try:
             yield run
@@ -218,7 +219,7 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
         finally:
             if reason:
                 run.tag({"failure_reason" if status == "FAILED" else "killed_reason": reason[:5000]})
-            if run.rank_zero:
+            if rank_zero:
                 client.set_terminated(run.run_id, status)
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # Lightning leaves it set
 
