@@ -436,6 +436,18 @@ def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tmp_path):
     assert table.query("layer == 0").weight.tolist() == pytest.approx((total[0] / count).tolist(), abs=1e-6)
 
 
+def test_a_rank_above_zero_without_rank_zeros_run_is_refused(tmp_path, monkeypatch):
+    """A rank > 0 that no rank 0 handed a run (torchrun, a node started by hand) fails naming the supported
+    launchers, before it opens an MLflow run of its own."""
+    from pha_lab.config import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("PHA_RUN_ID", raising=False)
+    with pytest.raises(ConfigError, match=r"DDP rank > 0 .* trainer.devices=N on one machine, or with srun"):
+        train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=2"))
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
 # ---------------------------------------------------------------------------- DDP on the CPU (gloo): slow
 # A 2-rank run from a script: Lightning's launcher starts rank 1 by re-running this very script.
 DDP_SCRIPT = '''

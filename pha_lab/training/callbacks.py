@@ -41,10 +41,11 @@ class Interruption(L.Callback):
     One process: it stops after the first optimizer step that ends after the signal. Under DDP the signal may
     reach the ranks at different steps, and a rank that stopped alone would leave the others blocked in the next
     all-reduce, so the ranks decide together (any rank's flag stops all of them: `reduce_boolean_decision`, an
-    all-reduce of one integer and a host read) at every `trainer.log_every_n_steps`-th optimizer step and at the
-    last one, where the step path touches the host anyway. The price is latency: up to log_every_n_steps - 1
-    more optimizer steps after the signal (a SLURM warning signal must leave time for them and the checkpoint).
-    A signal in the last steps before an early stop is not honoured: that run ends normally."""
+    all-reduce of one integer and a host read) only at the logging steps (every `trainer.log_every_n_steps`-th
+    optimizer step, where the step path touches the host anyway) and at the last step. The price is latency: up
+    to log_every_n_steps - 1 more optimizer steps after the signal (a SLURM warning signal must leave time for
+    them and the checkpoint), and a signal after the last decision before an EarlyStopping stop is not honoured
+    (the run ends as it would have without it)."""
 
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)

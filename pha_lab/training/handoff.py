@@ -29,12 +29,14 @@ What a rank > 0 must learn from rank 0 depends on who started it.
    (issue 15) reads each message, trains its config with PHA_RUN_ID set to its run id, and stops at rank 0's
    {"done": true}, which rank 0's worker shares when it runs out of trials. The runs dir is shared by the
    job's nodes anyway (checkpoints), a file needs no port, a requeued job (new SLURM_RESTART_COUNT) never
-   reads its previous life's messages, and the files (a few hundred bytes per run) are left in place.
+   reads its previous life's messages, and the files (about 2 kB per run) are left in place. Lightning's
+   SLURMEnvironment also sets MASTER_ADDR/MASTER_PORT in each task; `ddp_session` restores them as above.
 3. Other launchers (torchrun, a second node started by hand) are refused by `joined_run_id`: their ranks > 0
    would otherwise open runs of their own.
 
 Not hand-off: PHA_GIT_SHA / PHA_GIT_DIRTY (provenance of a tree without .git, `tracking.git_info`),
-PHA_DATA_DIR and PHA_TOKENIZER_DIR (data roots): set by the user, read alike by every rank.
+PHA_DATA_DIR and PHA_TOKENIZER_DIR (data roots): set by the user, read alike by every rank;
+CUBLAS_WORKSPACE_CONFIG: set by each rank's own `train()` (`prepare_determinism`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ It creates (or, with `resume=RUN_ID`, reopens) an MLflow run, trains with Lightn
 MLFlowLogger, checkpoints to `<runs_dir>/checkpoints/<run_id>/`, evaluates on the test split with
 the data layer's protocol, and leaves the run FINISHED, FAILED (reason in the `failure_reason` tag)
 or KILLED (after a clean checkpoint on SIGINT/SIGTERM).
+
+Read from the bottom: `train` is the recipe; `tracked_run` owns the run's life (open, final status and
+reason, the process given back as it was); `build_trainer` the Trainer and its callbacks. Which DDP rank
+does what, and how ranks > 0 find rank 0's run: pha_lab/training/handoff.py.
 """
 
 from __future__ import annotations
