@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pha_lab.branches import BRANCH_REGISTRY
 from pha_lab.config import ConfigError
 
 
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="an MLflow run id (checkpoints under tracking.runs_dir) or a .ckpt path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.eval_stride=512 tracking.runs_dir=...")
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--knockout", nargs="*", default=[], choices=["gss", "attn", "ffn"], help="branches to knock out")
+    p.add_argument("--knockout", nargs="*", default=[], choices=list(BRANCH_REGISTRY),
+                   help="branches to knock out")
     p.add_argument("--per-layer", action="store_true", help="knock out one layer at a time")
     p.add_argument("--ckpt", default="last", choices=["last", "best"])
     p.set_defaults(func=cmd_eval)

@@ -3,7 +3,9 @@
 `load_config(path_or_name, overrides)` merges schema defaults <- experiment YAML (following its
 `extends:` chain) <- dotlist overrides, then validates everything that can be checked before a
 tensor is built. Every failure is a `ConfigError` whose message names the key and the fix.
-This module deliberately imports no torch/lightning so that light commands stay fast.
+Each registered branch contributes its own section `model.<name>` and validates it (pha_lab.branches).
+`load_yaml` is the loader for any dataclass schema: sweeps (sweep/spec.py) and bench specs (bench/spec.py)
+load through it too. This module deliberately imports no torch/lightning so that light commands stay fast.
 """
 
 from __future__ import annotations
@@ -15,59 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pha_lab import PROJECT_ROOT
+from pha_lab.branches import BRANCH_REGISTRY
+from pha_lab.errors import ConfigError, check_choice as _choice
+
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 BENCH_DIR = PROJECT_ROOT / "bench"  # `pha-lab bench` specs (not sweeps: nothing is trained)
 
-# Names the model code registers; a test checks that the registries agree with these tuples.
-BRANCHES = ("gss", "attn", "ffn")
+# Names the model code registers; a test checks that the registries agree with these tuples (branches: see
+# pha_lab.branches, whose registry is the only list of them).
 MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
 LAYOUTS = ("parallel", "serial")
-FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("rmsnorm", "layernorm")
-DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key and a way to fix it in the message."""
-
-
 # --------------------------------------------------------------------------- schema: model
-@dataclass
-class AttnConfig:
-    n_heads: int = 12
-    n_kv_heads: int = 4  # grouped-query attention; = n_heads gives plain multi-head attention
-    rope_base: float = 10000.0
-    dropout: float = 0.0
-
-
-@dataclass
-class GSSConfig:
-    """Gated State Space branch (Mehta et al. 2022): u = GELU(W_u h) of width F = expansion*D,
-    v = GELU(W_v h) of width H = d_hidden, y = DSS(v), out = W_o((W_g y) * u)."""
-
-    expansion: float = 1.0  # F = expansion * d_model (rounded to a multiple of 64)
-    d_hidden: int = 256  # H: width of the DSS input
-    n_modes: int = 64  # N: complex diagonal state size
-    # dss_exp: DSS-EXP (Gupta et al. 2022; GSS's kernel), skew-HiPPO Lambda init, learned per-mode step dt |
-    # s4d_lin_noscale: the kernel used before (S4D-Lin init, no (exp(dt Lambda) - 1) / Lambda factor). See models/gss.py.
-    kernel: str = "dss_exp"
-    dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
-    dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
-
-
-@dataclass
-class FFNConfig:
-    kind: str = "gelu"  # gelu | swiglu
-    expansion: float = 4.0  # hidden = expansion * d_model, rounded to a multiple of 64 ...
-    hidden: Optional[int] = None  # ... unless given explicitly
-
-
 @dataclass
 class LayerOverride:
     """Give some layers their own layout/branches/mixer, e.g. attention in 2 layers of a GSS stack."""
@@ -80,6 +49,14 @@ class LayerOverride:
 
 @dataclass
 class ModelConfig:
+    """The model section. Each registered branch adds its own section beside these keys, `model.<name>` (e.g.
+    model.attn, model.gss, model.ffn: pha_lab.branches), when `schema()` builds the structured config."""
+
+    # What the analysis groups runs by, logged as the run's `family` tag: pha, transformer, gss, gss_hybrid,
+    # sequential_pha, and for the ablation pha_no_<branch> (removing a branch changes the architecture, so the
+    # family; the mixer does not: model.mixer says it). Set by every preset and by each sweep cell that changes
+    # the architecture; null: unrecorded (the tables then guess it from the layout and branches, and say so).
+    family: Optional[str] = None
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     d_model: int = 768
     n_layers: int = 12
@@ -87,9 +64,6 @@ class ModelConfig:
     branches: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
     mixer: str = "static"  # parallel layout only
     overrides: list[LayerOverride] = field(default_factory=list)
-    attn: AttnConfig = field(default_factory=AttnConfig)
-    gss: GSSConfig = field(default_factory=GSSConfig)
-    ffn: FFNConfig = field(default_factory=FFNConfig)
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -201,45 +175,71 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 def schema() -> DictConfig:
-    return OmegaConf.structured(Config)
+    """The defaults, with one `model.<name>` section per registered branch (its config dataclass), so a branch
+    registered after this module was imported (a plugin, a test) is part of the schema too."""
+    cfg = OmegaConf.structured(Config)
+    taken = {f.name for f in dataclasses.fields(ModelConfig)}
+    with open_dict(cfg.model):
+        for name, branch in BRANCH_REGISTRY.items():
+            if name in taken:
+                raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name}: register it "
+                                  f"under another name")
+            cfg.model[name] = OmegaConf.structured(branch.config)
+    return cfg
+
+
+# --------------------------------------------------------------------------- loading (every YAML of the suite)
+# Experiments (Config, experiments/), sweeps (SweepSpec, sweeps/) and bench specs (BenchSpec, bench/) all load
+# through `load_yaml`: one structured schema, `extends:` chains, did-you-mean errors naming the file and the key.
+def yaml_names(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    return yaml_names(EXPERIMENTS_DIR)
 
 
-def resolve_experiment(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
-    """An experiment is a YAML path, or a bare name looked up in experiments/."""
+def resolve_yaml(name_or_path: str | os.PathLike, directory: Path, kind: str, relative_to: Path | None = None) -> Path:
+    """A YAML path, or a bare name looked up in `directory` (`kind` names what is looked for in the error)."""
     raw = str(name_or_path)
     candidates = [Path(raw)]
     if relative_to is not None:
         candidates.insert(0, relative_to / raw)
     if not raw.endswith((".yaml", ".yml")):
-        candidates.append(EXPERIMENTS_DIR / f"{raw}.yaml")
+        candidates.append(directory / f"{raw}.yaml")
     for path in candidates:
         if path.is_file():
             return path
-    near = difflib.get_close_matches(Path(raw).stem, experiment_names(), n=3, cutoff=0.4)
+    names = yaml_names(directory)
+    near = difflib.get_close_matches(Path(raw).stem, names, n=3, cutoff=0.4)
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
     raise ConfigError(
-        f"experiment '{raw}' not found (looked for a file and for {EXPERIMENTS_DIR}/{Path(raw).stem}.yaml).{hint} "
-        f"Available: {', '.join(experiment_names())}"
+        f"unknown {kind} '{raw}': not found (looked for a file and for {directory}/{Path(raw).stem}.yaml).{hint} "
+        f"Available: {', '.join(names)}"
     )
 
 
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
-    """The YAML at `path` preceded by the files its `extends:` key names (recursively)."""
-    if path in seen:
+def _read_yaml_chain(path: Path, directory: Path, kind: str, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The YAML at `path` preceded by the files its `extends:` key names (recursively): a name is looked up
+    beside the file, then in `directory`."""
+    if path.resolve() in [p.resolve() for p in seen]:
         raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in (*seen, path))}")
     try:
         node = OmegaConf.load(path)
     except Exception as exc:  # yaml syntax errors etc.
-        raise ConfigError(f"cannot parse experiment file {path}: {exc}") from exc
+        raise ConfigError(f"cannot parse {kind} file {path}: {exc}") from exc
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"experiment file {path} must hold a mapping at top level")
+        raise ConfigError(f"{kind} file {path} must hold a mapping at top level")
     parent = node.pop("extends", None)
-    chain = _read_yaml_chain(resolve_experiment(parent, path.parent), (*seen, path)) if parent else []
-    return [*chain, (path, node)]
+    if parent is None:
+        return [(path, node)]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must name one {kind} (a name or a path), got {parent!r}")
+    try:
+        parent_path = resolve_yaml(parent, directory, kind, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: 'extends: {parent}': {exc}") from None
+    return [*_read_yaml_chain(parent_path, directory, kind, (*seen, path)), (path, node)]
 
 
 def _keys_at(cfg: DictConfig, dotted: str) -> list[str]:
@@ -254,7 +254,7 @@ def _keys_at(cfg: DictConfig, dotted: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _merge(base: DictConfig, overlay: DictConfig, origin: str) -> DictConfig:
+def _merge(base: DictConfig, overlay: DictConfig | dict, origin: str) -> DictConfig:
     """OmegaConf.merge with errors rewritten to name the key, its origin and the nearest valid keys."""
     try:
         return OmegaConf.merge(base, overlay)
@@ -263,8 +263,11 @@ def _merge(base: DictConfig, overlay: DictConfig, origin: str) -> DictConfig:
         parent, _, leaf = full.rpartition(".")
         valid = [k for k in _keys_at(base, parent) if not k.startswith("_")]
         where = f"'{parent}'" if parent else "the top level"
-        if dataclasses.is_dataclass(exc.object_type) and exc.object_type is not Config and not parent:
-            # a key inside a list entry (e.g. model.overrides[i]): OmegaConf reports no path
+        if dataclasses.is_dataclass(exc.object_type) and exc.object_type is not OmegaConf.get_type(base) and (
+            not parent or not valid
+        ):
+            # a key inside a list entry (model.overrides[i]: OmegaConf reports no path) or below a key with a dot
+            # in its name (a sweep's search.optim.lr): name the entry's schema instead of a path
             valid, where = [f.name for f in dataclasses.fields(exc.object_type)], f"a {exc.object_type.__name__} entry"
         near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Nearest valid keys: {', '.join((parent + '.' if parent else '') + k for k in near)}." if near else ""
@@ -277,12 +280,48 @@ def _merge(base: DictConfig, overlay: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"bad value for config key '{key}' (from {origin}): {msg}") from None
 
 
-def load_config(experiment: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Schema defaults <- experiment YAML chain <- `key=value` overrides, validated."""
-    cfg = schema()
-    if experiment is not None:
-        for path, node in _read_yaml_chain(resolve_experiment(experiment)):
-            cfg = _merge(cfg, node, str(path))
+def load_yaml(
+    schema: type | DictConfig,
+    name_or_path: str | os.PathLike | None,
+    directory: Path,
+    kind: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    sections: dict[str, bool] | None = None,
+    replace: tuple[str, ...] = (),
+    own: tuple[str, ...] = (),
+) -> DictConfig:
+    """The dataclass `schema`'s defaults <- the YAML's `extends:` chain, base first <- the YAML's `sections` that are
+    switched on <- `key=value` overrides. Every step type-checks against the schema and fails naming the file (or
+    the override), the key and the nearest valid keys; a required key (MISSING in the schema) left unset fails too.
+
+    sections: keys holding an optional overlay of the file itself ({"cpu": True}: bench's tiny CPU version); they
+        are always taken out of the result, and merged only when switched on.
+    replace: mappings whose entries a later file replaces whole rather than merges into (a sweep's grid axes and
+        search spaces), keeping the entry's position.
+    own: keys that a file which extends another must set itself (a sweep's `name`, which keys its study).
+    """
+    cfg = schema.copy() if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
+    origin = "defaults"
+    if name_or_path is not None:
+        path = resolve_yaml(name_or_path, directory, kind)
+        chain = _read_yaml_chain(path, directory, kind)
+        for origin_path, node in chain:
+            for key in replace:  # (the schema types these entries Optional)
+                entries = node.get(key)
+                for entry in entries if isinstance(entries, DictConfig) and cfg[key] is not None else ():
+                    if entry in cfg[key]:
+                        cfg[key][entry] = None  # then the merge puts the file's entry in its place
+            cfg = _merge(cfg, node, str(origin_path))
+        missing = [key for key in own if len(chain) > 1 and key not in chain[-1][1]]
+        if missing:
+            raise ConfigError(f"{path} extends {chain[-2][0]} but does not set its own {', '.join(missing)}: set it "
+                              f"in {path} (an inherited value would make two {kind}s share it)")
+        origin = str(path)
+    for key, switched_on in (sections or {}).items():
+        section = OmegaConf.to_container(cfg[key]) if cfg[key] is not None else None
+        cfg[key] = None
+        if switched_on and section:
+            cfg = _merge(cfg, section, f"{origin}, its {key}: section")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -292,24 +331,26 @@ def load_config(experiment: str | os.PathLike | None = None, overrides: list[str
         except Exception as exc:
             raise ConfigError(f"cannot parse override '{override}' (YAML after '='): {str(exc).splitlines()[0]}") from None
         cfg = _merge(cfg, node, "command-line overrides")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{origin}: missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    return cfg
+
+
+def load_config(experiment: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults <- experiment YAML chain <- `key=value` overrides, validated."""
+    cfg = load_yaml(schema(), experiment, EXPERIMENTS_DIR, "experiment", overrides)
     validate(cfg)
     return cfg
 
 
 # --------------------------------------------------------------------------- validation
-def _choice(key: str, value: Any, valid: tuple[str, ...], prep: str = "for") -> None:
-    if value not in valid:
-        near = difflib.get_close_matches(str(value), valid, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"invalid value '{value}' {prep} {key}{hint}; choose one of: {', '.join(valid)}")
-
-
 def _branches(key: str, branches: Any) -> list[str]:
-    names = list(branches)
+    names, registered = list(branches), tuple(BRANCH_REGISTRY)
     for b in names:
-        _choice(key, b, BRANCHES, prep="in")
+        _choice(key, b, registered, prep="in")
     if not names:
-        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(BRANCHES)}")
+        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(registered)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"{key}={names} repeats a branch")
     return names
@@ -353,41 +394,14 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.layout", m.layout, LAYOUTS)
     _choice("model.mixer", m.mixer, MIXERS)
     _branches("model.branches", m.branches)
-    _choice("model.ffn.kind", m.ffn.kind, FFN_KINDS)
     _choice("model.norm", m.norm, NORMS)
-    _choice("model.gss.kernel", m.gss.kernel, DSS_KERNELS)
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
-    specs = layer_specs(m)
-    if any("attn" in s["branches"] for s in specs):
-        a = m.attn
-        if a.n_heads < 1 or a.n_kv_heads < 1:
-            raise ConfigError(f"model.attn.n_heads={a.n_heads} and n_kv_heads={a.n_kv_heads} must be >= 1")
-        if m.d_model % a.n_heads:
-            raise ConfigError(
-                f"model.d_model={m.d_model} is not divisible by model.attn.n_heads={a.n_heads}; "
-                f"pick n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}"
-            )
-        if a.n_heads % a.n_kv_heads:
-            raise ConfigError(
-                f"model.attn.n_heads={a.n_heads} is not a multiple of model.attn.n_kv_heads={a.n_kv_heads}; "
-                f"pick n_kv_heads among {[k for k in range(1, a.n_heads + 1) if a.n_heads % k == 0]}"
-            )
-        if (m.d_model // a.n_heads) % 2:
-            raise ConfigError(
-                f"head dim d_model/n_heads = {m.d_model // a.n_heads} must be even for RoPE (model.d_model, model.attn.n_heads)"
-            )
-    if any("gss" in s["branches"] for s in specs):
-        g = m.gss
-        if g.expansion <= 0 or g.d_hidden < 1 or g.n_modes < 1:
-            raise ConfigError(
-                f"model.gss.expansion={g.expansion}, d_hidden={g.d_hidden}, n_modes={g.n_modes} must all be positive"
-            )
-        if not 0 < g.dt_min <= g.dt_max:
-            raise ConfigError(f"need 0 < model.gss.dt_min <= model.gss.dt_max, got {g.dt_min}, {g.dt_max}")
-    if m.ffn.expansion <= 0 and m.ffn.hidden is None:
-        raise ConfigError(f"model.ffn.expansion={m.ffn.expansion} must be positive (or set model.ffn.hidden)")
+    used = {b for spec in layer_specs(m) for b in spec["branches"]}
+    for name in (b for b in BRANCH_REGISTRY if b in used):  # each branch checks its own section, as its dataclass
+        section = OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[name].config), m[name])
+        OmegaConf.to_object(section).validate(m, f"model.{name}")
 
     d = cfg.data
     _choice("data.source", d.source, DATA_SOURCES)
@@ -425,26 +439,9 @@ def validate(cfg: DictConfig) -> None:
                 f"or lower data.tokenizer.train_vocab_size"
             )
     if d.source == "mqar":
-        q = d.mqar
-        if q.vocab_size > m.vocab_size:
-            raise ConfigError(
-                f"data.mqar.vocab_size={q.vocab_size} exceeds model.vocab_size={m.vocab_size}; raise model.vocab_size"
-            )
-        if 4 * q.num_kv_pairs > d.seq_len:
-            raise ConfigError(
-                f"data.mqar.num_kv_pairs={q.num_kv_pairs} needs data.seq_len >= 4*num_kv_pairs = {4 * q.num_kv_pairs} "
-                f"(got {d.seq_len})"
-            )
-        if q.num_kv_pairs < 1 or q.vocab_size // 2 - 1 < q.num_kv_pairs:
-            raise ConfigError(
-                f"data.mqar.num_kv_pairs={q.num_kv_pairs} must be in 1..data.mqar.vocab_size/2-1 "
-                f"({q.vocab_size // 2 - 1}): keys and values are drawn without replacement from half the vocab each"
-            )
-        if q.power_a <= 0 or q.num_train_examples < 1 or q.num_test_examples < 1:
-            raise ConfigError(
-                f"data.mqar: need power_a > 0 (got {q.power_a}), num_train_examples >= 1 (got "
-                f"{q.num_train_examples}) and num_test_examples >= 1 (got {q.num_test_examples})"
-            )
+        from pha_lab.data.mqar import check_config  # here, not at the top: the data package takes ~0.6 s to import
+
+        check_config(d, m.vocab_size)  # MQAR's rules live beside its generator
 
     o = cfg.optim
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.weight_decay < 0:

@@ -289,6 +289,38 @@ def test_perplexity_mixer_knockout_tables_by_hand(synth):
     assert ko.loc[1, "gss std"] == pytest.approx(2.0) and ko.loc["all", "gss"] == 9.0 and list(ko.index) == [0, 1, "all"]
 
 
+def test_smoke_runs_record_their_family(smoke, rendered):
+    _, uri = smoke
+    runs = R.load_runs("smoke", uri)
+    assert set(runs["family_source"]) == {"recorded"}
+    assert sorted(runs["family"]) == ["gss", "gss_hybrid", "pha", "pha", "sequential_pha", "transformer"]
+    assert "guessed" not in (rendered / "perplexity-text.md").read_text()
+
+
+def test_recorded_family_wins_and_a_guess_is_reported(synth, tmp_path):
+    """A run's `family` tag names its family even where its layout and branches would suggest another; a run
+    without the tag (logged before families were recorded) gets the old guess, and the tables say how many."""
+    uri, _ = synth
+    runs = R.load_runs("synth", uri)
+    assert set(runs["family_source"]) == {"guessed"} and set(runs["family"]) == {"pha", "pha_no_gss", "transformer"}
+    assert "Model family guessed from model.layout, model.branches and model.overrides for 8 of 8 runs" in \
+        tables.perplexity_table(runs, "text").to_markdown()  # the finished runs the table pools
+    client = mlflow.MlflowClient(tracking_uri=(uri := f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    exp = client.create_experiment("tagged")
+    parent = client.create_run(exp, tags={"sweep_parent": "true"}).info.run_id
+    serial = {"model.layout": "serial", "model.branches": "['attn', 'ffn']"}
+    log_run(client, exp, parent, "model=mha", 0, {**serial, "model.attn.n_kv_heads": 4, "model.family": "transformer_mha"},
+            {"test/ppl": 21.0}, extra_tags={"family": "transformer_mha"})
+    log_run(client, exp, parent, "model=old", 0, {**serial, "model.attn.n_kv_heads": 2}, {"test/ppl": 20.0})
+    runs = R.load_runs("tagged", uri).set_index("config")
+    assert runs.loc["model=mha", ["family", "family_source"]].tolist() == ["transformer_mha", "recorded"]
+    assert runs.loc["model=old", ["family", "family_source"]].tolist() == ["transformer", "guessed"]
+    table = tables.perplexity_table(runs.reset_index(), "text")
+    assert sorted(table.frame["model"]) == ["Transformer", "transformer_mha"]
+    assert "Model family guessed from model.layout, model.branches and model.overrides for 1 of 2 runs" in \
+        table.to_markdown()
+
+
 def test_mqar_picks_the_learning_rate_on_validation_by_hand(synth):
     uri, _ = synth
     runs = R.load_runs("synth_mqar", uri)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
-from pha_lab.bench import dss_variants, efficiency, gpt2_reference
-from pha_lab.bench.efficiency import COLUMNS, make_workload, read_csv
+from pha_lab.bench import dss_variants, efficiency, gpt2_reference, roofline, timing
+from pha_lab.bench.report import COLUMNS, read_csv
+from pha_lab.bench.spec import OverheadSpec, load_spec
+from pha_lab.bench.workloads import make_workload
 from pha_lab.cli import main
 
 TINY = ["models=[tiny_pha,tiny_transformer]", "seq_lens=[32,64]", "tokens_per_step=128", "steps=2",
@@ -53,6 +56,7 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     assert models["tiny_pha", "train", 64]["flops_per_step"] > 2.5 * models["tiny_pha", "prefill", 64]["flops_per_step"]
     assert {r["model"] for r in rows if r["part"] == "branches"} == {"tiny_pha:gss", "tiny_pha:attn"}
     assert {r["model"] for r in rows if r["part"] == "dss"} == {"tiny_pha:dss-chunked-32"}
+    assert rows[0]["model"] == "gpt2_tiny" and rows[0]["n_params"] == gpt2_reference.build("gpt2_tiny", 32).n_params()
 
     header = json.loads((tmp_path / "bench.header.json").read_text())
     for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
@@ -118,6 +122,22 @@ def test_time_budget_skips_cells_but_writes_them(tmp_path):
     assert rc == 0 and len(rows) == 8 and {r["status"] for r in rows} == {"skipped"}
 
 
+def test_time_budget_skips_every_planned_cell_of_every_part(tmp_path):
+    """The overhead part too: each of its loops x rounds is a skipped row (and Lightning is never started)."""
+    rc, rows = bench(tmp_path, "parts=[overhead,models]", *TINY, "overhead.rounds=2", "max_minutes=0", "--no-mlflow")
+    assert rc == 0 and {r["status"] for r in rows} == {"skipped"}
+    assert [r["mode"] for r in rows if r["part"] == "overhead"] == ["loop_plain", "loop_lightning"] * 2
+    assert len(rows) == 4 + 8
+
+
+def test_time_steps_times_each_step_after_the_warmup():
+    calls = []
+    times = timing.time_steps(lambda: (calls.append(1), time.sleep(0.002)), 2, 5, torch.device("cpu"))
+    assert len(calls) == 7 and len(times) == 5 and min(times) >= 2.0
+    p10, p50, p90 = timing.percentiles(times)
+    assert min(times) <= p10 <= p50 <= p90 <= max(times)
+
+
 @pytest.mark.parametrize("name, seq_len", [("gpt2_reference", 1024), ("pha_125m:gss", 1024), ("pha_125m:attn", 2048),
                                            ("pha_125m:ffn", 1024), ("pha_125m", 2048), ("gss_125m", 1024)])
 def test_bench_flops_match_torch_flop_counter(name, seq_len):
@@ -139,9 +159,9 @@ def test_bench_flops_match_torch_flop_counter(name, seq_len):
 
 def test_floors_count_optimizer_and_scale_with_tokens():
     sizes = make_workload("tiny_pha", "meta").sizes()
-    train = efficiency.floors(sizes, 1e6, 64, 2, True, 1e12, 1e12)
-    prefill = efficiency.floors(sizes, 1e6 / 3, 64, 2, False, 1e12, 1e12)
-    double = efficiency.floors(sizes, 1e6, 64, 4, True, 1e12, 1e12)
+    train = roofline.floors(sizes, 1e6, 64, 2, True, 1e12, 1e12)
+    prefill = roofline.floors(sizes, 1e6 / 3, 64, 2, False, 1e12, 1e12)
+    double = roofline.floors(sizes, 1e6, 64, 4, True, 1e12, 1e12)
     assert train["min_bytes_gb"] > prefill["min_bytes_gb"] and train["mem_floor_gb"] > prefill["mem_floor_gb"]
     assert train["mem_floor_gb"] * 1e9 >= 16 * sizes["n_params"]
     assert double["flops_per_step"] == 2 * train["flops_per_step"]
@@ -180,15 +200,14 @@ def test_gpt2_reference_trains_on_cpu():
     assert model.lm_head.weight is model.wte.weight
 
 
-def test_lightning_and_plain_loops_are_both_timed(tmp_path):
+def test_lightning_and_plain_loops_are_both_timed():
     from omegaconf import OmegaConf
 
-    from pha_lab.bench.efficiency import OverheadSpec
-    from pha_lab.bench.overhead import measure_loops
+    from pha_lab.bench.overhead import measure_loops  # imports lightning: only here
 
     o = OmegaConf.structured(OverheadSpec(model="tiny_pha", seq_len=32, batch_size=2, warmup=1, steps=3, rounds=1,
                                           compile=False))
-    rows = list(measure_loops(o, torch.device("cpu"), torch.float32, str(tmp_path)))
+    rows = list(measure_loops(o, torch.device("cpu"), torch.float32))
     assert [c.mode for c, _ in rows] == ["loop_plain", "loop_lightning"]
     for cell, result in rows:
         assert result["status"] == "ok", result
@@ -200,7 +219,7 @@ def test_bench_specs_live_in_bench_and_pha_lab_sweep_points_there(capsys):
     from pha_lab.sweep.spec import sweep_names
 
     assert (BENCH_DIR / "efficiency.yaml").is_file() and not (PROJECT_ROOT / "sweeps" / "efficiency.yaml").exists()
-    assert "efficiency" not in sweep_names() and efficiency.load_spec("efficiency").name == "efficiency"
+    assert "efficiency" not in sweep_names() and load_spec("efficiency").name == "efficiency"
     assert main(["sweep", "efficiency"]) == 2
     err = capsys.readouterr().err
     assert "'efficiency' is a benchmark spec (bench/efficiency.yaml), not a sweep" in err

@@ -87,3 +87,47 @@ def test_wrong_type_and_unparsable_override():
 def test_unknown_experiment_suggests_names():
     msg = error_for([], experiment="pha_12m")
     assert "not found" in msg and "pha_125m" in msg
+
+
+def bench_spec(path, tiny=False):
+    from pha_lab.bench.efficiency import load_spec
+
+    return load_spec(path, tiny=tiny)
+
+
+# Experiments and bench specs load through the loader sweeps use (tests/test_sweeps.py has the sweep cases).
+KINDS = {"experiment": (load_config, "tiny_pha"), "bench spec": (bench_spec, "efficiency")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_extends_cycle_and_unknown_target_name_the_files(tmp_path, kind):
+    load, _ = KINDS[kind]
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match=r"'extends' cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load(str(tmp_path / "a.yaml"))
+    (tmp_path / "lost.yaml").write_text("extends: nowhere\nname: lost\n")
+    with pytest.raises(ConfigError, match=rf"lost\.yaml: 'extends: nowhere': unknown {kind} 'nowhere': not found"):
+        load(str(tmp_path / "lost.yaml"))
+
+
+@pytest.mark.parametrize("kind,misspelt,nearest,wrong_type,key", [
+    ("experiment", "trainer: {max_step: 3}", "trainer.max_steps", "trainer: {max_steps: many}", "trainer.max_steps"),
+    ("bench spec", "seq_len: [64]", "seq_lens", "overhead: {steps: many}", "overhead.steps"),
+])
+def test_misspelt_key_and_wrong_type_in_an_extending_file(tmp_path, kind, misspelt, nearest, wrong_type, key):
+    load, base = KINDS[kind]
+    for text, expected in ((misspelt, f"Nearest valid keys: {nearest}"), (wrong_type, f"bad value for config key '{key}'")):
+        path = tmp_path / "child.yaml"
+        path.write_text(f"extends: {base}\nname: child\n{text}\n")
+        with pytest.raises(ConfigError) as info:
+            load(str(path))
+        assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_bench_spec_extends_and_keeps_its_cpu_section(tmp_path):
+    path = tmp_path / "short.yaml"
+    path.write_text("extends: efficiency\nname: short\nsteps: 2\nparts: [models]\n")
+    spec, base = bench_spec(str(path)), bench_spec("efficiency")
+    assert (spec.name, spec.steps, list(spec.parts), spec.models) == ("short", 2, ["models"], base.models)
+    assert spec.cpu is None and bench_spec(str(path), tiny=True).models == bench_spec("efficiency", tiny=True).models

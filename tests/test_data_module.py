@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pha_lab.config import experiment_names, load_config
-from pha_lab.data import DataError, build_datamodule, data_root
+from pha_lab.data import IGNORE_INDEX, DataError, build_datamodule, data_root
 from pha_lab.data.module import GlobalIndexSampler, LMDataModule, MQARDataModule, RankSlice
 
 
@@ -41,7 +41,7 @@ def test_tiny_preset_batches_and_protocol():
     assert proto["n_tokens_split"] > 16384 and proto["dataset"] == "text"
     ts = dm.token_split("valid")
     assert proto["n_bytes"] == len(dm.tokenizer.decode(ts.tokens[1 : 16384 + 1]).encode())
-    scored = sum(int((b["labels"] != -100).sum()) for b in dm.val_dataloader())
+    scored = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in dm.val_dataloader())
     assert scored == proto["n_tokens"]
     assert dm.eval_protocol("test")["split"] == "test"
 
@@ -83,10 +83,10 @@ def test_mqar_module():
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (32, 64) and batch["labels"].dtype == torch.long
-    assert int((batch["labels"] != -100).sum()) == 32 * 4
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == 32 * 4
     proto = dm.eval_protocol("valid")
     assert proto["metric"] == "accuracy" and proto["n_tokens"] == 256 * 4 and proto["context"] == 64
-    scored = sum(int((b["labels"] != -100).sum()) for b in dm.val_dataloader())
+    scored = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in dm.val_dataloader())
     assert scored == proto["n_tokens"]
 
 
@@ -111,7 +111,7 @@ class Recorder(L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.seen.append(batch["input_ids"].clone())
         logits = self.head(self.emb(batch["input_ids"]))
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pha_lab.config import ConfigError, load_config
-from pha_lab.data import DataError, mqar
+from pha_lab.data import IGNORE_INDEX, DataError, mqar
 from pha_lab.data.mqar import MQARDataset, multiquery_ar
 
 
@@ -33,7 +33,7 @@ def test_labels_only_at_answers_each_the_paired_value(random_non_queries):
         keys, values = inputs[0 : 2 * kv : 2], inputs[1 : 2 * kv : 2]
         assert len(set(keys.tolist())) == kv and (keys >= 1).all() and (keys < vocab // 2).all()
         assert len(set(values.tolist())) == kv and (values >= vocab // 2).all() and (values < vocab).all()
-        answers = np.flatnonzero(labels != -100)
+        answers = np.flatnonzero(labels != IGNORE_INDEX)
         assert len(answers) == kv  # one query per key
         assert (answers >= 2 * kv).all() and ((answers - 2 * kv) % 2 == 0).all()
         pair = dict(zip(keys.tolist(), values.tolist()))
@@ -52,7 +52,7 @@ def test_labels_only_at_answers_each_the_paired_value(random_non_queries):
 def test_power_law_puts_queries_early():
     def mean_gap(a):
         x, y = gen(4, n=2000, power_a=a, random_non_queries=False)
-        return np.flatnonzero(y.reshape(-1) != -100).__mod__(128).mean()
+        return np.flatnonzero(y.reshape(-1) != IGNORE_INDEX).__mod__(128).mean()
     assert mean_gap(0.01) < mean_gap(1.0) - 10  # uniform gaps (a=1) sit much later on average
 
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import DataError, build_tokenizer, data_root, splits, token_split
+from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, data_root, splits, token_split
 from pha_lab.data import tokens as tokmod
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, eval_windows, lm_metrics
 
@@ -54,7 +55,7 @@ def test_every_eval_token_scored_exactly_once(tmp_path, n_tokens, seq_len, strid
         real = x != n_tokens + 1  # not padding
         n_real = int(real.sum())
         assert real[:n_real].all() and (x[:n_real] == np.arange(begin, begin + n_real)).all()  # contiguous stream
-        for j in np.flatnonzero(y != -100):
+        for j in np.flatnonzero(y != IGNORE_INDEX):
             assert y[j] == begin + j + 1  # label = next token
             assert j < n_real
             if begin > 0:  # after the first window, a scored token has >= seq_len - stride + 1 tokens of context
@@ -99,6 +100,18 @@ def corpus(folder: Path, root: Path) -> Path:
 def text_cfg(tmp_path: Path, folder: Path, *extra: str):
     return load_config(None, ["data.source=text", f"data.train_files=[{folder}]", "data.valid_fraction=0",
                               "data.test_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", *extra]).data
+
+
+def test_a_parallel_cache_build_leaves_the_process_environment_in_place(tmp_path, monkeypatch):
+    """datasets' map(num_proc=2) swaps os.environ for a copy; the build puts the real one back, so a variable
+    set before it is still removed by monkeypatch (it used to leak $PHA_TOKENIZER_DIR into later tests)."""
+    environ = os.environ
+    monkeypatch.setenv("PHA_TEST_MARKER", "1")
+    d = text_cfg(tmp_path, corpus(tmp_path / "c", shared_data()), "data.num_proc=2")
+    token_split(splits(d)["train"], build_tokenizer(d), d)
+    assert os.environ is environ and "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.undo()
+    assert "PHA_TEST_MARKER" not in os.environ
 
 
 def test_cache_hit_invalidation_and_rebuild(tmp_path, monkeypatch, caplog):

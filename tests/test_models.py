@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pha_lab.config import BRANCHES, DSS_KERNELS, MIXERS, load_config
-from pha_lab.models import build_model
+from pha_lab.branches import DSS_KERNELS
+from pha_lab.config import MIXERS, load_config
+from pha_lab.models import BRANCH_REGISTRY, build_model
 from pha_lab.models.attention import GroupedQueryAttention, apply_rope, rope_cos_sin
 from pha_lab.models.gss import DSS, causal_fft_conv, mode_powers
 from pha_lab.models.mixers import MIXER_REGISTRY
 
+BRANCHES = tuple(BRANCH_REGISTRY)
 TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential"]
 
 

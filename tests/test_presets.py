@@ -1,4 +1,5 @@
-"""Every experiment preset loads, builds at its real size on the meta device, and is the size its name says."""
+"""Every experiment preset loads, builds at its real size on the meta device, and is the size its name says; presets
+and sweep cells record the model family they build."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import re
 import pytest
 import torch
 
-from pha_lab.config import experiment_names, load_config
+from pha_lab.analysis.runs import guessed_family
+from pha_lab.config import experiment_names, flatten, load_config
 from pha_lab.models import build_model
+from pha_lab.sweep.spec import load_sweep, sweep_names
 
 PRESETS = experiment_names()
 SCALED = [n for n in PRESETS if re.search(r"_(\d+)m$", n)]
@@ -77,3 +80,27 @@ def test_flops_estimate_matches_lightning_measure_flops(name):
     est = model.flops_per_token(seq_len, training=True)
     assert abs((est["total"] - est["fft"]) / measured - 1) < 0.10
     assert est["fft"] < 0.01 * est["total"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_records_its_model_family(name):
+    """Each preset sets model.family, and for the shipped shapes it is what the tables guessed from the layout and
+    branches before families were recorded (so old and new runs of one model carry one family)."""
+    cfg = load_config(name)
+    assert cfg.model.family and cfg.model.family == guessed_family(flatten(cfg))
+
+
+ARCHITECTURE = ("model.family", "model.layout", "model.branches", "model.overrides")
+
+
+@pytest.mark.slow  # ~15 s: load_sweep validates every cell (tests/test_sweep.py::test_shipped_sweeps_validate too)
+@pytest.mark.parametrize("sweep", sweep_names())
+def test_every_sweep_cell_records_its_model_family(sweep):
+    """A cell that changes the architecture (a branch removed, a preset's layout changed by overrides) records the
+    family it builds; one cell per distinct architecture is loaded."""
+    spec = load_sweep(sweep)
+    shapes = {(c["experiment"], str({k: v for k, v in c["overrides"].items() if k in ARCHITECTURE})): c
+              for c in spec.cells().values()}
+    for cell in shapes.values():
+        cfg = spec.cell_config(cell)
+        assert cfg.model.family == guessed_family(flatten(cfg)), (sweep, cell)

@@ -15,9 +15,9 @@ import optuna
 import pytest
 import yaml
 
-from pha_lab.config import ConfigError
+from pha_lab.config import ConfigError, to_yaml
 from pha_lab.sweep.runner import claim_waiting, enqueue_grid, open_study, run_sweep, tell, worker_seed
-from pha_lab.sweep.spec import load_sweep, suggest, sweep_names
+from pha_lab.sweep.spec import load_sweep, read_sweep, suggest, sweep_names
 
 FAST = {"trainer.max_steps": 8, "trainer.val_every_n_steps": 4, "trainer.ckpt_every_n_steps": 4,
         "trainer.log_every_n_steps": 2, "data.max_eval_tokens": 2048, "optim.warmup_steps": 2}
@@ -43,6 +43,7 @@ def mlflow_runs(runs, name):
 def test_shipped_sweeps_validate():
     for name in ["smoke", "ablation", "baselines", "hpo", "mqar", "scale"]:
         assert name in sweep_names()
+    for name in sweep_names():  # the repro_* sweeps too
         assert load_sweep(name).cells()
 
 
@@ -160,11 +161,11 @@ def test_two_workers_share_a_grid_without_duplicates(tmp_path):
 # One worker ("machine") of the claim race: queue the grid as every `pha-lab sweep` does, then claim
 # and finish trials through the worker's own next_trial/tell; the trial body itself is instant.
 CLAIMER = """
-import os, sys, time, yaml
+import os, sys, time
 from pha_lab.sweep.runner import enqueue_grid, next_trial, open_study, tell
-from pha_lab.sweep.spec import SweepSpec
+from pha_lab.sweep.spec import read_sweep
 path, url, gate = sys.argv[1:]
-spec = SweepSpec(**yaml.safe_load(open(path)))  # (the test validated it: load_sweep)
+spec = read_sweep(path)  # (the test validated it: load_sweep)
 study, storage = open_study(spec, url, sampler_seed=0)
 open(os.path.join(gate, f"ready-{os.getpid()}"), "w").close()
 while not os.path.exists(os.path.join(gate, "go")):
@@ -322,6 +323,84 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path):
     empty = write_sweep(tmp_path, "empty", grid={"branches": {"none": {"model.branches": []}, "all": {}}})
     with pytest.raises(ConfigError, match=r"(?s)1 of 2 cells.*branches=none.*model.branches is empty"):
         load_sweep(empty)
+
+
+def spec_error(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    return str(info.value)
+
+
+def test_bad_spec_keys_and_types_name_the_file_and_nearest_keys(tmp_path):
+    """The sweep file goes through the typed schema: misspelt keys (top level, nested, in a search space) and
+    wrong types fail naming the file, the key and the nearest valid keys, before any cell is built."""
+    path = write_sweep(tmp_path, "typo", objetive={"metric": "val/loss"})
+    msg = spec_error(path)
+    assert path in msg and "unknown config key 'objetive'" in msg and "Nearest valid keys: objective" in msg
+    msg = spec_error(write_sweep(tmp_path, "nested", pruning={"enabeld": True}))
+    assert "'pruning.enabeld'" in msg and "pruning.enabled" in msg and "n_warmup_steps" in msg
+    msg = spec_error(write_sweep(tmp_path, "space", n_trials=2,
+                                 search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lgo": True}}))
+    assert "'search.optim.lr.lgo'" in msg and "log" in msg and "SearchSpace" in msg
+    msg = spec_error(write_sweep(tmp_path, "seeds", seeds=["zero"]))
+    assert "tmp" in msg and "bad value for config key 'seeds[0]'" in msg and "'zero'" in msg
+    msg = spec_error(write_sweep(tmp_path, "gpus", gpus_per_trial="two"))
+    assert "'gpus_per_trial'" in msg and "gpus.yaml" in msg
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("experiment: tiny_pha\n")
+    assert "missing required key name" in spec_error(str(bare))
+
+
+def test_spec_extends_replaces_axes_in_place_and_null_removes_them(tmp_path):
+    base = write_sweep(tmp_path, "base", grid={"model.mixer": ["static", "gate"], "variant": {"x": {}, "y": {}},
+                                               "optim.warmup_steps": [1, 2]},
+                       n_trials=2, search={"optim.lr": {"type": "categorical", "choices": [0.01, 0.02]}})
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({
+        "extends": "base.yaml", "name": "child", "seeds": [0, 1],
+        "grid": {"model.mixer": ["mean"], "variant": {"z": {"optim.beta1": 0.8}}, "optim.warmup_steps": None},
+        "search": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2}},
+    }))
+    spec = load_sweep(str(child))
+    assert list(spec.cells()) == ["model.mixer=mean,variant=z,seed=0", "model.mixer=mean,variant=z,seed=1"]
+    assert spec.cells()["model.mixer=mean,variant=z,seed=1"]["overrides"] == {
+        **FAST, "model.mixer": "mean", "optim.beta1": 0.8, "seed": 1}  # the base's overrides, inherited
+    assert spec.search["optim.lr"].choices is None and spec.search["optim.lr"].type == "float"  # replaced whole
+    assert (spec.n_trials, spec.heartbeat_interval, load_sweep(base).name) == (2, 1, "base")
+    nameless = tmp_path / "nameless.yaml"
+    nameless.write_text("extends: base.yaml\nseeds: [3]\n")
+    assert "does not set its own name" in spec_error(str(nameless))
+
+
+def test_bad_spec_extends_cycle_and_unknown_target(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    msg = spec_error(str(tmp_path / "a.yaml"))
+    assert "'extends' cycle" in msg and msg.count("a.yaml") == 2 and "b.yaml" in msg
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\nname: self\n")
+    assert "'extends' cycle" in spec_error(str(tmp_path / "self.yaml"))
+    (tmp_path / "lost.yaml").write_text("extends: smok\nname: lost\n")
+    msg = spec_error(str(tmp_path / "lost.yaml"))
+    assert "lost.yaml" in msg and "unknown sweep 'smok'" in msg and "Did you mean: smoke" in msg
+
+
+def test_shipped_spec_extends_resolve_like_their_bases():
+    """repro_mqar = mqar without its task axis (the experiment's own task is (256, 16)); scale and ablation keep
+    baselines' budget; repro_ablation keeps repro_baselines'. The same runs, not only the same cell names."""
+    mqar, repro = read_sweep("mqar"), read_sweep("repro_mqar")
+    same_task = {k.replace(",task=s256_kv16", ""): c for k, c in mqar.cells().items() if "task=s256_kv16" in k}
+    assert list(repro.cells()) == list(same_task) and len(same_task) == 16
+    for key, cell in repro.cells().items():
+        assert to_yaml(repro.cell_config(cell)) == to_yaml(mqar.cell_config(same_task[key]))
+    baselines = read_sweep("baselines")  # (test_shipped_sweeps_validate checks every cell of these)
+    for name, extra in (("scale", {}), ("ablation", {"data.max_eval_tokens": 1048576})):
+        spec = read_sweep(name)
+        assert spec.overrides == {**baselines.overrides, **extra} and spec.objective == baselines.objective
+    assert [lab for lab, _ in read_sweep("scale").axes()[0][1]] == [
+        "pha_90m", "pha_125m", "pha_180m", "transformer_125m", "transformer_180m"]  # replaced, not merged
+    assert [axis for axis, _ in read_sweep("ablation").axes()] == ["branches", "model.mixer"]
+    assert read_sweep("repro_ablation").overrides == read_sweep("repro_baselines").overrides
+    assert list(read_sweep("repro_ablation").cells())[0] == "variant=full_static,seed=0"
 
 
 @pytest.mark.slow

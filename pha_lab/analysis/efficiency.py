@@ -7,6 +7,7 @@ MLflow experiment; each keeps its `source` (file:line or run id).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -48,9 +49,7 @@ def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str |
 
 
 def _bench_run(experiments, uri: str) -> tuple[pd.DataFrame, str | None]:
-    import tempfile
-
-    import mlflow
+    import mlflow  # start-up time: ~3 s, and tables built from a CSV need no MLflow
 
     raw, _ = finished(search_runs(experiments, uri))
     if raw.empty:

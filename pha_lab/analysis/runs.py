@@ -2,7 +2,9 @@
 
 `load_runs(sweeps, tracking_uri)` reads child runs with `mlflow.search_runs` from any tracking URI (the
 sweep parent runs are dropped; `sweeps=None` reads every experiment's training runs). Columns: `run_id`,
-`experiment`, `status`, `config` (the sweep cell without its seed, else the config name), `config_id` (what
+`experiment`, `status`, `config` (the sweep cell without its seed, else the config name), `family` and
+`family_source` (the run's `family` tag, set by training from `model.family`: "recorded"; runs logged before
+that tag existed get the family guessed from their layout and branches: "guessed"), `config_id` (what
 "the same configuration" means: a hash of the resolved config minus the seed and the keys that change neither
 what is trained nor how it is scored, see `NOT_IDENTITY`), `recipe_id` (the same without the `model.*` keys:
 data, budget, optimizer), `seed`, `start_time`, `identity` (the hashed key/values), then the config keys
@@ -27,19 +29,22 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 
+from pha_lab.branches import BRANCH_REGISTRY
 from pha_lab.config import PROJECT_ROOT
 
-BRANCHES = ("gss", "attn", "ffn")
-BASE_COLUMNS = ["run_id", "experiment", "status", "config", "config_id", "recipe_id", "seed", "start_time", "identity"]
+BASE_COLUMNS = ["run_id", "experiment", "status", "config", "family", "family_source", "config_id", "recipe_id", "seed",
+                "start_time", "identity"]
 # Params that change neither what is trained nor how it is scored: runs differing only in these are replicates of
 # one configuration (the seed is the replicate; `name` is a preset's label, not its content; `tracking.` covers
-# the experiment, run name and sweep tags). A key or a prefix ending in ".".
-NOT_IDENTITY = ("seed", "resume", "name", "tracking.", "data.cache_dir", "data.data_dir", "data.num_proc",
-                "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps", "trainer.ckpt_every_n_steps")
+# the experiment, run name and sweep tags; `model.family` labels what the other keys build). A key or a prefix
+# ending in ".".
+NOT_IDENTITY = ("seed", "resume", "name", "model.family", "tracking.", "data.cache_dir", "data.data_dir",
+                "data.num_proc", "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps",
+                "trainer.ckpt_every_n_steps")
 # Tags that resolve what a param leaves to the machine (trainer.precision=auto: bf16-mixed on a GPU, fp32 on CPU).
 IDENTITY_TAGS = ("precision",)
-_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "config_id",
-                "recipe_id", "identity", "start_time")
+_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "family",
+                "config_id", "recipe_id", "identity", "start_time")
 
 
 # --------------------------------------------------------------------------- reading
@@ -67,7 +72,7 @@ def _sqlite_missing(uri: str) -> bool:
 def _using(uri: str):
     """mlflow.search_runs reads the global tracking URI; set it for one call and restore both the
     global and the MLFLOW_TRACKING_URI variable that mlflow.set_tracking_uri writes."""
-    from mlflow.tracking._tracking_service import utils
+    from mlflow.tracking._tracking_service import utils  # start-up time: see search_runs
 
     old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     utils.set_tracking_uri(uri)
@@ -85,7 +90,7 @@ def search_runs(experiments: str | Iterable[str] | None, tracking_uri: str) -> p
     """`mlflow.search_runs` of the named experiments (None: every experiment) at `tracking_uri` (missing
     experiments: no rows)."""
     warnings.filterwarnings("ignore", message="IProgress not found")  # mlflow imports tqdm.auto in notebooks
-    import mlflow
+    import mlflow  # here, not at the top: importing mlflow takes ~3 s, and tables from CSVs need none
 
     empty = pd.DataFrame(columns=["run_id", "experiment_id", "status"])
     names = None if experiments is None else [experiments] if isinstance(experiments, str) else list(experiments)
@@ -138,7 +143,10 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col not in _NOT_NUMERIC and not pd.api.types.is_numeric_dtype(df[col]):
             df[col] = _numeric(df[col])
-    df["config"] = [_label(r) for r in df.to_dict("records")]
+    records = df.to_dict("records")
+    df["config"] = [_label(r) for r in records]
+    df["family_source"] = ["recorded" if recorded_family(r) else "guessed" for r in records]
+    df["family"] = [recorded_family(r) or guessed_family(r) for r in records]
     df["identity"] = _identities(raw.reset_index(drop=True))
     df["config_id"] = [config_key(i) for i in df["identity"]]
     df["recipe_id"] = [config_key(i, drop=("model",)) for i in df["identity"]]
@@ -207,21 +215,52 @@ def branches_of(value) -> list[str]:
     return [str(b) for b in parsed] if isinstance(parsed, (list, tuple)) else []
 
 
-def model_family(row: dict) -> str:
-    """Paper names from the config: PHA, Transformer, GSS, GSS-Hybrid, sequential PHA."""
+def branch_order(names: Iterable[str]) -> list[str]:
+    """Branch names in the registry's order (pha_lab.branches), then any unregistered ones alphabetically."""
+    names = set(names)
+    return [b for b in BRANCH_REGISTRY if b in names] + sorted(names - set(BRANCH_REGISTRY))
+
+
+# The PHA family's branches (the paper's GSS + GQA + FFN): what the ablation's "branches removed" counts from, and
+# what `guessed_family` takes a PHA to be. Not the list of branches there are (that is BRANCH_REGISTRY).
+PHA_BRANCHES = ("gss", "attn", "ffn")
+FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
+                 "sequential_pha": "sequential PHA"}  # model.family -> table label; pha_no_X: "PHA without X"
+
+
+def recorded_family(row: dict) -> str | None:
+    """The run's `family` tag (what training logs from `model.family`), None where it has none."""
+    family = row.get("family")
+    return family if isinstance(family, str) and family else None
+
+
+def guessed_family(row: dict) -> str:
+    """For runs without a recorded family (logged before the `family` tag existed, or with `model.family` unset):
+    the family as the tables used to guess it from model.layout, model.branches and model.overrides. Only a guess:
+    `tidy` marks it `family_source = "guessed"` and the tables say how many rows rest on it."""
     layout, branches = row.get("model.layout"), branches_of(row.get("model.branches"))
-    mixer = row.get("model.mixer")
     if layout == "parallel":
-        missing = [b for b in BRANCHES if b not in branches]
-        name = "PHA" if not missing else "PHA without " + "+".join(missing)
-        return name if mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer)) else f"{name} ({mixer})"
+        missing = [b for b in PHA_BRANCHES if b not in branches]
+        return "pha" if not missing else "pha_no_" + "+".join(missing)
     if branches == ["attn", "ffn"]:
-        return "Transformer"
+        return "transformer"
     if "gss" in branches and "attn" not in branches:
-        return "GSS-Hybrid" if "attn" in str(row.get("model.overrides") or "") else "GSS"
+        return "gss_hybrid" if "attn" in str(row.get("model.overrides") or "") else "gss"
     if branches == ["gss", "attn", "ffn"]:
-        return "sequential PHA"
+        return "sequential_pha"
     return "+".join(branches) + f" ({layout})"
+
+
+def model_family(row: dict) -> str:
+    """The table label of a run's family (recorded, else guessed): PHA, Transformer, GSS, GSS-Hybrid, sequential
+    PHA, PHA without gss, ..., with the mixer of a parallel model that does not use the static one: PHA (gate)."""
+    family = recorded_family(row) or guessed_family(row)
+    name = FAMILY_LABELS.get(family, family)
+    if family.startswith("pha_no_"):
+        name = "PHA without " + family.removeprefix("pha_no_")
+    mixer = row.get("model.mixer")
+    static = mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer))
+    return name if row.get("model.layout") != "parallel" or static else f"{name} ({mixer})"
 
 
 def scale_label(n_params) -> str:
@@ -301,7 +340,7 @@ def _seed(value) -> str:
 def difference(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean(a) - mean(b), low, high): the Welch t interval (unequal variances) on the difference of means at
     `level`; NaN bounds when either side has fewer than 2 runs (no spread to judge the noise by)."""
-    from scipy import stats
+    from scipy import stats  # start-up time: ~1.5 s, only for tables with intervals
 
     a = pd.to_numeric(pd.Series(list(a), dtype=object), errors="coerce").dropna().to_numpy(float)
     b = pd.to_numeric(pd.Series(list(b), dtype=object), errors="coerce").dropna().to_numpy(float)

@@ -22,8 +22,9 @@ import pandas as pd
 
 from pha_lab.analysis.efficiency import EFFICIENCY_CSV, resolve_path
 from pha_lab.analysis.render import FORMATS, Table, fixed, tokens
-from pha_lab.analysis.runs import (BRANCHES, aggregate, branches_of, config_key, difference, finished, layer_metrics,
-                                   load_runs, model_family, reading, scale_label)
+from pha_lab.analysis.runs import (PHA_BRANCHES, aggregate, branch_order, branches_of, config_key, difference, finished,
+                                   layer_metrics, load_runs, model_family, reading, scale_label)
+from pha_lab.branches import BRANCH_REGISTRY
 from pha_lab.config import PROJECT_ROOT
 
 OUT_DIR = PROJECT_ROOT / "analysis" / "out"
@@ -117,6 +118,16 @@ def _with_model(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def family_note(runs: pd.DataFrame) -> str:
+    """Says how many of `runs` have a guessed model family (runs.guessed_family), or nothing when none has."""
+    guessed = int((runs["family_source"] == "guessed").sum()) if "family_source" in runs else 0
+    if not guessed:
+        return ""
+    return (f"Model family guessed from model.layout, model.branches and model.overrides for {guessed} of {len(runs)} "
+            "runs: they carry no `family` tag (logged before training recorded `model.family`, or with it unset); "
+            "setting the tag on a run records it.")
+
+
 def _where(runs: pd.DataFrame, column: str, test) -> pd.DataFrame:
     return runs[runs[column].map(test)] if column in runs and len(runs) else runs.iloc[0:0]
 
@@ -194,7 +205,8 @@ def perplexity_table(runs: pd.DataFrame, dataset: str | None = None, sweeps: Ite
                "reading": "reading", "runs": "runs"}
     notes = _notes(done, excluded, frame, POOLING_NOTE, INTERVAL_NOTE,
                    "Δ against the PHA (parallel GSS+GQA+FFN, static mixer) with the same recipe (data, budget, optimizer: "
-                   "`recipe_id`) and width/depth; blank where there is none. Every row trained from scratch.")
+                   "`recipe_id`) and width/depth; blank where there is none. Every row trained from scratch.",
+                   family_note(done))
     return Table(f"perplexity-{dataset or 'all'}", f"Language modelling, {dataset or 'all datasets'}: our runs",
                  frame, _shown(frame, columns), notes, FORMATS)
 
@@ -225,7 +237,8 @@ def reference_table(dataset: str | None) -> Table:
 
 # --------------------------------------------------------------------------- ablation
 def removed_label(branches) -> str:
-    missing = [b for b in BRANCHES if b not in branches_of(branches)]
+    """The PHA branches a model lacks: '-gss', '-gss, -attn'; 'none' for a full PHA."""
+    missing = [b for b in PHA_BRANCHES if b not in branches_of(branches)]
     return "none" if not missing else "-" + ", -".join(missing)
 
 
@@ -264,19 +277,20 @@ def ablation_table(runs: pd.DataFrame, metric: str | None = None, sweeps: Iterab
 # --------------------------------------------------------------------------- per-layer tables (mixer, knockout)
 def _per_layer(runs: pd.DataFrame, long: pd.DataFrame, name: str, title: str, notes: list[str]) -> Table:
     """Long (run_id, layer, branch, value) -> mean ± std per (configuration, layer), one column per branch."""
-    branches = [b for b in BRANCHES if b in set(long["branch"])] + sorted(set(long["branch"]) - set(BRANCHES))
+    branches = branch_order(long["branch"]) or list(BRANCH_REGISTRY)
     wide = long.pivot_table(index=["run_id", "layer"], columns="branch", values="value", aggfunc="first").reset_index()
     info = _with_model(runs).reindex(columns=["run_id", "experiment", "config_id", "config", "seed", "start_time", "model",
                                               *PARAMS] if len(runs) else ["run_id"])
     wide = wide.merge(info, on="run_id") if len(runs) else wide.iloc[0:0]
-    frame = aggregate(wide, branches or list(BRANCHES), by=["config_id", "layer"], keep=["model", *PARAMS])
+    frame = aggregate(wide, branches, by=["config_id", "layer"], keep=["model", *PARAMS])
     if len(frame):
         frame = frame.assign(_l=frame["layer"].map(lambda v: 10**6 if v == "all" else int(v)))
         frame = frame.sort_values(["model", "config", "_l"], kind="stable").drop(columns="_l").reset_index(drop=True)
-    columns = {"model": "model", "config": "config", **PARAMS, "layer": "layer", **{b: b for b in branches or BRANCHES},
+    columns = {"model": "model", "config": "config", **PARAMS, "layer": "layer", **{b: b for b in branches},
                "n": "seeds", "sweeps": "sweeps (runs)", "runs": "runs"}
+    notes = [*notes, family_note(runs[runs["run_id"].isin(wide["run_id"])] if len(runs) else runs)]
     return Table(name, title, frame, _shown(frame, columns), _notes(pd.DataFrame(), None, frame, *notes),
-                 {**FORMATS, **{b: fixed(3) for b in BRANCHES}})
+                 {**FORMATS, **{b: fixed(3) for b in branches}})
 
 
 def mixer_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
@@ -302,7 +316,8 @@ def knockout_table(runs: pd.DataFrame, metric: str = "delta_ppl", sweeps: Iterab
 
 def heatmap_frames(table: Table) -> dict[str, pd.DataFrame]:
     """'model (params), n=...' + config -> layers x branches mean weights, for figures.mixer_heatmaps."""
-    frame, branches = table.frame, [c for c in table.columns if c in BRANCHES]
+    frame = table.frame
+    branches = [c for c in table.columns if f"{c} std" in frame]  # a per-layer table's aggregated metrics
     out = {}
     for _, group in frame.groupby("config_id", sort=False):
         first = group.iloc[0]
@@ -337,8 +352,9 @@ def mqar_lr_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Ta
     shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
              "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr", "n": "seeds", "val/accuracy": "val accuracy",
              "test/accuracy": "test accuracy", "runs": "runs"}
+    done, _ = finished(_scope(mqar_runs(runs), sweeps))
     return Table("mqar-lr", "MQAR: accuracy per learning rate", frame, _shown(frame, shown),
-                 _notes(pd.DataFrame(), None, frame, POOLING_NOTE), _MQAR_FORMATS)
+                 _notes(pd.DataFrame(), None, frame, POOLING_NOTE, family_note(done)), _MQAR_FORMATS)
 
 
 def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
@@ -368,7 +384,8 @@ def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table
                    "The learning rate is picked on the seed-mean validation accuracy (ties: the smallest); the test "
                    "accuracy is reported at it, so test never enters the selection. The runs column names the runs "
                    "at that learning rate.",
-                   f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "")
+                   f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "",
+                   family_note(done))
     return Table("mqar", "MQAR: recall accuracy at the learning rate picked on validation", frame, _shown(frame, shown),
                  notes, _MQAR_FORMATS)
 
@@ -406,7 +423,7 @@ def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[
 
     The perplexity notebook runs once per dataset that has runs (or once for WikiText-103, showing
     the paper's numbers beside an empty table)."""
-    import papermill as pm
+    import papermill as pm  # start-up time: ~1 s (and a Jupyter stack), only to render the notebooks
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

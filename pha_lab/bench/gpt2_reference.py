@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pha_lab.bench.timing import autocast, percentiles, time_steps, train_step
 
 
 @dataclass
@@ -116,29 +117,16 @@ def train(name: str = "gpt2_reference", seq_len: int = 1024, batch_size: int = 1
     """The whole reference loop: random tokens, `steps` timed steps after `warmup`, median tokens/s.
 
     Returns {"tokens_per_s", "step_ms", "losses"}; the bench times the same model through its own
-    harness, this is the standalone version."""
-    from pha_lab.bench.efficiency import time_steps
-
+    harness (pha_lab.bench.workloads), this is the standalone version on the same timing loop."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = build(name, seq_len, device)
     opt = configure_optimizer(model)
     fwd = torch.compile(model) if compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     data = torch.randint(1, model.config.vocab_size, (2, batch_size, seq_len + 1), device=device)
+    step = train_step(lambda batch: fwd(batch[:, :-1], batch[:, 1:]), data, opt, autocast(device, torch.bfloat16))
     losses: list[torch.Tensor] = []
-
-    def step() -> None:
-        batch = data[len(losses) % 2]
-        with amp:
-            loss = fwd(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    times = time_steps(step, warmup, steps, device)
-    median = sorted(times)[len(times) // 2]
+    median = percentiles(time_steps(lambda: losses.append(step()), warmup, steps, device))[1]
     return {"tokens_per_s": batch_size * seq_len / (median / 1e3), "step_ms": median,
             "losses": [v.item() for v in losses]}
 

@@ -8,20 +8,29 @@
                   handler), an MLflow logger, gradient clipping, bf16-mixed precision
 
 The two loops alternate for `rounds` rounds on one module (compiled once), over the same random-token
-DataLoader. Each step is the interval between consecutive batch starts, so whatever a loop does between
-steps (data transfer, callbacks, logging, host syncs) is counted. Checkpointing and validation are off:
-they run every few hundred steps in real training and are not per-step overhead.
+DataLoader. Each step is the interval between consecutive batch starts (timing.Clock, ticked from inside
+the loop), so whatever a loop does between steps (data transfer, callbacks, logging, host syncs) is
+counted. Checkpointing and validation are off: they run every few hundred steps in real training and are
+not per-step overhead. This module imports Lightning: pha_lab.bench.efficiency loads it only for this part.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
+import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
+
+from pha_lab.bench.spec import OVERHEAD_LOOPS, Cell, OverheadSpec, overhead_cells
+from pha_lab.bench.timing import Clock, autocast, free_memory, measure
+from pha_lab.config import load_config
+from pha_lab.training.module import LMModule, lr_lambda, param_groups
+from pha_lab.training.run import per_step_callbacks
 
 
 class RandomTokens(Dataset):
@@ -39,43 +48,19 @@ class RandomTokens(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-class Clock:
-    """Marks at step boundaries (CUDA events on a GPU, the wall clock on a CPU); intervals in ms."""
-
-    def __init__(self, device: torch.device, first: int):
-        self.device, self.first, self.marks = device, first, []
-
-    def tick(self, step: int) -> None:
-        if step < self.first:
-            return
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals_ms(self) -> list[float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
-
-
-def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clock) -> None:
+def plain_loop(module: LMModule, loader: DataLoader, device: torch.device, amp, clock: Clock, first: int) -> None:
     """What Lightning does per step with LMModule, written out by hand (its optimizer and LR schedule as
-    LMModule.configure_optimizers builds them, without needing a Trainer)."""
-    from pha_lab.training.module import lr_lambda, param_groups
-
+    LMModule.configure_optimizers builds them, without needing a Trainer). Ticks `clock` at the start of
+    every step from `first` on, and once after the last."""
     module.to(device).train()
     o, t = module.cfg.optim, module.cfg.trainer
     opt = torch.optim.AdamW(param_groups(module.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             fused=(o.fused and device.type == "cuda") or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
-    n = 0
     for n, batch in enumerate(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        clock.tick(n)
+        if n >= first:
+            clock.tick()
         with amp:
             _, nll, count = module._losses(batch)
             loss = nll / count.clamp_min(1)
@@ -84,26 +69,31 @@ def plain_loop(module, loader: DataLoader, device: torch.device, amp, clock: Clo
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    clock.tick(n + 1)
+    clock.tick()
 
 
-def lightning_loop(module, loader: DataLoader, device: torch.device, precision: str, clock: Clock, workdir: Path) -> None:
+class _Tick(L.Callback):
+    """Ticks the clock at each batch start from step `first` on, and after the last batch."""
+
+    def __init__(self, clock: Clock, first: int, n_batches: int):
+        self.clock, self.first, self.n_batches = clock, first, n_batches
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= self.first:
+            self.clock.tick()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.n_batches - 1:
+            self.clock.tick()
+
+
+def lightning_loop(module: LMModule, loader: DataLoader, device: torch.device, precision: str, clock: Clock,
+                   first: int, workdir: Path) -> None:
     """Trainer.fit with the callbacks `train` attaches to every step (checkpointing and validation-time
     introspection left out: they do not run per step)."""
-    import lightning as L
-
-    from pha_lab.training.run import per_step_callbacks
-
-    class Tick(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.tick(batch_idx)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == len(loader) - 1:
-                clock.tick(batch_idx + 1)
-
     cfg = module.cfg
     try:
+        # here, not at the top: mlflow may be missing on a GPU image; the loop is then timed without a logger
         from lightning.pytorch.loggers import MLFlowLogger
 
         logger = MLFlowLogger(experiment_name="bench-overhead", tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -112,7 +102,7 @@ def lightning_loop(module, loader: DataLoader, device: torch.device, precision: 
         logger = False
     trainer = L.Trainer(
         max_steps=len(loader), accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        logger=logger, callbacks=[*per_step_callbacks(cfg, workdir), Tick()],
+        logger=logger, callbacks=[*per_step_callbacks(cfg, workdir), _Tick(clock, first, len(loader))],
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
         default_root_dir=workdir,
@@ -120,12 +110,25 @@ def lightning_loop(module, loader: DataLoader, device: torch.device, precision: 
     trainer.fit(module, train_dataloaders=loader)
 
 
-def measure_loops(o, device: torch.device, dtype: torch.dtype, runs_dir: str) -> Iterator[tuple[Any, dict]]:
-    """Yield (Cell, result) for each loop of each round; results as efficiency.run_cell's."""
-    from pha_lab.bench.efficiency import Cell, autocast, free_memory, percentiles
-    from pha_lab.config import load_config
-    from pha_lab.training.module import LMModule
+def timed_loop(mode: str, module: LMModule, data: Dataset, o: OverheadSpec | DictConfig, device: torch.device, amp,
+               precision: str, workdir: Path) -> Callable[[], list[float]]:
+    """timing.measure's `timed` for one loop: runs it over a fresh DataLoader and returns its step intervals."""
+    loader = DataLoader(data, batch_size=o.batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    clock = Clock(device)
 
+    def timed() -> list[float]:
+        if mode == "loop_plain":
+            plain_loop(module, loader, device, amp, clock, o.warmup)
+        else:
+            lightning_loop(module, loader, device, precision, clock, o.warmup, workdir)
+        return clock.intervals_ms()
+
+    return timed
+
+
+def measure_loops(o: OverheadSpec | DictConfig, device: torch.device,
+                  dtype: torch.dtype) -> Iterator[tuple[Cell, dict]]:
+    """Yield (Cell, result) for each loop of each round (spec.overhead_cells); results as timing.measure's."""
     total = o.warmup + o.steps
     cfg = load_config(o.model, [f"data.seq_len={o.seq_len}", f"data.batch_size={o.batch_size}",
                                 f"trainer.compile={o.compile}", f"trainer.max_steps={total}"])
@@ -136,40 +139,17 @@ def measure_loops(o, device: torch.device, dtype: torch.dtype, runs_dir: str) ->
     precision = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(dtype, "32-true")
     if device.type != "cuda":
         precision = "32-true"
-    with tempfile.TemporaryDirectory(prefix="pha-bench-", dir=None) as tmp:
-        for r in range(o.rounds):
-            for mode in ("loop_plain", "loop_lightning"):
-                cell = Cell("overhead", o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
-                loader = DataLoader(data, batch_size=o.batch_size, shuffle=False, pin_memory=device.type == "cuda")
-                clock = Clock(device, o.warmup)
-                result: dict[str, Any] = {"status": "ok", "note": f"round {r + 1}/{o.rounds}"}
-                free_memory(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                try:
-                    if mode == "loop_plain":
-                        plain_loop(module, loader, device, amp, clock)
-                    else:
-                        lightning_loop(module, loader, device, precision, clock, Path(tmp) / f"r{r}")
-                    times = clock.intervals_ms()
-                    p10, p50, p90 = percentiles(times)
-                    result.update(step_ms_median=p50, step_ms_p10=p10, step_ms_p90=p90,
-                                  tokens_per_s=o.seq_len * o.batch_size / (p50 / 1e3),
-                                  warmup_s=time.perf_counter() - t0 - sum(times) / 1e3)
-                    result["note"] += f"; mean {o.seq_len * o.batch_size * len(times) / (sum(times) / 1e3):,.0f} tok/s"
-                    if device.type == "cuda":
-                        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                except torch.cuda.OutOfMemoryError as exc:
-                    result.update(status="OOM", note=str(exc).splitlines()[0][:300] if str(exc) else "out of memory")
-                except Exception as exc:
-                    import sys
-                    import traceback
-
-                    traceback.print_exc(file=sys.stderr)
-                    result.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:300]}")
-                module.zero_grad(set_to_none=True)
-                free_memory(device)
-                yield cell, result
+    tokens = o.seq_len * o.batch_size
+    with tempfile.TemporaryDirectory(prefix="pha-bench-") as tmp:
+        for i, cell in enumerate(overhead_cells(o)):
+            r = i // len(OVERHEAD_LOOPS)
+            prepare = functools.partial(timed_loop, cell.mode, module, data, o, device, amp, precision,
+                                        Path(tmp) / f"r{r}")
+            result = measure(prepare, tokens, device)
+            if result["status"] == "ok":
+                result["note"] = f"round {r + 1}/{o.rounds}; mean {tokens / (result['step_ms_mean'] / 1e3):,.0f} tok/s"
+            module.zero_grad(set_to_none=True)
+            free_memory(device)
+            yield cell, result
     del module
     free_memory(device)

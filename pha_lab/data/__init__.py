@@ -9,26 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from pha_lab.data.corpora import SOURCES, DataError, data_root, splits
+from pha_lab.data.batch import IGNORE_INDEX
+from pha_lab.data.corpora import SOURCES, data_root, splits
 from pha_lab.data.tokenizer import Tokenizer, build_tokenizer
 from pha_lab.data.tokens import TokenSplit, eval_windows, lm_metrics, token_split
+from pha_lab.errors import DataError
 
 __all__ = [
-    "SOURCES", "DataError", "Tokenizer", "TokenSplit", "build_datamodule", "build_tokenizer", "data_root",
-    "eval_windows", "lm_metrics", "splits", "token_split", "LMDataModule", "MQARDataModule",
+    "IGNORE_INDEX", "SOURCES", "DataError", "Tokenizer", "TokenSplit", "build_datamodule", "build_tokenizer",
+    "data_root", "eval_windows", "lm_metrics", "splits", "token_split", "LMDataModule", "MQARDataModule",
 ]
 
 
 def build_datamodule(cfg: Any):
     """The LightningDataModule for the full config `cfg` (MQAR or language modelling)."""
-    from pha_lab.data.module import build_datamodule as build
+    from pha_lab.data.module import build_datamodule as build  # start-up time: imports Lightning (~5 s)
 
     return build(cfg)
 
 
 def __getattr__(name: str) -> Any:  # LMDataModule / MQARDataModule without importing Lightning up front
     if name in ("LMDataModule", "MQARDataModule"):
-        from pha_lab.data import module
+        from pha_lab.data import module  # start-up time, as build_datamodule
 
         return getattr(module, name)
     raise AttributeError(f"module 'pha_lab.data' has no attribute {name!r}")

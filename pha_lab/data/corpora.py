@@ -20,7 +20,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pha_lab.config import PROJECT_ROOT, ConfigError
+from pha_lab import PROJECT_ROOT
+from pha_lab.data.mqar import MQARSplit
+from pha_lab.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT_REPO = "Salesforce/wikitext"  # the hub's canonical id of `load_dataset("wikitext", ...)`
@@ -36,10 +38,6 @@ NOVELS_TEST_BOOKS = (
     "1861_Dickens_Charles_GreatExpectations_Novel.txt",
     "1913_Lawrence_D.H._SonsandLovers_Novel.txt",
 )
-
-
-class DataError(ConfigError):
-    """A data problem (missing file, empty split, unreachable hub), with the path, the config key and a fix."""
 
 
 # --------------------------------------------------------------------------- locations
@@ -174,7 +172,7 @@ class SplitSource:
     def load(self, tmp_cache: Path):
         """The split's documents as a `datasets.Dataset` with one column, "text" (imports `datasets`)."""
         self.check()
-        import datasets
+        import datasets  # here, not at the top: importing `datasets` takes ~3 s and only a cache build needs it
 
         datasets.logging.set_verbosity_error()
         if self.files:
@@ -216,7 +214,7 @@ def _rel(p: Path, root: Optional[Path]) -> str:
 
 
 def _load_hub(repo: str, config: Optional[str], split: str, revision: str, what: str):
-    import datasets
+    import datasets  # start-up time: see SplitSource.load
 
     why = hub_unreachable()
     if why is None:
@@ -388,8 +386,6 @@ def openwebtext(d: Any) -> dict[str, SplitSource]:
 
 def mqar(d: Any) -> dict[str, Any]:
     """Synthetic multi-query associative recall: generated from the seed, no files (see pha_lab.data.mqar)."""
-    from pha_lab.data.mqar import MQARSplit
-
     q = d.mqar
     n = {"train": q.num_train_examples, "valid": q.num_test_examples, "test": q.num_test_examples}
     return {s: MQARSplit(s, n[s]) for s in SPLITS}

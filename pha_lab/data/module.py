@@ -1,6 +1,6 @@
 """LightningDataModules: language modelling over a token cache, and synthetic MQAR.
 
-Both yield `{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}` with -100 where a position is not scored.
+Both yield the batch of pha_lab/data/batch.py: `{"input_ids": LongTensor[B, T], "labels": LongTensor[B, T]}`.
 Training draws sample indices from `trainer.global_step * batch_size * accumulate_grad_batches * world_size` on,
 and each index maps to fixed data, so a run resumed from a checkpoint continues at the same data position.
 Evaluation is deterministic and covers the whole split (or data.max_eval_tokens of it); `eval_protocol(split)`
@@ -17,10 +17,10 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pha_lab.data import corpora
-from pha_lab.data.corpora import DataError
 from pha_lab.data.mqar import MQARDataset
 from pha_lab.data.tokenizer import Tokenizer, build_tokenizer
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, load_split
+from pha_lab.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}

@@ -13,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from pha_lab.data.batch import IGNORE_INDEX
+from pha_lab.errors import DataError
+
 CHUNK = 512
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
-IGNORE = -100
 
 
 def check_args(vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float) -> None:
-    """The constraints of zoology's generator, as errors naming the config keys."""
-    from pha_lab.data.corpora import DataError
-
+    """The constraints of `multiquery_ar` (listed in its docstring), as errors naming the config keys."""
     if num_kv_pairs < 1:
         raise DataError(f"data.mqar.num_kv_pairs={num_kv_pairs} must be >= 1")
     if 4 * num_kv_pairs > seq_len:
@@ -36,6 +36,22 @@ def check_args(vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float)
         )
     if power_a <= 0:
         raise DataError(f"data.mqar.power_a={power_a} must be > 0 (1.0 gives uniform query gaps)")
+
+
+def check_config(d: Any, model_vocab_size: int) -> None:
+    """Every rule on an MQAR data config (`data.mqar.*`, `data.seq_len`): the generator's, the dataset sizes', and
+    that the model embeds every token. Config validation calls this; no other place states these rules."""
+    q = d.mqar
+    if q.vocab_size > model_vocab_size:
+        raise DataError(
+            f"data.mqar.vocab_size={q.vocab_size} exceeds model.vocab_size={model_vocab_size}; raise model.vocab_size"
+        )
+    check_args(q.vocab_size, d.seq_len, q.num_kv_pairs, q.power_a)
+    if q.num_train_examples < 1 or q.num_test_examples < 1:
+        raise DataError(
+            f"data.mqar: need num_train_examples >= 1 (got {q.num_train_examples}) and num_test_examples >= 1 "
+            f"(got {q.num_test_examples})"
+        )
 
 
 def multiquery_ar(
@@ -55,8 +71,12 @@ def multiquery_ar(
     offsets `2*gap` after the pairs; gaps are drawn without replacement with P(gap=g) proportional to
     g**(power_a-1) for g = 1..(seq_len - 2*num_kv_pairs)/2, so most queries come soon after the context (as
     repeated bigrams do in text). The label at a query position is the value paired with that key; every other
-    label is -100 (not scored), so loss and accuracy count answers only. With `random_non_queries`, the filler
-    positions hold random tokens from the whole vocabulary instead of 0.
+    label is IGNORE_INDEX = -100 (not scored), so loss and accuracy count answers only. With `random_non_queries`,
+    the filler positions hold random tokens from the whole vocabulary instead of 0.
+
+    Constraints (`check_args` raises them as errors naming the config keys): num_kv_pairs >= 1; seq_len >=
+    4*num_kv_pairs (the pairs take 2*num_kv_pairs positions and the queries as many slots again); num_kv_pairs <=
+    vocab_size/2 - 1 (keys and values are drawn without replacement, each from half the vocabulary); power_a > 0.
 
     Worked example (zoology style; `random_non_queries=False` keeps the filler at 0 so the structure shows)::
 
@@ -71,7 +91,7 @@ def multiquery_ar(
     ...                      rng=np.random.default_rng(0), random_non_queries=False)
     >>> x[0].tolist()
     [6, 10, 5, 13, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 0]
-    >>> [(i, int(v)) for i, v in enumerate(y[0]) if v != -100]
+    >>> [(i, int(v)) for i, v in enumerate(y[0]) if v != IGNORE_INDEX]
     [(4, 13), (14, 10)]
     """
     check_args(vocab_size, seq_len, num_kv_pairs, power_a)
@@ -97,7 +117,7 @@ def multiquery_ar(
     inputs[:, 1:context:2] = values
     query_pos = context + 2 * gaps
     np.put_along_axis(inputs, query_pos, keys, axis=1)
-    labels = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
     np.put_along_axis(labels, query_pos, values, axis=1)
     if random_non_queries:
         filler = inputs == 0

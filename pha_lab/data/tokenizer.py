@@ -23,7 +23,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from pha_lab.data.corpora import DataError, cache_root, data_root, hub_unreachable, recipe, splits
+from pha_lab.data.corpora import cache_root, data_root, hub_unreachable, recipe, splits
+from pha_lab.errors import DataError
 
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"

@@ -27,12 +27,13 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from pha_lab.data.corpora import DataError, SplitSource, cache_root, recipe, splits
+from pha_lab.data.batch import IGNORE_INDEX
+from pha_lab.data.corpora import SplitSource, cache_root, recipe, splits
 from pha_lab.data.tokenizer import Tokenizer, save_tokenizer_copy
+from pha_lab.errors import DataError
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
-IGNORE = -100
 
 
 @dataclass
@@ -139,15 +140,20 @@ def _open(base: Path) -> Optional[TokenSplit]:
 @contextmanager
 def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
     """With worker processes, switch off the tokenizers' thread pool (forked children would warn and drop it
-    anyway); with one process, leave it on so encode_batch_fast uses every core."""
-    if num_proc <= 1 or "TOKENIZERS_PARALLELISM" in os.environ:
-        yield
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    anyway); with one process, leave it on so encode_batch_fast uses every core. Afterwards the process's own
+    `os.environ` is put back: datasets' map(num_proc > 1) leaves a deep copy in its place, which later changes
+    to the environment (monkeypatch's undo included) would update instead of the real one."""
+    environ, before = os.environ, os.environ.get("TOKENIZERS_PARALLELISM")
+    if num_proc > 1 and before is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         yield
     finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        os.environ = environ
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _build(
@@ -267,7 +273,7 @@ def eval_windows(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 class EvalWindows:
-    """Map-style dataset of `eval_windows`, padded to seq_len (input: EOT, label: -100 = not scored)."""
+    """Map-style dataset of `eval_windows`, padded to seq_len (input: EOT, label: IGNORE_INDEX = not scored)."""
 
     def __init__(self, split: TokenSplit, seq_len: int, stride: Optional[int], max_tokens: Optional[int], name: str):
         available = split.n_tokens - 1
@@ -289,7 +295,7 @@ class EvalWindows:
         begin, end, prev = (int(v) for v in self.rows[k])
         t = np.asarray(self.split.tokens[begin : end + 1], dtype=np.int64)
         inputs = np.full(self.seq_len, self.pad, dtype=np.int64)
-        labels = np.full(self.seq_len, IGNORE, dtype=np.int64)
+        labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         n = end - begin
         inputs[:n] = t[:-1]
         labels[prev - begin : n] = t[prev - begin + 1 :]

@@ -27,6 +27,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GroupedQueryAttention(nn.Module):
+    flops_part = "attention"  # its part of pha_lab.models.flops.flops_per_token
+
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_base: float = 10000.0, dropout: float = 0.0):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
@@ -37,6 +39,11 @@ class GroupedQueryAttention(nn.Module):
         self.W_kv = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False)
         self.W_o = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.W_o.is_residual_out = True
+
+    @classmethod
+    def from_config(cls, cfg, d_model: int) -> "GroupedQueryAttention":
+        """cfg: a model.attn section (pha_lab.branches.AttnConfig)."""
+        return cls(d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, cfg.dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, t, _ = h.shape

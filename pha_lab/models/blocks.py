@@ -12,29 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pha_lab.models.attention import GroupedQueryAttention
-from pha_lab.models.ffn import FFN
-from pha_lab.models.gss import GSS
+from pha_lab.branches import BRANCH_REGISTRY
 from pha_lab.models.mixers import MIXER_REGISTRY
 
 
 def make_norm(kind: str, d_model: int) -> nn.Module:
-    return nn.RMSNorm(d_model) if kind == "rmsnorm" else nn.LayerNorm(d_model, bias=False)
+    norm = nn.RMSNorm(d_model) if kind == "rmsnorm" else nn.LayerNorm(d_model, bias=False)
+    norm.weight.no_weight_decay = True
+    return norm
 
 
 def make_branch(name: str, cfg) -> nn.Module:
-    """cfg: the model config (OmegaConf node or dataclass)."""
-    d = cfg.d_model
-    if name == "gss":
-        g = cfg.gss
-        return GSS(d, g.expansion, g.d_hidden, g.n_modes, g.dt_min, g.dt_max, g.kernel)
-    if name == "attn":
-        a = cfg.attn
-        return GroupedQueryAttention(d, a.n_heads, a.n_kv_heads, a.rope_base, a.dropout)
-    if name == "ffn":
-        f = cfg.ffn
-        return FFN(d, f.kind, f.expansion, f.hidden)
-    raise ValueError(f"unknown branch '{name}'")
+    """The registered branch `name` (pha_lab.branches), built from its section `cfg.<name>` of the model config."""
+    if name not in BRANCH_REGISTRY:
+        raise ValueError(f"unknown branch '{name}'; registered: {', '.join(BRANCH_REGISTRY)}")
+    return BRANCH_REGISTRY[name].build(cfg)
 
 
 class Block(nn.Module):

@@ -19,6 +19,11 @@ class FFN(nn.Module):
         self.W_out = nn.Linear(hidden, d_model, bias=False)
         self.W_out.is_residual_out = True
 
+    @classmethod
+    def from_config(cls, cfg, d_model: int) -> "FFN":
+        """cfg: a model.ffn section (pha_lab.branches.FFNConfig)."""
+        return cls(d_model, cfg.kind, cfg.expansion, cfg.hidden)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             gate, up = self.W_in(h).chunk(2, dim=-1)

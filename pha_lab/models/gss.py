@@ -28,7 +28,7 @@ dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are 
     formula, with Im Lambda = exp(.) and N = 512, H = 256, as reproduced in lucidrains/gated-state-spaces-pytorch,
     gss.py; the GSS authors' slides say a random init works well for language modelling); (2) the
     skip D starts at 1 (reference: N(0, 1)). The reference trains these parameters without weight decay, as does
-    our optimiser (training/module.py: `.dss.` parameters), and with its own lr of 1e-3 (we use the model's lr).
+    our optimiser (each DSS parameter is marked `no_weight_decay`), and with its own lr of 1e-3 (we use the model's lr).
 s4d_lin_noscale: the kernel this project used first: K[h, l] = Re sum_n C[h, n] exp(lambda_n l) with the S4D-Lin
     init lambda_n = dt_n (-1/2 + i pi n) (Gu et al. 2022, arXiv 2206.11893), dt_n geometric over the modes on
     [dt_min, dt_max], C ~ N(0, 1/(2N)), and no discretisation factor (the DSS reference's "exp-no-scale").
@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pha_lab.config import DSS_KERNELS, round_to
+from pha_lab.branches import DSS_KERNELS
+from pha_lab.config import round_to
 
 
 def fp32_region(device: torch.device):
@@ -144,6 +145,8 @@ class DSS(nn.Module):
             self.c_re = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (real)
             self.c_im = nn.Parameter(torch.randn(d_hidden, n_modes) * scale)  # C~ (imag)
         self.skip = nn.Parameter(torch.ones(d_hidden))  # D
+        for p in self.parameters():  # as the DSS reference: the SSM's Lambda, dt, C~ and D are never decayed
+            p.no_weight_decay = True
 
     def discretised(self) -> DiscreteDSS:
         """The per-mode discrete exponents lambda and per-channel coefficients, in float64 (shared by the
@@ -173,6 +176,8 @@ class DSS(nn.Module):
 
 
 class GSS(nn.Module):
+    flops_part = "fft"  # its part of pha_lab.models.flops.flops_per_token: the long convolution
+
     def __init__(self, d_model: int, expansion: float, d_hidden: int, n_modes: int, dt_min: float, dt_max: float,
                  kernel: str = "dss_exp"):
         super().__init__()
@@ -183,6 +188,11 @@ class GSS(nn.Module):
         self.W_g = nn.Linear(d_hidden, d_gate, bias=False)
         self.W_o = nn.Linear(d_gate, d_model, bias=False)
         self.W_o.is_residual_out = True  # scaled init, see LanguageModel._init_weights
+
+    @classmethod
+    def from_config(cls, cfg, d_model: int) -> "GSS":
+        """cfg: a model.gss section (pha_lab.branches.GSSConfig)."""
+        return cls(d_model, cfg.expansion, cfg.d_hidden, cfg.n_modes, cfg.dt_min, cfg.dt_max, cfg.kernel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u = F.gelu(self.W_u(h))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from pha_lab.config import layer_specs
 from pha_lab.models.blocks import Block, ParallelBlock, SerialBlock, make_norm
+from pha_lab.models.flops import flops_per_token
 
 
 class LanguageModel(nn.Module):
@@ -19,6 +21,7 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.specs = layer_specs(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte.weight.no_weight_decay = True  # also the tied LM head's; an untied head is decayed
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             ParallelBlock(s["branches"], s["mixer"], cfg) if s["layout"] == "parallel" else SerialBlock(s["branches"], cfg)
@@ -86,19 +89,10 @@ class LanguageModel(nn.Module):
                 total -= self.lm_head.weight.numel()
         return total
 
-    def flops_per_token(self, seq_len: int, training: bool = True) -> dict[str, float]:
-        """Analytic FLOPs per token: 2 per matmul weight (LM head included), attention scores over the
-        full T x T square (as torch's FLOP counter counts SDPA), GSS FFTs; x3 for forward+backward."""
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear) and m is not self.lm_head)
-        matmul += self.lm_head.weight.numel()
-        attention = sum(
-            blk.branches["attn"].flops_per_token(seq_len) for blk in self.blocks if "attn" in blk.branches
-        )
-        fft = sum(blk.branches["gss"].flops_per_token(seq_len) for blk in self.blocks if "gss" in blk.branches)
-        mult = 3.0 if training else 1.0
-        parts = {"matmul": mult * 2.0 * matmul, "attention": mult * attention, "fft": mult * fft}
-        parts["total"] = sum(parts.values())
-        return parts
+    def flops_per_token(self, seq_len: int, training: bool = True) -> Counter[str]:
+        """Analytic FLOPs per token by part ("matmul", "attention", "fft", ..., "total"; x3 for forward +
+        backward), by the one rule of pha_lab.models.flops."""
+        return flops_per_token(self, seq_len, training)
 
     def mixer_weights(self) -> list[dict[str, float]]:
         """One dict per layer: branch -> current mixer weight (empty for serial layers)."""

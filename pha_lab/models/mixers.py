@@ -11,6 +11,8 @@ gate     input-dependent softmax gate Linear(D -> k) on h, zero-initialised (uni
          weights() = mean gate over the tokens of the last forward (the "dynamic" ablation); the logged
          weights are its mean over the validation set's scored tokens (training.callbacks.MixerIntrospection)
 mean     fixed 1/k, no parameters (the control)
+
+No mixer parameter is weight-decayed: each is marked `no_weight_decay` (read by training.module.param_groups).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StaticMixer(Mixer):
     def __init__(self, n_branches: int, d_model: int):
         super().__init__(n_branches, d_model)
         self.logits = nn.Parameter(torch.zeros(n_branches))
+        self.logits.no_weight_decay = True
 
     def weights(self) -> torch.Tensor:
         return torch.softmax(self.logits, dim=0)
@@ -53,6 +56,7 @@ class ScalarMixer(Mixer):
     def __init__(self, n_branches: int, d_model: int):
         super().__init__(n_branches, d_model)
         self.scales = nn.Parameter(torch.full((n_branches,), 1.0 / n_branches))
+        self.scales.no_weight_decay = True
 
     def weights(self) -> torch.Tensor:
         return self.scales
@@ -67,6 +71,7 @@ class ChannelMixer(Mixer):
         super().__init__(n_branches, d_model)
         self.norms = nn.ModuleList(nn.RMSNorm(d_model, elementwise_affine=False) for _ in range(n_branches))
         self.scales = nn.Parameter(torch.full((n_branches, d_model), 1.0 / n_branches))
+        self.scales.no_weight_decay = True
 
     def weights(self) -> torch.Tensor:
         return self.scales.mean(dim=1)
@@ -92,6 +97,7 @@ class ConcatMixer(Mixer):
             eye = torch.eye(d_model) / n_branches
             self.proj.weight.copy_(torch.cat([eye] * n_branches, dim=1) + 0.02 / n_branches * torch.randn_like(self.proj.weight))
         self.proj.weight.no_init = True  # keep this init when the model initialises its Linears
+        self.proj.weight.no_weight_decay = True
 
     def weights(self) -> torch.Tensor:
         blocks = self.proj.weight.detach().float().chunk(self.k, dim=1)
@@ -108,6 +114,7 @@ class GateMixer(Mixer):
         self.gate = nn.Linear(d_model, n_branches, bias=False)
         nn.init.zeros_(self.gate.weight)
         self.gate.weight.no_init = True
+        self.gate.weight.no_weight_decay = True
         self.last_gate: torch.Tensor | None = None  # [B, T, k] fp32 gates of the last forward (detached)
 
     def weights(self) -> torch.Tensor:

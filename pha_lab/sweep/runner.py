@@ -74,10 +74,9 @@ def open_study(spec: SweepSpec, storage_url: str, sampler_seed: int | None = Non
     # constant_liar: a TPE worker treats the others' running trials as bad, so it samples elsewhere
     sampler = (optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=sampler_seed))
-    pruning = spec.pruning or {}
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=int(pruning.get("n_startup_trials", 2)),
-                                          n_warmup_steps=int(pruning.get("n_warmup_steps", 0)))
-              if pruning.get("enabled") else optuna.pruners.NopPruner())
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.pruning.n_startup_trials,
+                                          n_warmup_steps=spec.pruning.n_warmup_steps)
+              if spec.pruning.enabled else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
     return study, storage
@@ -253,6 +252,7 @@ def parent_run(spec: SweepSpec, tracking_cfg, sweep_path: Path, study) -> str:
         tags = {**tracking.git_info(), "sweep": spec.name, "sweep_parent": "true", "mlflow.note.content": spec.description}
         run_id = client.create_run(exp_id, run_name=f"sweep:{spec.name}", tags=tags).info.run_id
         client.log_artifact(run_id, str(sweep_path))
+        client.log_text(run_id, spec.to_yaml(), "sweep.resolved.yaml")  # after `extends:`
         client.log_param(run_id, "n_cells", len(spec.cells()))
     study.set_user_attr("mlflow_parent_run_id", run_id)
     return run_id
@@ -306,7 +306,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
             tell(study, trial, state=TrialState.FAIL)
             return "FAIL"
         callbacks = []
-        if spec.pruning.get("enabled"):
+        if spec.pruning.enabled:
             from pha_lab.sweep.pruning import PruneAtStep
 
             callbacks.append(PruneAtStep(trial, monitor=spec.metric))

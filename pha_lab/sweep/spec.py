@@ -13,39 +13,68 @@
     seeds: [0, 1, 2]
     objective: {metric: val/loss, direction: minimize}
 
-Everything is validated before any trial starts: unknown sweep keys, axis keys that are not config
-keys, and cells whose config would be invalid are all reported together.
+A sweep may `extends:` another (a name in sweeps/ or a path) and change only what differs: mappings merge key by
+key, lists are replaced, a grid axis or search parameter named again is replaced whole (in its place), and one
+set to null is removed; `name` must be the file's own. The file loads through the structured schema below
+(`config.load_yaml`, as experiments and bench specs do), so a misspelt key or a wrong type fails naming the file,
+the key and the nearest valid keys. Then everything else is validated before any trial starts: axis keys that are
+not config keys and cells whose config would be invalid are reported together.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pha_lab.config import BENCH_DIR, PROJECT_ROOT, ConfigError, load_config
+from pha_lab.config import BENCH_DIR, PROJECT_ROOT, ConfigError, load_config, load_yaml, resolve_yaml, yaml_names
 
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 SEARCH_TYPES = ("float", "int", "categorical")
 
 
 @dataclass
+class SearchSpace:
+    """One sampled config key: float or int in [low, high] (log-uniform if `log`), or one of `choices`."""
+
+    type: str = MISSING  # float | int | categorical
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    choices: Optional[list[Any]] = None
+
+
+@dataclass
+class Objective:
+    metric: str = "val/loss"  # a val/... or test/... metric the runs log
+    direction: str = "minimize"  # minimize | maximize
+
+
+@dataclass
+class Pruning:
+    """Optuna's median pruner on the validation objective, reported at optimizer steps (sweep/pruning.py)."""
+
+    enabled: bool = False
+    n_startup_trials: int = 2  # finished trials never pruned (the median's base)
+    n_warmup_steps: int = 0  # optimizer steps before a trial may be pruned
+
+
+@dataclass
 class SweepSpec:
-    name: str
-    experiment: str
+    name: str = MISSING  # the Optuna study and the MLflow experiment
+    experiment: str = MISSING
     overrides: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, dict] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)  # axis -> list of values, or mapping label -> bundle
+    search: dict[str, Optional[SearchSpace]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
-    objective: dict[str, str] = field(default_factory=lambda: {"metric": "val/loss", "direction": "minimize"})
-    n_trials: int | None = None  # search sweeps: total sampled trials (the grid cell is sampled too)
+    objective: Objective = field(default_factory=Objective)
+    n_trials: Optional[int] = None  # search sweeps: total sampled trials (the grid cell is sampled too)
     sampler: str = "tpe"  # tpe | random (search sweeps)
-    pruning: dict[str, Any] = field(default_factory=dict)  # {enabled, n_startup_trials, n_warmup_steps (optimizer steps)}
+    pruning: Pruning = field(default_factory=Pruning)
     gpus_per_trial: int = 1
     max_retries: int = 2  # re-runs of a trial whose worker died (heartbeat), from its checkpoint
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
@@ -91,11 +120,15 @@ class SweepSpec:
 
     @property
     def metric(self) -> str:
-        return self.objective["metric"]
+        return self.objective.metric
 
     @property
     def direction(self) -> str:
-        return self.objective.get("direction", "minimize")
+        return self.objective.direction
+
+    def to_yaml(self) -> str:
+        """The resolved spec (after `extends:`), as the parent run records it."""
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
 
 
 def _fmt(value: Any) -> str:
@@ -110,33 +143,31 @@ def _yaml_value(value: Any) -> str:
 
 
 def sweep_names() -> list[str]:
-    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    return yaml_names(SWEEPS_DIR)
+
+
+def sweep_path(name_or_path: str) -> Path:
+    """A sweep YAML path, or a bare name in sweeps/ (a bench spec's name gets pointed to `pha-lab bench`)."""
+    if not Path(name_or_path).is_file() and not (SWEEPS_DIR / f"{name_or_path}.yaml").is_file() \
+            and (BENCH_DIR / f"{name_or_path}.yaml").is_file():
+        raise ConfigError(f"'{name_or_path}' is a benchmark spec ({BENCH_DIR.name}/{name_or_path}.yaml), not a sweep: "
+                          f"run it with `pha-lab bench {name_or_path}` (bench specs live in {BENCH_DIR}, sweeps in {SWEEPS_DIR})")
+    return resolve_yaml(name_or_path, SWEEPS_DIR, "sweep")
+
+
+def read_sweep(name_or_path: str) -> SweepSpec:
+    """The sweep file through the typed schema, after its `extends:` chain; its cells are not checked yet."""
+    raw = load_yaml(SweepSpec, sweep_path(name_or_path), SWEEPS_DIR, "sweep", replace=("grid", "search"), own=("name",))
+    spec: SweepSpec = OmegaConf.to_object(raw)
+    spec.grid = {axis: values for axis, values in spec.grid.items() if values is not None}  # null: axis removed
+    spec.search = {key: space for key, space in spec.search.items() if space is not None}
+    return spec
 
 
 def load_sweep(name_or_path: str, extra: list[str] = ()) -> SweepSpec:
     """Read and validate a sweep; `extra` overrides apply to every trial (checked too)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = SWEEPS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file() and (BENCH_DIR / f"{name_or_path}.yaml").is_file():
-        raise ConfigError(f"'{name_or_path}' is a benchmark spec ({BENCH_DIR.name}/{name_or_path}.yaml), not a sweep: "
-                          f"run it with `pha-lab bench {name_or_path}` (bench specs live in {BENCH_DIR}, sweeps in {SWEEPS_DIR})")
-    if not path.is_file():
-        near = difflib.get_close_matches(str(name_or_path), sweep_names(), n=3, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise ConfigError(f"unknown sweep '{name_or_path}'.{hint} Available sweeps: {', '.join(sweep_names())}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    valid = [f.name for f in fields(SweepSpec)]
-    for key in raw:
-        if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-            raise ConfigError(f"{path}: unknown sweep key '{key}'" + (f"; did you mean {', '.join(near)}?" if near else "")
-                              + f" Valid keys: {', '.join(valid)}")
-    for key in ("name", "experiment"):
-        if key not in raw:
-            raise ConfigError(f"{path}: missing required key '{key}'")
-    spec = SweepSpec(**raw)
-    validate_sweep(spec, list(extra), path)
+    spec = read_sweep(name_or_path)
+    validate_sweep(spec, list(extra), sweep_path(name_or_path))
     return spec
 
 
@@ -147,19 +178,18 @@ def validate_sweep(spec: SweepSpec, extra: list[str], path: Path | str = "sweep"
         raise ConfigError(f"{path}: objective.metric must be a val/... or test/... metric, got '{spec.metric}'")
     if spec.sampler not in ("tpe", "random"):
         raise ConfigError(f"{path}: sampler must be tpe or random, got '{spec.sampler}'")
-    if spec.pruning.get("enabled") and not spec.metric.startswith("val/"):
+    if spec.pruning.enabled and not spec.metric.startswith("val/"):
         raise ConfigError(f"{path}: pruning needs a val/... objective metric (it is reported at each validation)")
-    if spec.pruning.get("enabled") and spec.gpus_per_trial > 1:
+    if spec.pruning.enabled and spec.gpus_per_trial > 1:
         raise ConfigError(f"{path}: pruning with gpus_per_trial > 1 (DDP) is not supported")
     if spec.is_search and not spec.n_trials:
         raise ConfigError(f"{path}: a sweep with a `search` space needs n_trials (the total number of sampled trials)")
     for key, dist in spec.search.items():
-        kind = dist.get("type")
-        if kind not in SEARCH_TYPES:
-            raise ConfigError(f"{path}: search.{key}.type must be one of {', '.join(SEARCH_TYPES)}, got '{kind}'")
-        if kind == "categorical" and not dist.get("choices"):
+        if dist.type not in SEARCH_TYPES:
+            raise ConfigError(f"{path}: search.{key}.type must be one of {', '.join(SEARCH_TYPES)}, got '{dist.type}'")
+        if dist.type == "categorical" and not dist.choices:
             raise ConfigError(f"{path}: search.{key} needs a non-empty `choices` list")
-        if kind != "categorical" and not ("low" in dist and "high" in dist and dist["low"] < dist["high"]):
+        if dist.type != "categorical" and not (dist.low is not None and dist.high is not None and dist.low < dist.high):
             raise ConfigError(f"{path}: search.{key} needs low < high")
     for axis, values in spec.grid.items():
         if not isinstance(values, (list, dict)) or not values:
@@ -168,7 +198,7 @@ def validate_sweep(spec: SweepSpec, extra: list[str], path: Path | str = "sweep"
     cells = spec.cells()
     for key, cell in cells.items():
         try:
-            corner = {k: (d["choices"][0] if d["type"] == "categorical" else d["low"]) for k, d in spec.search.items()}
+            corner = {k: (d.choices[0] if d.type == "categorical" else d.low) for k, d in spec.search.items()}
             spec.cell_config(cell, corner, extra)
         except ConfigError as exc:
             errors.append(f"  cell {key}: {exc}")
@@ -180,10 +210,10 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
     """Sample the search space on an Optuna trial."""
     params = {}
     for key, d in spec.search.items():
-        if d["type"] == "float":
-            params[key] = trial.suggest_float(key, d["low"], d["high"], log=bool(d.get("log", False)))
-        elif d["type"] == "int":
-            params[key] = trial.suggest_int(key, d["low"], d["high"], log=bool(d.get("log", False)))
+        if d.type == "float":
+            params[key] = trial.suggest_float(key, d.low, d.high, log=d.log)
+        elif d.type == "int":
+            params[key] = trial.suggest_int(key, d.low, d.high, log=d.log)
         else:
-            params[key] = trial.suggest_categorical(key, list(d["choices"]))
+            params[key] = trial.suggest_categorical(key, list(d.choices))
     return params

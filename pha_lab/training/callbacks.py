@@ -15,6 +15,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pha_lab.branches import BRANCH_REGISTRY
+from pha_lab.data.batch import IGNORE_INDEX
+
 
 class RunInterrupted(Exception):
     """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED.
@@ -169,7 +172,7 @@ class PeakMemory(L.Callback):
 class MixerIntrospection(L.Callback):
     """At every validation: each layer's mixer weights and each branch's output RMS (on the first
     validation batch) as metrics `mixer/L{i}/{branch}` and `rms/L{i}/{branch}`. An input-dependent mixer
-    (gate) reports its mean weights over the validation set's scored tokens (labels != -100: padding
+    (gate) reports its mean weights over the validation set's scored tokens (labels != IGNORE_INDEX: padding
     excluded), token-weighted over all batches and ranks. At the end of fit: the last validation's
     per-layer x per-branch table (`mixer_weights.csv`) and heatmap (`mixer_weights.png`), the paper's
     "sandwich" figure for one run, as MLflow artifacts."""
@@ -194,7 +197,7 @@ class MixerIntrospection(L.Callback):
         if batch_idx == 0:
             self._recorder.__exit__(None, None, None)
             self.rms = [dict(layer) for layer in self.rms]
-        scored = (batch["labels"] != -100).unsqueeze(-1)
+        scored = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1)
         for i, blk in enumerate(pl_module.model.blocks):
             gates = blk.mixer.token_weights() if hasattr(blk, "mixer") else None
             if gates is not None:  # summed on the device: no sync per batch
@@ -233,7 +236,7 @@ class MixerIntrospection(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         long = self.table(pl_module)
         wide = long.pivot(index="layer", columns="branch", values="weight").reindex(
-            columns=[b for b in ("gss", "attn", "ffn") if b in set(long.branch)]
+            columns=[b for b in BRANCH_REGISTRY if b in set(long.branch)]
         )
         csv, png = self.out_dir / "mixer_weights.csv", self.out_dir / "mixer_weights.png"
         long.to_csv(csv, index=False)

@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.models import build_model
 from pha_lab.training.optim import build_optimizer, build_schedule
-from pha_lab.training.optim import lr_lambda, param_groups  # noqa: F401 (imported from here by bench/overhead.py)
+from pha_lab.training.optim import lr_lambda, param_groups  # noqa: F401 (bench/overhead.py imports them from here)
 
 
 EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
@@ -41,7 +42,7 @@ class LMModule(L.LightningModule):
         self.eval_nll = SumMetric(nan_strategy="disable")
         self.eval_tokens = SumMetric(nan_strategy="disable")
         if self.is_mqar:
-            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=-100, average="micro")
+            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=IGNORE_INDEX, average="micro")
         if cfg.trainer.compile:
             self.model.compile()
 
@@ -59,8 +60,8 @@ class LMModule(L.LightningModule):
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"])
         labels = batch["labels"]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return logits, nll, (labels != -100).sum()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits, nll, (labels != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -107,7 +108,7 @@ class LMModule(L.LightningModule):
         self.eval_nll.update(nll.detach().float())
         self.eval_tokens.update(count.float())
         if self.is_mqar:
-            mask = batch["labels"] != -100
+            mask = batch["labels"] != IGNORE_INDEX
             self.eval_acc.update(logits.argmax(-1)[mask], batch["labels"][mask])
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:

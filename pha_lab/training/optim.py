@@ -19,14 +19,13 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only the 2-D weights of the branch and LM projections; never norms, biases, the embedding,
-    mixer parameters or the SSM's Lambda / C~ / D."""
+    """AdamW groups as each parameter asks: the module that owns a parameter marks it `no_weight_decay = True`
+    where it must not be decayed (the embedding, norms, mixer parameters, the SSM's Lambda / dt / C~ / D);
+    unmarked matrices (the branch and LM-head projections) are decayed, unmarked vectors (biases) are not."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():  # a tied LM head appears once, as wte.weight
-        if not p.requires_grad:
-            continue
-        plain_matrix = p.ndim == 2 and not name.startswith("wte.") and ".mixer." not in name and ".dss." not in name
-        (decay if plain_matrix else no_decay).append(p)
+    for p in model.parameters():  # a tied LM head appears once, as the embedding
+        if p.requires_grad:
+            (no_decay if getattr(p, "no_weight_decay", p.ndim < 2) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

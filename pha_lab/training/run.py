@@ -175,6 +175,8 @@ def _open_run(cfg: DictConfig, client, uri: str) -> tuple[str, bool]:
         return run.info.run_id, True
     exp_id = tracking.ensure_experiment(client, cfg.tracking.experiment, cfg.tracking)
     tags = {**tracking.environment_tags(), **{k: str(v) for k, v in cfg.tracking.tags.items()}, "config_name": cfg.name}
+    if cfg.model.family:  # what the analysis groups runs by (pha_lab.analysis.runs); unset: it guesses, and says so
+        tags["family"] = cfg.model.family
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
     return run.info.run_id, False
 

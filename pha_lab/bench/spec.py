@@ -1,0 +1,137 @@
+"""What a bench run measures: the spec (the schema of bench/*.yaml, as dataclasses) and its cells.
+
+A part is a list of cells (`plan`); a cell is one timed configuration and one CSV row. Adding a part means
+a name in PARTS, its settings dataclass as a field of BenchSpec, its cells in `plan`, and how it runs in
+pha_lab/bench/efficiency.py (a step-timed part needs nothing more; a part with its own loop, as `overhead`,
+yields its cells' results).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pha_lab.config import BENCH_DIR, ConfigError, load_yaml
+
+PARTS = ("targets", "overhead", "models", "dss", "branches")
+MODES = ("prefill", "train")
+OVERHEAD_LOOPS = ("loop_plain", "loop_lightning")  # the overhead part's modes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BranchesSpec:
+    of: str = "pha_180m"  # the preset whose width and branch settings are used
+    names: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
+
+
+@dataclass
+class DSSSpec:
+    of: str = "pha_180m"  # the preset whose GSS H (d_hidden) and N (n_modes) are used
+    variants: list[str] = field(default_factory=lambda: ["fft", "fft_skipfold", "chunked"])
+    chunk: int = 128  # chunked variant: tokens per chunk (seq_lens must be multiples of it)
+
+
+@dataclass
+class TargetsSpec:
+    models: list[str] = field(default_factory=lambda: ["gpt2_reference", "transformer_125m", "pha_125m"])
+    seq_len: int = 1024
+    batch_size: int = 12
+    modes: list[str] = field(default_factory=lambda: ["train"])
+    compile: bool = True
+    warmup: int = 5
+
+
+@dataclass
+class OverheadSpec:
+    model: str = "pha_125m"
+    seq_len: int = 1024
+    batch_size: int = 16
+    warmup: int = 5
+    steps: int = 30
+    rounds: int = 2  # plain, Lightning, plain, Lightning, ...: each loop timed twice shows the noise
+    compile: bool = True
+
+
+@dataclass
+class BenchSpec:
+    name: str = "efficiency"
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    models: list[str] = field(default_factory=lambda: ["pha_125m", "transformer_125m", "pha_180m", "transformer_180m",
+                                                       "gss_125m"])
+    seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    tokens_per_step: int = 32768  # batch = tokens_per_step // seq_len (at least 1)
+    warmup: int = 3
+    steps: int = 20
+    compile: bool = False  # models/branches parts: one compile per cell (each length is a new graph)
+    dtype: str = "bf16"  # autocast dtype on GPU; CPU runs fp32
+    branches: BranchesSpec = field(default_factory=BranchesSpec)
+    dss: DSSSpec = field(default_factory=DSSSpec)
+    targets: TargetsSpec = field(default_factory=TargetsSpec)
+    overhead: OverheadSpec = field(default_factory=OverheadSpec)
+    max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
+    peak_tflops: float = 778.0  # bf16 8192^3 matmul on an H100 (issue 6), used unless --measure-peak
+    bandwidth_tbs: float = 3.0  # device-to-device copy, read + write (an H100 here, KINDS.md), unless measured
+    datasheet_tflops: float = 989.4  # H100 SXM dense bf16, used when Lightning's table lacks the card
+    cpu_threads: int = 1
+    experiment: str = "efficiency"
+    seed: int = 0
+    cpu: Optional[dict[str, Any]] = None  # overrides that make the tiny CPU version
+
+
+def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny: bool = False) -> DictConfig:
+    """Schema <- bench YAML (its `extends:` chain) <- its `cpu:` section when `tiny` <- key=value overrides."""
+    spec = load_yaml(BenchSpec, name_or_path, BENCH_DIR, "bench spec", overrides, sections={"cpu": tiny})
+    for key, values, valid in (("parts", spec.parts, PARTS), ("modes", spec.modes, MODES),
+                               ("targets.modes", spec.targets.modes, MODES), ("dtype", [spec.dtype], tuple(DTYPES))):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise ConfigError(f"bench {key}: unknown {bad}; choose from {', '.join(valid)}")
+    return spec
+
+
+@dataclass
+class Cell:
+    """One timed configuration: a row of the CSV (with its result and floors)."""
+
+    part: str
+    model: str
+    mode: str
+    seq_len: int
+    batch_size: int
+    compile: bool
+    warmup: int
+    steps: int
+
+
+def overhead_cells(o: OverheadSpec | DictConfig) -> list[Cell]:
+    """Plain loop, Lightning loop, plain loop, ...: `rounds` of both, on one module."""
+    return [Cell("overhead", o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
+            for _ in range(o.rounds) for mode in OVERHEAD_LOOPS]
+
+
+def plan(spec: DictConfig) -> list[Cell]:
+    """Every cell of every part in `spec.parts`, in run order. Workload names: `PRESET` (a model),
+    `gpt2_*` (the reference loop), `PRESET:BRANCH` (a branch stack), `PRESET:dss-VARIANT[-CHUNK]` (one DSS)."""
+    cells = []
+    for part in spec.parts:
+        if part == "targets":
+            t = spec.targets
+            cells += [Cell(part, m, mode, t.seq_len, t.batch_size, t.compile, t.warmup, spec.steps)
+                      for m in t.models for mode in t.modes]
+        elif part == "overhead":
+            cells += overhead_cells(spec.overhead)
+        else:
+            names = {"models": list(spec.models),
+                     "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],
+                     "dss": [f"{spec.dss.of}:dss-{v}" + (f"-{spec.dss.chunk}" if v == "chunked" else "")
+                             for v in spec.dss.variants]}[part]
+            cells += [Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), spec.compile, spec.warmup, spec.steps)
+                      for m in names for mode in spec.modes for t in spec.seq_lens]
+    return cells
