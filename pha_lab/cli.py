@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except RunInterrupted as exc:
-        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={exc.run_id}", file=sys.stderr)
+        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={exc.run_id}",
+              file=sys.stderr)
         return 130
     if handoff.is_rank_zero():  # DDP ranks > 0 run this command too
         print("\n" + summary(result))

@@ -528,9 +528,9 @@ def test_srun_ranks_train_one_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pha_lab.cli", "train", "tiny_pha", f"tracking.runs_dir={runs}", "tracking.experiment=test",
-           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6", "trainer.log_every_n_steps=2",
-           "trainer.val_every_n_steps=3", "data.max_eval_tokens=2048"]
+    cmd = [sys.executable, "-m", "pha_lab.cli", "train", "tiny_pha", f"tracking.runs_dir={runs}",
+           "tracking.experiment=test", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6",
+           "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=3", "data.max_eval_tokens=2048"]
     srun = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
             "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "pha-test", "SLURM_NODELIST": "127.0.0.1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

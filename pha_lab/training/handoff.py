@@ -166,7 +166,8 @@ def receive(tracking_cfg, timeout_s: float = 7 * 24 * 3600, poll_s: float = 0.5)
     deadline = time.monotonic() + timeout_s
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {os.environ.get('SLURM_PROCID')}: no message {path} from rank 0 in {timeout_s:.0f} s")
+            rank = os.environ.get("SLURM_PROCID")
+            raise TimeoutError(f"rank {rank}: no message {path} from rank 0 in {timeout_s:.0f} s")
         time.sleep(poll_s)
     _received += 1
     return json.loads(path.read_text())

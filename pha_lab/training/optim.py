@@ -44,4 +44,5 @@ def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig,
                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then cosine (`lr_lambda`), stepped once per optimizer step."""
     o = optim_cfg
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, o.warmup_steps, max_steps, o.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda s: lr_lambda(s, o.warmup_steps, max_steps, o.min_lr_ratio))

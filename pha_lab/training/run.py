@@ -76,7 +76,8 @@ def precision(cfg: DictConfig) -> str:
 def _on_gpu(cfg: DictConfig) -> bool:
     import torch
 
-    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    accelerator = cfg.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def prepare_determinism(cfg: DictConfig) -> None:
@@ -148,7 +149,8 @@ class TrackedRun:
             return
         params = {k: v for k, v in flatten(self.cfg).items() if k != "resume" and not k.startswith("tracking.tags.")}
         MLFlowLogger(tracking_uri=self.uri, run_id=self.run_id).log_hyperparams(params)
-        self.tag({"n_params": module.model.n_params(), "n_params_non_embedding": module.model.n_params(non_embedding=True),
+        model = module.model
+        self.tag({"n_params": model.n_params(), "n_params_non_embedding": model.n_params(non_embedding=True),
                   "flops_per_token": f"{module.flops_per_token:.6g}", "checkpoint_dir": self.ckpt_dir,
                   "precision": precision})
 
@@ -290,8 +292,9 @@ def fit(trainer, module, datamodule, ckpt_path: Path | None) -> None:
     except torch.cuda.OutOfMemoryError as exc:
         c = module.cfg
         raise RuntimeError(
-            f"CUDA out of memory at data.batch_size={c.data.batch_size}, data.seq_len={c.data.seq_len} (model {c.name}): "
-            f"lower the batch size or raise trainer.accumulate_grad_batches. {str(exc).splitlines()[0]}"
+            f"CUDA out of memory at data.batch_size={c.data.batch_size}, data.seq_len={c.data.seq_len} "
+            f"(model {c.name}): lower the batch size or raise trainer.accumulate_grad_batches. "
+            f"{str(exc).splitlines()[0]}"
         ) from exc
 
 
@@ -306,7 +309,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
     from pha_lab.data import build_datamodule
     from pha_lab.training.module import LMModule
 
-    changed = check_resume_compatible(resume_config(cfg.resume, cfg), cfg) if cfg.resume and handoff.is_rank_zero() else []
+    resuming = cfg.resume and handoff.is_rank_zero()  # (ranks > 0 follow rank 0)
+    changed = check_resume_compatible(resume_config(cfg.resume, cfg), cfg) if resuming else []
     validate(cfg)
     prepare_determinism(cfg)
     with tracked_run(cfg) as run:
