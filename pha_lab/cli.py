@@ -6,7 +6,6 @@ Heavy imports (torch, lightning, mlflow) happen inside each command so `pha-lab 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pha_lab.branches import BRANCH_REGISTRY
@@ -46,6 +45,7 @@ def _split_overrides(words: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pha_lab.config import load_config
+    from pha_lab.training import handoff
     from pha_lab.training.callbacks import RunInterrupted
     from pha_lab.training.run import resume_config, summary, train
 
@@ -61,10 +61,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except RunInterrupted as exc:
-        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={str(exc).split()[1]}",
+        print(f"\npha-lab: {exc}\nresume with: pha-lab train {' '.join(args.words)} resume={exc.run_id}",
               file=sys.stderr)
         return 130
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 re-run this command too
+    if handoff.is_rank_zero():  # DDP ranks > 0 run this command too
         print("\n" + summary(result))
     return 0
 
@@ -72,8 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pha_lab.training.evaluate import evaluate
 
-    table = evaluate(args.target, [*args.overrides, *_tracking_overrides(args)], split=args.split, knockout=args.knockout,
-                     per_layer=args.per_layer, which=args.ckpt)
+    table = evaluate(args.target, [*args.overrides, *_tracking_overrides(args)], split=args.split,
+                     knockout=args.knockout, per_layer=args.per_layer, which=args.ckpt)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
 
@@ -160,8 +160,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _tracking_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (= tracking.tracking_uri=...; "
-                   "default $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 "
+                   "(= tracking.tracking_uri=...; default $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db)")
     p.add_argument("--runs-dir", help="checkpoints and the default database (= tracking.runs_dir=...; default ./runs)")
 
 
@@ -197,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of workers (default: one per GPU group, or 1 on CPU)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: workers on this machine; slurm: a SLURM job array of workers (submitit)")
-    g = p.add_argument_group("SLURM launcher (--launcher slurm; needs --storage postgresql://... and --tracking-uri http://...)")
-    g.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted; submit nothing")
+    g = p.add_argument_group("SLURM launcher (--launcher slurm; needs --storage postgresql://... and "
+                             "--tracking-uri http://...)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script that would be submitted; submit nothing")
     g.add_argument("--time-limit", dest="time_min", type=int, metavar="MINUTES",
                    help="walltime of each array task (required); a task at its limit checkpoints and is requeued")
     g.add_argument("--partition")
@@ -211,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
                    help="another #SBATCH option, e.g. --sbatch qos=high --sbatch constraint=h100 (repeatable)")
     g.add_argument("--setup", action="append", metavar="LINE",
-                   help="a shell line run before the workers start, e.g. 'source /shared/venv/bin/activate' (repeatable)")
+                   help="a shell line run before the workers start, e.g. 'source /shared/venv/bin/activate' "
+                   "(repeatable)")
     g.add_argument("--slurm-folder", dest="folder", help="submitit's folder for scripts, pickles and logs "
                    "(default <runs_dir>/slurm/<sweep>; on a filesystem the nodes share)")
     p.set_defaults(func=cmd_sweep)

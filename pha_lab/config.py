@@ -156,7 +156,8 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     runs_dir: str = "runs"  # checkpoints and the default SQLite database live here
-    checkpoints_dir: Optional[str] = None  # None: <runs_dir>/checkpoints (shared between machines: resume each other's trials)
+    # None: <runs_dir>/checkpoints; on a filesystem shared between machines, they resume each other's trials
+    checkpoints_dir: Optional[str] = None
     tracking_uri: Optional[str] = None  # None: sqlite:///<runs_dir>/mlflow.db; any MLflow URI works
     experiment: str = "default"
     run_name: Optional[str] = None

@@ -17,7 +17,8 @@ from pha_lab.branches import BranchConfig, register_branch
 from pha_lab.cli import build_parser
 from pha_lab.config import ConfigError, MIXERS, load_config, round_to
 from pha_lab.models import BRANCH_REGISTRY, build_model
-from pha_lab.training.module import LMModule, param_groups
+from pha_lab.training.module import LMModule
+from pha_lab.training.optim import param_groups
 
 
 # --------------------------------------------------------------------------- the toy branch (pha_lab.branches' example)

@@ -71,3 +71,56 @@ def test_launcher_errors_name_the_option_and_the_fix(tmp_path, capsys):
     assert not runs.exists()
     assert main(["sweep", "smoke", "--partition", "gpu", "--dry-run"]) == 2
     assert "--partition --dry-run: only with --launcher slurm" in capsys.readouterr().err
+
+
+FOLLOWER = '''
+import json, os, sys
+from pha_lab.config import load_config
+from pha_lab.training import handoff
+
+tracking_cfg = load_config(None, [f"tracking.runs_dir={sys.argv[1]}"]).tracking
+seen = [(cfg.name, os.environ.get(handoff.RUN_ID)) for cfg in handoff.followed_runs(tracking_cfg)]
+print(json.dumps({"seen": seen, "run_id_after": os.environ.get(handoff.RUN_ID)}))
+'''
+
+
+def test_sweep_ranks_follow_rank_zero_until_done_and_the_last_to_read_it_removes_the_mailbox(tmp_path):
+    """A 3-task SLURM worker's ranks 1 and 2 (srun's environment, one process each) train rank 0's runs in order,
+    each with PHA_RUN_ID set to its run, and stop at rank 0's done message; the mailbox under <runs_dir>/ranks/
+    stays until the last of them has read "done" (removing it earlier would leave that rank waiting forever)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pha_lab.training import handoff
+
+    runs = tmp_path / "runs"
+    srun = {"SLURM_NTASKS": "3", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "pha-s"}
+    tracking_cfg = load_config(None, [f"tracking.runs_dir={runs}"]).tracking
+    box = runs / "ranks" / "77.0.0"
+    script = tmp_path / "follower.py"
+    script.write_text(FOLLOWER)
+
+    def follower(rank: int) -> dict:
+        env = {**os.environ, **srun, "SLURM_PROCID": str(rank)}
+        done = subprocess.run([sys.executable, str(script), str(runs)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    with pytest.MonkeyPatch.context() as mp:  # this process plays rank 0 (its message counter starts at 0)
+        for key, value in {**srun, "SLURM_PROCID": "0"}.items():
+            mp.setenv(key, value)
+        mp.setattr(handoff, "_sent", 0)
+        mp.setattr(handoff, "_run_message", None)
+        mp.delenv(handoff.RUN_ID, raising=False)  # (publish_run sets it; undone on leaving)
+        for n, name in enumerate(["trial_a", "trial_b"]):
+            handoff.publish_run(f"run{n}", load_config("tiny_pha", [f"name={name}", f"tracking.runs_dir={runs}"]))
+        handoff.share_done(tracking_cfg)
+    assert sorted(p.name for p in box.iterdir()) == ["0.json", "1.json", "2.json"]
+    expected = {"seen": [["trial_a", "run0"], ["trial_b", "run1"]], "run_id_after": None}
+    assert follower(1) == expected
+    assert (box / "2.json").is_file()  # rank 2 has not read "done" yet
+    assert follower(2) == expected
+    assert not box.exists()

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import lightning as L
 import mlflow
@@ -13,8 +18,9 @@ import torch
 
 from pha_lab import tracking
 from pha_lab.config import load_config
-from pha_lab.training.callbacks import RunInterrupted
-from pha_lab.training.module import LMModule, lr_lambda, param_groups
+from pha_lab.training.callbacks import RunInterrupted, request_stop
+from pha_lab.training.module import LMModule
+from pha_lab.training.optim import build_optimizer, build_schedule, lr_lambda, param_groups
 from pha_lab.training.run import train
 
 
@@ -98,9 +104,12 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     first = LossRecorder(signal_at=10)
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
+    assert info.value.ckpt_path == tmp_path / "b" / "runs" / "checkpoints" / run_id / "last.ckpt"
+    assert info.value.ckpt_path.is_file()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'b' / 'runs' / 'mlflow.db'}")
     assert mlflow.get_run(run_id).info.status == "KILLED"
+    assert mlflow.get_run(run_id).data.tags["killed_reason"] == "SIGTERM received; stopped after step 11"
     assert sorted(first.losses) == list(range(1, 12))  # the signal came after step 10's hooks: stops after step 11
 
     second = LossRecorder()
@@ -116,6 +125,33 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     assert resumed.metrics["test/loss"] == pytest.approx(ref.metrics["test/loss"], abs=1e-5)
 
 
+class RequestStopAt(L.Callback):
+    """`callbacks.request_stop` (a launcher's own warning signal, e.g. submitit's USR2) at the end of step `at`."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            request_stop("SIGUSR2")
+
+
+def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path):
+    """request_stop (no signal to the process) checkpoints and stops after the next optimizer step, KILLED with
+    the reason once; withdrawn (None), the next run trains to its end."""
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=100",
+               "data.max_eval_tokens=2048")
+    try:
+        with pytest.raises(RunInterrupted) as info:
+            train(cfg, [RequestStopAt(3)])
+    finally:
+        request_stop(None)
+    assert torch.load(info.value.ckpt_path, weights_only=False)["global_step"] == 4
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(info.value.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["killed_reason"] == "SIGUSR2 received; stopped after step 4"
+    assert train(cfg).status == "FINISHED"
+
+
 def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
     """SIGTERM arrives after the first micro-batch of an accumulated step: the run stops only once that
     step's optimizer update is done, and the resumed run's micro-batch losses are the uninterrupted run's."""
@@ -128,7 +164,7 @@ def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
     first = LossRecorder(signal_after_micro=7)  # after the first micro-batch of step 4
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
     assert len(first.micro) == 8 and max(first.losses) == 4  # stopped once step 4's second micro-batch was done
 
     second = LossRecorder()
@@ -143,7 +179,7 @@ def test_resume_refuses_shape_change(tmp_path):
     first = LossRecorder(signal_at=3)
     with pytest.raises(RunInterrupted) as info:
         train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10"), [first])
-    run_id = str(info.value).split()[1]
+    run_id = info.value.run_id
     with pytest.raises(ConfigError, match=r"model\.d_model: 64 -> 128"):
         train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "model.d_model=128", f"resume={run_id}"))
 
@@ -183,8 +219,8 @@ def test_lightning_matches_plain_pytorch_loop(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, steps, o.min_lr_ratio))
+    opt = build_optimizer(model, o, torch.device("cpu"), "32-true")
+    sched = build_schedule(opt, o, steps)
     plain = []
     for step, batch in zip(range(steps), dm.train_dataloader()):
         logits = model(batch["input_ids"])
@@ -425,3 +461,111 @@ def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tmp_path):
         assert max(abs(a - b) for a, b in zip(expected, last_batch_means[i].tolist())) > 1e-5  # the test can tell
     table = pd.read_csv(result.ckpt_dir / "introspection" / "mixer_weights.csv")
     assert table.query("layer == 0").weight.tolist() == pytest.approx((total[0] / count).tolist(), abs=1e-6)
+
+
+def test_a_rank_above_zero_without_rank_zeros_run_is_refused(tmp_path, monkeypatch):
+    """A rank > 0 that no rank 0 handed a run (torchrun, a node started by hand) fails naming the supported
+    launchers, before it opens an MLflow run of its own."""
+    from pha_lab.config import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("PHA_RUN_ID", raising=False)
+    with pytest.raises(ConfigError, match=r"DDP rank > 0 .* trainer.devices=N on one machine, or with srun"):
+        train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=2"))
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------- DDP on the CPU (gloo): slow
+# A 2-rank run from a script: Lightning's launcher starts rank 1 by re-running this very script.
+DDP_SCRIPT = '''
+import json, os, signal, sys
+import lightning as L
+from pha_lab.config import load_config
+from pha_lab.training.callbacks import RunInterrupted
+from pha_lab.training.run import train
+
+class SignalRankOne(L.Callback):
+    """SIGTERM to rank 1 alone, at the end of optimizer step 5."""
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+runs, out = sys.argv[1:3]
+cfg = load_config("tiny_pha", [f"tracking.runs_dir={runs}", "tracking.experiment=test", "trainer.accelerator=cpu",
+                               "trainer.devices=2", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+                               "trainer.val_every_n_steps=100", "trainer.ckpt_every_n_steps=100"])
+try:
+    train(cfg, [SignalRankOne()])
+    result = {"outcome": "finished"}
+except RunInterrupted as exc:
+    result = {"outcome": "interrupted", "message": str(exc), "run_id": exc.run_id}
+with open(os.path.join(out, f"rank{os.environ.get('LOCAL_RANK', '0')}.json"), "w") as f:
+    json.dump(result, f)
+'''
+
+
+def run_ranks(commands: list[list[str]], envs: list[dict], timeout: int = 400) -> list[subprocess.CompletedProcess]:
+    """Run the processes of one DDP job to their end (killing them all after `timeout` s: a rank blocked in a
+    collective never ends); their outputs."""
+    procs = [subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for cmd, env in zip(commands, envs)]
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    hung = any(p.poll() is None for p in procs)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    outs = [p.communicate()[0] for p in procs]
+    if hung:
+        pytest.fail(f"the DDP job did not end within {timeout} s (a rank blocked in a collective?); its output:\n"
+                    + "\n".join(f"--- rank {r}:\n{out[-3000:]}" for r, out in enumerate(outs)))
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outs)]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_one_rank_gets_the_signal(tmp_path):
+    """SIGTERM reaches rank 1 alone, after step 5: both ranks stop after the same step, the first multiple of
+    log_every_n_steps (4) after the signal, 8, not after step 6 (the decision is not taken at every step), and
+    the run is KILLED with the checkpoint of step 8."""
+    script, out = tmp_path / "ddp_run.py", tmp_path / "out"
+    script.write_text(DDP_SCRIPT)
+    out.mkdir()
+    (done,) = run_ranks([[sys.executable, str(script), str(tmp_path / "runs"), str(out)]], [{}])
+    assert done.returncode == 0, done.stdout[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["outcome"] for r in ranks] == ["interrupted", "interrupted"], ranks
+    assert ranks[0]["run_id"] == ranks[1]["run_id"]
+    assert "(a signal to another rank received; stopped after step 8)" in ranks[0]["message"]
+    assert "(SIGTERM received; stopped after step 8)" in ranks[1]["message"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(ranks[0]["run_id"])
+    assert run.info.status == "KILLED" and "stopped after step 8" in run.data.tags["killed_reason"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    ckpt = torch.load(tmp_path / "runs" / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_srun_ranks_train_one_run(tmp_path):
+    """`pha-lab train` as srun starts it with 2 tasks (srun's environment, without slurmd: issue 15's cluster
+    test has the real one): Lightning's SLURMEnvironment joins them into one DDP job, rank 1 takes rank 0's run
+    from its message (training/handoff.py) and opens none of its own."""
+    runs = tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pha_lab.cli", "train", "tiny_pha", f"tracking.runs_dir={runs}",
+           "tracking.experiment=test", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6",
+           "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=3", "data.max_eval_tokens=2048"]
+    srun = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+            "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "pha-test", "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = run_ranks([cmd, cmd], [{**srun, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)])
+    assert [r.returncode for r in ranks] == [0, 0], [r.stdout[-3000:] for r in ranks]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["trainer.devices"] == "2"
+    assert not (runs / "ranks" / "4242.0.0").exists()  # rank 0 removed its message: both ranks formed the group
+    assert f"run      {run.info.run_id}" in ranks[0].stdout and "run      " not in ranks[1].stdout  # rank 0's summary
+    assert client.get_metric_history(run.info.run_id, "test/loss")

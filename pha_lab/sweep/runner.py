@@ -33,11 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from pha_lab import tracking
-from pha_lab.config import load_config
+from pha_lab.config import load_config, to_yaml
 from pha_lab.sweep.spec import SweepSpec, load_sweep, suggest
+from pha_lab.training import handoff
 
 
 # --------------------------------------------------------------------------- study plumbing
@@ -329,7 +328,7 @@ def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg, parent_
 
             saved = checkpoint_dir(cfg, previous) / "config.yaml"
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(OmegaConf.to_yaml(cfg))
+            saved.write_text(to_yaml(cfg))
     return cell_key, cfg
 
 
@@ -359,9 +358,9 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("ckpt_dir", str(ckpt_dir))
 
-        os.environ["PHA_TRIAL_CONFIG"] = _write_trial_config(cfg, tracking_cfg, spec.name, trial.number)
         try:
-            result = train(cfg, callbacks, on_start=on_start)
+            with handoff.trial_for_spawned_ranks(cfg, tracking_cfg, spec.name, trial.number):
+                result = train(cfg, callbacks, on_start=on_start)
         except optuna.TrialPruned:
             tell(study, trial, state=TrialState.PRUNED)
             return "PRUNED"
@@ -375,19 +374,9 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
             print(f"[sweep {spec.name}] trial {trial.number} ({cell_key}) FAILED: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
             return "FAIL"
-        finally:
-            os.environ.pop("PHA_TRIAL_CONFIG", None)
         value = objective_value(client, result.run_id, spec.metric, spec.direction)
         tell(study, trial, value)
         return "COMPLETE"
-
-
-def _write_trial_config(cfg, tracking_cfg, sweep: str, number: int) -> str:
-    """The trial's config on disk, for DDP ranks > 0 (Lightning re-executes the worker command)."""
-    path = tracking.runs_dir(tracking_cfg) / "sweeps" / sweep / f"trial-{number}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg))
-    return str(path)
 
 
 def progress(study, spec: SweepSpec) -> str:
@@ -481,12 +470,13 @@ def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracki
 
 def join_ddp_trial() -> bool:
     """In a DDP rank > 0 that Lightning started by re-running the sweep command: train rank 0's trial
-    (its config file and MLflow run id come through the environment) instead of starting a sweep."""
-    if os.environ.get("LOCAL_RANK", "0") == "0" or not os.environ.get("PHA_TRIAL_CONFIG"):
+    (pha_lab.training.handoff) instead of starting a sweep."""
+    cfg = handoff.spawned_trial()
+    if cfg is None:
         return False
     from pha_lab.training.run import train
 
-    train(OmegaConf.merge(load_config(None), OmegaConf.load(os.environ["PHA_TRIAL_CONFIG"])))
+    train(cfg)
     return True
 
 

@@ -6,7 +6,7 @@ submitit's SlurmExecutor in one `batch()`, which makes them one job array. Each 
 worker (runner.worker_loop: it claims cells from the shared study until none is left) on
 `gpus_per_trial` GPUs, one SLURM task per GPU, on several nodes when gpus_per_trial > gpus_per_node.
 With several tasks, rank 0 runs the worker loop and the other ranks train each trial it shares with
-them (training/ranks.py): one Lightning DDP job (Lightning's SLURMEnvironment reads srun's ranks).
+them (training/handoff.py): one Lightning DDP job (Lightning's SLURMEnvironment reads srun's ranks).
 
 Interruptions end with the trial re-queued in the study and resumed from its checkpoint, in its own
 MLflow run, by the next worker that claims it (usually the requeued task itself):
@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
-from omegaconf import OmegaConf
-
 from pha_lab import tracking
 from pha_lab.config import ConfigError, load_config
 from pha_lab.sweep.spec import SweepSpec, load_sweep
-from pha_lab.training import ranks
+from pha_lab.training import handoff
 
 SERVER_SCHEMES = ("postgresql", "mysql", "oracle", "mssql")  # Optuna RDB storages shared over the network
 
@@ -120,11 +118,13 @@ def sbatch_script(params: dict, folder: Path, n_tasks: int, python: str = sys.ex
 
 def _check_shared_backends(storage: str | None, uri: str) -> None:
     if not storage or storage.split(":", 1)[0].split("+", 1)[0] not in SERVER_SCHEMES:
-        raise ConfigError(f"--launcher slurm needs --storage postgresql://USER:PW@HOST/DB (got {storage or 'the SQLite default'}): "
-                          "SQLite on a network filesystem loses updates between nodes")
+        raise ConfigError("--launcher slurm needs --storage postgresql://USER:PW@HOST/DB "
+                          f"(got {storage or 'the SQLite default'}): SQLite on a network filesystem loses updates "
+                          "between nodes")
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        raise ConfigError(f"--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT (got {uri or 'the SQLite default'}): "
-                          "the array's tasks log through one MLflow tracking server")
+        raise ConfigError("--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT "
+                          f"(got {uri or 'the SQLite default'}): the array's tasks log through one MLflow tracking "
+                          "server")
 
 
 def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None = None, tracking_uri: str | None = None,
@@ -148,16 +148,19 @@ def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None 
         return None
     uri = tracking_uri or base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     _check_shared_backends(storage, uri)
-    spec, study, storage_url, tracking_cfg, parent_id = prepare(name, worker_extra, storage, uri, runs_dir, retry_failed)
+    spec, study, storage_url, tracking_cfg, parent_id = prepare(name, worker_extra, storage, uri, runs_dir,
+                                                                retry_failed)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
     executor.update_parameters(**params)
     sweep = str(Path(name).resolve()) if Path(name).is_file() else name
-    worker = SweepWorker(sweep, worker_extra, storage_url, tracking_cfg.tracking_uri, str(tracking.runs_dir(tracking_cfg)))
+    worker = SweepWorker(sweep, worker_extra, storage_url, tracking_cfg.tracking_uri,
+                         str(tracking.runs_dir(tracking_cfg)))
     with executor.batch():
         jobs = [executor.submit(worker) for _ in range(n_tasks)]
     array_id = jobs[0].job_id.split("_")[0]
     print(f"[sweep {spec.name}] submitted {n_tasks} worker(s) as SLURM job {array_id}; scripts and logs in {folder}\n"
-          f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}", flush=True)
+          f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}",
+          flush=True)
     return jobs
 
 
@@ -217,14 +220,14 @@ class SweepWorker(submitit.helpers.Checkpointable):
         seed = worker_seed(spec, int(env.array_task_id or 0), len(study.get_trials(deepcopy=False)))
         status = "KILLED"
         try:
-            worker_loop(spec, self.storage, self.extra, tracking_cfg, seed, should_stop=lambda: signals.received is not None)
+            worker_loop(spec, self.storage, self.extra, tracking_cfg, seed,
+                        should_stop=lambda: signals.received is not None)
             status = "FINISHED" if signals.received is None else "KILLED"
         except RunInterrupted as exc:  # the trial checkpointed and is queued again
             print(f"[sweep {spec.name}] worker {env.job_id}: {exc}", flush=True)
         finally:
             signals.restore()
-            if env.num_tasks > 1:
-                ranks.share(tracking_cfg, {"done": True})
+            handoff.share_done(tracking_cfg)
             finish(spec, study, tracking_cfg, study.user_attrs["mlflow_parent_run_id"], status)
         if signals.received == signals.warning:  # the time limit is near: submitit requeues this task
             signals.submitit_handler(signals.warning, None)
@@ -237,16 +240,13 @@ def follow_rank_zero(tracking_cfg) -> str:
     from pha_lab.training.run import train
 
     trained = 0
-    while not (message := ranks.receive(tracking_cfg)).get("done"):
-        os.environ["PHA_RUN_ID"] = message["run_id"]
+    for cfg in handoff.followed_runs(tracking_cfg):
         try:
-            train(OmegaConf.merge(load_config(None), OmegaConf.create(message["config"])))
+            train(cfg)
         except RunInterrupted:
             pass  # rank 0 stopped at the same step and re-queues the trial
         except Exception as exc:  # rank 0 records the failure; follow it to its next trial
-            print(f"rank {os.environ.get('SLURM_PROCID')}: run {message['run_id']} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
-        finally:
-            os.environ.pop("PHA_RUN_ID", None)
+            print(f"rank {os.environ.get('SLURM_PROCID')}: run {os.environ.get(handoff.RUN_ID)} failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         trained += 1
     return f"rank {os.environ.get('SLURM_PROCID')}: {trained} trial(s)"

@@ -20,7 +20,13 @@ from pha_lab.data.batch import IGNORE_INDEX
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED."""
+    """SIGINT/SIGTERM arrived: stop after the next optimizer step, checkpoint, mark the run KILLED.
+
+    `run_id` and `ckpt_path` (None while raised inside the fit) name the run to resume and its checkpoint."""
+
+    def __init__(self, message: str, run_id: str | None = None, ckpt_path: Path | None = None):
+        super().__init__(message)
+        self.run_id, self.ckpt_path = run_id, ckpt_path
 
 
 def is_interruption(exc: BaseException) -> bool:
@@ -41,11 +47,19 @@ class Interruption(L.Callback):
     """Turns SIGINT/SIGTERM (or `request_stop`) into a checkpoint (`last.ckpt`) and a clean stop right after an
     optimizer step.
 
-    The handlers only set a flag; the exception is raised at the end of the first batch that completes an
-    optimizer step after it (never inside a gradient accumulation), so the checkpoint holds a consistent
-    (weights, optimizer, step, data position) to resume from exactly. Under DDP every rank stops after the same
-    step when any rank got the signal. While training, they replace Lightning's own SIGTERM handler, which
-    would stop after the current micro-batch."""
+    The handlers only set a flag; the exception is raised at the end of a batch that completes an optimizer step
+    (never inside a gradient accumulation), so the checkpoint holds a consistent (weights, optimizer, step, data
+    position) to resume from exactly. While training, they replace Lightning's own SIGTERM handler, which would
+    stop after the current micro-batch.
+
+    One process: it stops after the first optimizer step that ends after the signal. Under DDP the signal may
+    reach the ranks at different steps, and a rank that stopped alone would leave the others blocked in the next
+    all-reduce, so the ranks decide together (any rank's flag stops all of them: `reduce_boolean_decision`, an
+    all-reduce of one integer and a host read) only at the logging steps (every `trainer.log_every_n_steps`-th
+    optimizer step, where the step path touches the host anyway) and at the last step. The price is latency: up
+    to log_every_n_steps - 1 more optimizer steps after the signal (a SLURM warning signal must leave time for
+    them and the checkpoint), and a signal after the last decision before an EarlyStopping stop is not honoured
+    (the run ends as it would have without it)."""
 
     def __init__(self, ckpt_path: Path):
         self.ckpt_path = Path(ckpt_path)
@@ -66,11 +80,18 @@ class Interruption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
-        if not stepped:  # inside a gradient accumulation (the same batches on every DDP rank)
+        if not stepped:  # inside a gradient accumulation
             return
         self.requested = self.requested or _stop_request
-        if trainer.strategy.reduce_boolean_decision(bool(self.requested), all=False):
-            raise RunInterrupted(f"{self.requested or 'another rank'} received; stopped after step {trainer.global_step}")
+        if trainer.world_size == 1:
+            stop = self.requested is not None
+        elif trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+            stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        else:
+            return  # (every rank is at the same step: they all take or skip the decision together)
+        if stop:
+            raise RunInterrupted(f"{self.requested or 'a signal to another rank'} received; "
+                                 f"stopped after step {trainer.global_step}")
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if is_interruption(exception):

@@ -13,6 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.models import build_model
+from pha_lab.training.optim import build_optimizer, build_schedule
+from pha_lab.training.optim import lr_lambda, param_groups  # noqa: F401 (bench/overhead.py imports them from here)
 
 
 EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
@@ -20,25 +22,6 @@ EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN/inf; the run is marked FAILED with the step."""
-
-
-def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup from 1/warmup to 1, then cosine decay to `min_ratio` at `max_steps` (a multiplier of lr)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as each parameter asks: the module that owns a parameter marks it `no_weight_decay = True`
-    where it must not be decayed (the embedding, norms, mixer parameters, the SSM's Lambda / dt / C~ / D);
-    unmarked matrices (the branch and LM-head projections) are decayed, unmarked vectors (biases) are not."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # a tied LM head appears once, as the embedding
-        if p.requires_grad:
-            (no_decay if getattr(p, "no_weight_decay", p.ndim < 2) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LMModule(L.LightningModule):
@@ -111,15 +94,8 @@ class LMModule(L.LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
-        o, t = self.cfg.optim, self.cfg.trainer
-        # fused AdamW unscales fp16 gradients itself, after our clipping: use it only without a scaler
-        fused = o.fused and self.device.type == "cuda" and self.trainer.precision != "16-mixed"
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio)
-        )
+        optimizer = build_optimizer(self.model, self.cfg.optim, self.device, self.trainer.precision)
+        schedule = build_schedule(optimizer, self.cfg.optim, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
