@@ -63,7 +63,7 @@ The contract, stated once:
   not a Linear weight's (attention's QK^T and AV, GSS's FFTs), and `flops_part`, the name of that part (default:
   the class name); `is_residual_out` on each Linear that writes to the residual stream; `no_init` on a weight that
   keeps its own init; `no_weight_decay = True` on a matrix the optimizer must not decay (an unmarked matrix is
-  decayed, an unmarked vector such as a bias is not: training.module.param_groups).
+  decayed, an unmarked vector such as a bias is not: training.optim.param_groups).
 - decoding (issue 14) will add an optional per-branch pair on the module (`init_state`, `step`); the registry
   needs no change for it, and a model decodes when every branch it has provides the pair.
 

@@ -97,7 +97,8 @@ class GPT(nn.Module):
 
 
 def configure_optimizer(model: GPT, lr: float = 6e-4, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    """nanoGPT's: decay 2-D weights only; fused AdamW on CUDA."""
+    """nanoGPT's: decay 2-D weights only; fused AdamW on CUDA. Deliberately not training/optim.py's: this is an
+    independent reference loop (the yardstick), so it must not change when the suite's optimizer does."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from pha_lab.bench.spec import OVERHEAD_LOOPS, Cell, OverheadSpec, overhead_cells
 from pha_lab.bench.timing import Clock, autocast, free_memory, measure
 from pha_lab.config import load_config
-from pha_lab.training.module import LMModule, lr_lambda, param_groups
+from pha_lab.training.module import LMModule
+from pha_lab.training.optim import build_optimizer, build_schedule
 from pha_lab.training.run import per_step_callbacks
 
 
@@ -48,15 +49,15 @@ class RandomTokens(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-def plain_loop(module: LMModule, loader: DataLoader, device: torch.device, amp, clock: Clock, first: int) -> None:
-    """What Lightning does per step with LMModule, written out by hand (its optimizer and LR schedule as
-    LMModule.configure_optimizers builds them, without needing a Trainer). Ticks `clock` at the start of
-    every step from `first` on, and once after the last."""
+def plain_loop(module: LMModule, loader: DataLoader, device: torch.device, amp, precision: str, clock: Clock,
+               first: int) -> None:
+    """What Lightning does per step with LMModule, written out by hand (the optimizer and LR schedule that
+    LMModule.configure_optimizers uses, from training/optim.py, without needing a Trainer). Ticks `clock` at the
+    start of every step from `first` on, and once after the last."""
     module.to(device).train()
-    o, t = module.cfg.optim, module.cfg.trainer
-    opt = torch.optim.AdamW(param_groups(module.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            fused=(o.fused and device.type == "cuda") or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio))
+    cfg = module.cfg
+    opt = build_optimizer(module.model, cfg.optim, device, precision)
+    sched = build_schedule(opt, cfg.optim, cfg.trainer.max_steps)
     for n, batch in enumerate(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if n >= first:
@@ -118,7 +119,7 @@ def timed_loop(mode: str, module: LMModule, data: Dataset, o: OverheadSpec | Dic
 
     def timed() -> list[float]:
         if mode == "loop_plain":
-            plain_loop(module, loader, device, amp, clock, o.warmup)
+            plain_loop(module, loader, device, amp, precision, clock, o.warmup)
         else:
             lightning_loop(module, loader, device, precision, clock, o.warmup, workdir)
         return clock.intervals_ms()

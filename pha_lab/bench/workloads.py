@@ -125,7 +125,8 @@ def meta_workload(name: str, max_len: int) -> Workload:
 
 def make_optimizer(module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW as the suite trains (fused on CUDA); one group: the fused kernel's cost doesn't depend on it.
-    (To become the suite's own optimizer builder once training has one place for it.)"""
+    Deliberately not training/optim.py's `build_optimizer`: a workload is a bare module (a branch stack, a DSS
+    kernel, a model) timed in an independent reference loop, with no experiment config to build from."""
     return torch.optim.AdamW(module.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                              fused=True if device.type == "cuda" else None)
 

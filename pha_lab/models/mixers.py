@@ -12,7 +12,7 @@ gate     input-dependent softmax gate Linear(D -> k) on h, zero-initialised (uni
          weights are its mean over the validation set's scored tokens (training.callbacks.MixerIntrospection)
 mean     fixed 1/k, no parameters (the control)
 
-No mixer parameter is weight-decayed: each is marked `no_weight_decay` (read by training.module.param_groups).
+No mixer parameter is weight-decayed: each is marked `no_weight_decay` (read by training.optim.param_groups).
 """
 
 from __future__ import annotations
