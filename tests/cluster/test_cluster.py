@@ -306,3 +306,6 @@ def test_slurm_two_task_ddp_trials(cluster, tmp_path):
     assert (children["params.trainer.devices"] == "2").all()
     tokens_one_rank = 6 * 8 * 128  # steps x batch x seq_len of tiny_pha
     assert (children["metrics.train/tokens_seen"] == 2 * tokens_one_rank).all(), children["metrics.train/tokens_seen"]
+    # rank 0 sent its messages under ranks/ and they are gone: each trial's once both ranks formed its process
+    # group, the mailbox once rank 1 read "done" (training/handoff.py)
+    assert (runs / "ranks").is_dir() and not any((runs / "ranks").iterdir()), list((runs / "ranks").rglob("*"))
