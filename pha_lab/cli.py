@@ -70,12 +70,44 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.by_position or args.contexts:
+        return cmd_eval_long_context(args)
     from pha_lab.training.evaluate import evaluate
 
     table = evaluate(args.target, [*args.overrides, *_tracking_overrides(args)], split=args.split,
                      knockout=args.knockout, per_layer=args.per_layer, which=args.ckpt)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
+
+
+def cmd_eval_long_context(args: argparse.Namespace) -> int:
+    """`pha-lab eval RUN --by-position [--contexts ...]`: PPL and bits per byte by context and position."""
+    from pha_lab.training.long_context import LongContextSpec, evaluate_long_context
+
+    if args.knockout or args.per_layer:
+        raise ConfigError("--knockout/--per-layer and the long-context evaluation (--by-position, --contexts) are "
+                          "separate evaluations: run them as two commands")
+    spec = LongContextSpec(contexts=args.contexts or [], stride=args.stride, split=args.split,
+                           window_bucket=args.window_bucket, book_bucket=args.book_bucket,
+                           max_book_tokens=args.max_book_tokens, batch_tokens=args.batch_tokens, ckpt=args.ckpt)
+    table = evaluate_long_context(args.target, [*args.overrides, *_tracking_overrides(args)], spec)
+    whole = table[table.kind == "all"][["context", "stride", "tokens", "bytes", "ppl", "bpb"]]
+    print("\n" + whole.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    by_position = table[table.kind == "position"].pivot(index="bucket", columns="context", values="ppl")
+    order = table[table.kind == "position"].drop_duplicates("bucket").sort_values("lo")["bucket"]
+    print("\nPPL by position in the book (rows) and evaluation context (columns):")
+    print(by_position.reindex(order).to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 1024,2048")
+    return values
 
 
 SLURM_OPTIONS = {"partition": "partition", "gpus_per_node": "gpus-per-node", "array_tasks": "array-tasks",
@@ -175,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint, optionally with branch knockout")
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint: branch knockout, or long context (--by-position)")
     p.add_argument("target", help="an MLflow run id (checkpoints under tracking.runs_dir) or a .ckpt path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.eval_stride=512 tracking.runs_dir=...")
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -184,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true", help="knock out one layer at a time")
     p.add_argument("--ckpt", default="last", choices=["last", "best"])
     _tracking_options(p)
+    g = p.add_argument_group("long context", "PPL and bits per byte of whole books by position and context "
+                             "(docs/data.md, section 9); results go to the run's MLflow record")
+    g.add_argument("--by-position", action="store_true",
+                   help="score whole books at the training context (or --contexts), by position in window and book")
+    g.add_argument("--contexts", type=_positive_ints, metavar="C1,C2,...",
+                   help="evaluation contexts, e.g. 1024,2048,4096,8192 (implies --by-position)")
+    g.add_argument("--stride", type=int, help="window stride S <= every context (default: S = C, no overlap); "
+                   "S < C scores only each window's last S tokens")
+    g.add_argument("--window-bucket", type=int, default=256, help="tokens per position-in-window bucket (default 256)")
+    g.add_argument("--book-bucket", type=int, default=1024,
+                   help="first position-in-book bucket [0, B), then [B, 2B), [2B, 4B), ... (default 1024)")
+    g.add_argument("--max-book-tokens", type=int, help="score only each book's first N tokens (default: whole books)")
+    g.add_argument("--batch-tokens", type=int, default=32768, help="window tokens per forward pass (default 32768)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep: pha-lab sweep NAME [key=value ...]")
@@ -231,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps", nargs="*", default=[], metavar="NOTEBOOK=SWEEP,...",
                    help="sweeps (MLflow experiments) per notebook, e.g. perplexity=baselines,scale ablation=ablation "
                    "(defaults: pha_lab.analysis.tables.DEFAULT_SWEEPS)")
-    p.add_argument("--notebooks", nargs="*", choices=["perplexity", "ablation", "mixing", "mqar", "efficiency"],
+    p.add_argument("--notebooks", nargs="*",
+                   choices=["perplexity", "ablation", "mixing", "mqar", "efficiency", "long_context"],
                    help="only these notebooks (default: all)")
     p.add_argument("--datasets", nargs="*", help="perplexity tables for these data.source values (default: each with runs)")
     p.add_argument("--efficiency-csv", default="docs/benchmarks/efficiency.csv", help="benchmark CSV of `pha-lab bench`")

@@ -45,7 +45,7 @@ def test_every_preset_builds_on_meta(name):
 
 def test_mini_presets_are_parameter_matched():
     counts = {}
-    for name in ["mini_pha", "mini_transformer", "mini_gss", "mini_gss_hybrid", "mini_sequential"]:
+    for name in ["mini_pha", "mini_transformer", "mini_gss", "mini_gss_hybrid", "mini_sequential", "mini_pha_sparse"]:
         with torch.device("meta"):
             counts[name] = build_model(load_config(name).model).n_params()
     assert all(abs(c / counts["mini_pha"] - 1) <= 0.03 for c in counts.values()), counts

@@ -224,8 +224,9 @@ def branch_order(names: Iterable[str]) -> list[str]:
 # The PHA family's branches (the paper's GSS + GQA + FFN): what the ablation's "branches removed" counts from, and
 # what `guessed_family` takes a PHA to be. Not the list of branches there are (that is BRANCH_REGISTRY).
 PHA_BRANCHES = ("gss", "attn", "ffn")
+# model.family -> table label; pha_no_X: "PHA without X"
 FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
-                 "sequential_pha": "sequential PHA"}  # model.family -> table label; pha_no_X: "PHA without X"
+                 "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA"}
 
 
 def recorded_family(row: dict) -> str | None:
@@ -239,6 +240,8 @@ def guessed_family(row: dict) -> str:
     the family as the tables used to guess it from model.layout, model.branches and model.overrides. Only a guess:
     `tidy` marks it `family_source = "guessed"` and the tables say how many rows rest on it."""
     layout, branches = row.get("model.layout"), branches_of(row.get("model.branches"))
+    if layout == "parallel" and "attn" not in branches and "attn" in str(row.get("model.overrides") or ""):
+        return "pha_sparse"  # attention in only some layers (the overrides)
     if layout == "parallel":
         missing = [b for b in PHA_BRANCHES if b not in branches]
         return "pha" if not missing else "pha_no_" + "+".join(missing)
@@ -380,3 +383,32 @@ def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataF
             if pd.notna(value):
                 rows.append({"run_id": run_id, "layer": layer, "branch": match.group("branch"), "value": float(value)})
     return pd.DataFrame(rows, columns=["run_id", "layer", "branch", "value"])
+
+
+LONGCTX_METRIC = re.compile(r"^longctx/(?P<split>[^/]+)/C(?P<context>\d+)/"
+                            r"(?:(?P<kind>window|position)/(?P<lo>\d+)-(?P<hi>\d+)/)?(?P<metric>ppl|bpb)$")
+
+
+def longctx_metrics(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Long frame of the long-context results of `runs` on `split` (pha_lab.training.long_context): one row per run,
+    context and bucket, with `kind` (all: the whole books; window: position in the window; position: in the book),
+    `lo`/`hi` (the bucket; all: 0/0), `ppl`, `bpb`, and the protocol the run's tags give that context: `stride`,
+    `max_book_tokens` (NaN: whole books), `books`."""
+    rows: dict[tuple, dict] = {}
+    for col in runs.columns:
+        match = LONGCTX_METRIC.match(str(col))
+        if not match or match["split"] != split:
+            continue
+        context, kind = int(match["context"]), match["kind"] or "all"
+        lo, hi = (int(match["lo"]), int(match["hi"])) if match["kind"] else (0, 0)
+        for run_id, value in zip(runs["run_id"], runs[col]):
+            if pd.notna(value):
+                row = rows.setdefault((run_id, context, kind, lo, hi), {"run_id": run_id, "context": context,
+                                                                         "kind": kind, "lo": lo, "hi": hi})
+                row[match["metric"]] = float(value)
+    frame = pd.DataFrame(list(rows.values()), columns=["run_id", "context", "kind", "lo", "hi", "ppl", "bpb"])
+    tags = runs.set_index("run_id") if len(runs) else pd.DataFrame()
+    for key in ("stride", "max_book_tokens", "books"):
+        frame[key] = [tags.at[r, f"longctx.{split}.C{c}.{key}"] if f"longctx.{split}.C{c}.{key}" in tags else np.nan
+                      for r, c in zip(frame["run_id"], frame["context"])]
+    return frame

@@ -88,6 +88,28 @@ class Tokenizer:
     def decode(self, ids: Any) -> str:
         return self.hf.decode([int(i) for i in ids])
 
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of the text each id stands for (special tokens such as `<|endoftext|>`: 0), so the bytes of
+        any set of scored tokens is a sum (bits per byte of a position bucket). Exact for a byte-level BPE (the
+        suite's: GPT-2's and the trained ones), where each character of a token's string stands for one byte;
+        otherwise the bytes of the id decoded alone, which miscounts tokens that hold part of a character."""
+        added, byte_level = self.hf.get_added_tokens_decoder(), self.byte_level
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i in added:
+                out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            elif byte_level:
+                out[i] = len(self.hf.id_to_token(i))
+            else:
+                out[i] = len(self.hf.decode([i]).encode("utf-8"))
+        return out
+
+    @cached_property
+    def byte_level(self) -> bool:
+        """A byte-level BPE (its decoder maps each character of a token back to one byte): `token_bytes` is exact."""
+        return (json.loads(self.hf.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+
     def pieces(self, text: str) -> list[str]:
         return cut_pieces(text) if self._cuttable else [text]
 

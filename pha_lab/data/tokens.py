@@ -58,6 +58,37 @@ class TokenSplit:
     def __getstate__(self) -> dict:
         return {"bin_path": self.bin_path, "meta": self.meta}
 
+    def documents(self) -> "Documents":
+        """Where each document lies in the stream, read from its `<|endoftext|>` tokens (every document is
+        preceded by one), checked against the document count the cache recorded. A document whose text holds
+        the literal string `<|endoftext|>` (encoded as that token) would split in two: refused, naming the counts."""
+        starts = np.flatnonzero(self.tokens == int(self.meta["eot_id"]))
+        n_docs = int(self.meta["n_docs"])
+        if len(starts) != n_docs or (n_docs and starts[0] != 0):
+            raise DataError(
+                f"{self.bin_path}: the stream holds {len(starts)} end-of-text tokens but the cache recorded {n_docs} "
+                f"documents, so the document boundaries cannot be read from it (a document contains the text "
+                f"'<|endoftext|>'?); remove that text from the source files"
+            )
+        lengths = np.diff(np.append(starts, self.n_tokens)) - 1
+        fp = self.meta.get("material", {}).get("split", {})
+        files = fp.get("files") or []
+        names = tuple(f[0] for f in files) if fp.get("documents") == "file" and len(files) == n_docs else None
+        return Documents(starts.astype(np.int64), lengths.astype(np.int64), names)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """A split's documents in its stream: document k's `<|endoftext|>` is at `starts[k]` and its `lengths[k]`
+    text tokens follow it. `names`: the source file of each (one document per file), else None."""
+
+    starts: np.ndarray
+    lengths: np.ndarray
+    names: Optional[tuple[str, ...]]
+
+    def name(self, k: int) -> str:
+        return self.names[k] if self.names else f"document {k}"
+
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

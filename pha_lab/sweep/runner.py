@@ -338,6 +338,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
     from optuna.trial import TrialState
 
     from pha_lab.training.callbacks import RunInterrupted
+    from pha_lab.training.post_eval import post_evaluate
     from pha_lab.training.run import train
 
     client = tracking.client(tracking.tracking_uri(tracking_cfg))
@@ -361,6 +362,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
         try:
             with handoff.trial_for_spawned_ranks(cfg, tracking_cfg, spec.name, trial.number):
                 result = train(cfg, callbacks, on_start=on_start)
+            post_evaluate(spec.post_eval, result.run_id, tracking_cfg)  # the sweep's `post_eval:` on the trained run
         except optuna.TrialPruned:
             tell(study, trial, state=TrialState.PRUNED)
             return "PRUNED"

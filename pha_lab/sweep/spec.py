@@ -12,6 +12,8 @@
       optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
     seeds: [0, 1, 2]
     objective: {metric: val/loss, direction: minimize}
+    post_eval:                           # evaluations of each trial's run after it trained (training/post_eval.py)
+      long_context: {contexts: [1024, 4096], window_bucket: 256}
 
 A sweep may `extends:` another (a name in sweeps/ or a path) and change only what differs: mappings merge key by
 key, lists are replaced, a grid axis or search parameter named again is replaced whole (in its place), and one
@@ -32,6 +34,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pha_lab.config import BENCH_DIR, PROJECT_ROOT, ConfigError, load_config, load_yaml, resolve_yaml, yaml_names
+from pha_lab.training.post_eval import PostEval
 
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 SEARCH_TYPES = ("float", "int", "categorical")
@@ -80,6 +83,7 @@ class SweepSpec:
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
     grace_period: int = 120  # a RUNNING trial without heartbeat for this long is taken as dead
     description: str = ""
+    post_eval: PostEval = field(default_factory=PostEval)  # run on each trial's run after training
 
     # ----------------------------------------------------------------- cells
     def axes(self) -> list[tuple[str, list[tuple[str, dict[str, Any]]]]]:
@@ -194,12 +198,16 @@ def validate_sweep(spec: SweepSpec, extra: list[str], path: Path | str = "sweep"
     for axis, values in spec.grid.items():
         if not isinstance(values, (list, dict)) or not values:
             raise ConfigError(f"{path}: grid axis '{axis}' must be a non-empty list of values or a mapping of named bundles")
+    try:
+        spec.post_eval.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     errors = []
     cells = spec.cells()
     for key, cell in cells.items():
         try:
             corner = {k: (d.choices[0] if d.type == "categorical" else d.low) for k, d in spec.search.items()}
-            spec.cell_config(cell, corner, extra)
+            spec.post_eval.check(spec.cell_config(cell, corner, extra))
         except ConfigError as exc:
             errors.append(f"  cell {key}: {exc}")
     if errors:

@@ -3,6 +3,7 @@
 Knockout zeroes one branch's output (in all layers, or one layer at a time with `per_layer`) and
 reports the change in PPL (or accuracy) against the intact model; with a run id, the numbers are
 also logged to that MLflow run (`eval/...`, `knockout/...`) with a `knockout.csv` artifact.
+The long-context evaluation (`--by-position`, `--contexts`) lives in long_context.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def locate(target: str, overrides: list[str], which: str = "last") -> tuple[Path
     return ckpt, cfg, target
 
 
+def load_module(ckpt: Path, cfg: DictConfig):
+    """The LMModule of `cfg` holding the checkpoint's weights (on the CPU)."""
+    import torch
+
+    from pha_lab.training.module import LMModule
+
+    module = LMModule(cfg)
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    return module
+
+
 def evaluate(target: str, overrides: list[str] = (), split: str = "test", knockout: list[str] = (),
              per_layer: bool = False, which: str = "last") -> pd.DataFrame:
     """One row per condition (intact, each knockout) with loss/ppl/bpb or accuracy and the delta."""
@@ -47,11 +59,9 @@ def evaluate(target: str, overrides: list[str] = (), split: str = "test", knocko
     import torch
 
     from pha_lab.data import build_datamodule
-    from pha_lab.training.module import LMModule
 
     ckpt, cfg, run_id = locate(target, list(overrides), which)
-    module = LMModule(cfg)
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    module = load_module(ckpt, cfg)
     datamodule = build_datamodule(cfg)
     precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer = L.Trainer(logger=False, precision=precision, enable_model_summary=False, devices=1)
@@ -96,3 +106,4 @@ def _log(table: pd.DataFrame, cfg: DictConfig, run_id: str, stage: str, key: str
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
         client.log_artifact(run_id, str(out))
+
