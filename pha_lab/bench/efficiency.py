@@ -7,7 +7,7 @@ One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order
   branches  one branch alone: n_layers x (RMSNorm -> branch -> residual) of a preset's width, on random
             activations (no embedding or LM head), so the cost of GSS, GQA and FFN is seen separately
   dss       one DSS long convolution (a preset's H, N) in each candidate implementation of
-            pha_lab.bench.dss_variants (the model's FFT path, skip folded into the kernel, chunked scan)
+            pha_lab.bench.dss_variants (the FFT path before issue 13, the model's conv_impl fft and chunked)
 Each cell is timed by pha_lab.bench.timing (CUDA events, `steps` timed steps after `warmup`, median and
 p10/p90; peak memory after a reset; an out-of-memory cell is recorded as OOM and the run goes on).
 Analytic FLOPs give TFLOP/s and MFU, and `floor_ms` is the larger of FLOPs/peak and the minimum

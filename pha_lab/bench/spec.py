@@ -33,8 +33,8 @@ class BranchesSpec:
 @dataclass
 class DSSSpec:
     of: str = "pha_180m"  # the preset whose GSS H (d_hidden) and N (n_modes) are used
-    variants: list[str] = field(default_factory=lambda: ["fft", "fft_skipfold", "chunked"])
-    chunk: int = 128  # chunked variant: tokens per chunk (seq_lens must be multiples of it)
+    variants: list[str] = field(default_factory=lambda: ["fft_autograd", "fft", "chunked"])
+    chunk: int = 128  # chunked variant: positions per chunk
 
 
 @dataclass
