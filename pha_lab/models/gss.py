@@ -147,7 +147,7 @@ def _padded(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _unpadded(y: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, n] -> its first `length` positions as a contiguous [B, L, H] in `dtype` (one strided copy)."""
-    return y[..., :length].transpose(1, 2).to(dtype).contiguous()
+    return y[..., :length].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
 
 
 class _CausalFFTConv(torch.autograd.Function):
