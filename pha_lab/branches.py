@@ -139,7 +139,7 @@ class GSSConfig(BranchConfig):
     dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
     dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
     # How y = K * v is computed (the same function; models/gss.py): fft (fp32 FFTs of a fast length >= 2L) |
-    # chunked (the diagonal scan in chunks of `chunk` positions, matmuls only; benchmarked by `pha-lab bench`'s dss part).
+    # chunked (the diagonal scan in chunks of `chunk` positions, matmuls only; timed by `pha-lab bench`'s dss part).
     conv_impl: str = "fft"
     chunk: int = 128
 

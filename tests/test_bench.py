@@ -234,10 +234,12 @@ def test_quick_spec_fits_five_minutes_and_plans_the_twins():
     assert spec.name == "quick" and list(spec.parts) == ["targets", "targets_mini", "overhead_mini", "dss", "branches"]
     cells = plan(spec)
     mini = [c for c in cells if c.part == "targets_mini"]
-    assert [(c.model, c.batch_size, c.compile) for c in mini] == [("gpt2_mini", 16, True), ("mini_transformer", 16, True)]
+    assert [(c.model, c.batch_size, c.compile) for c in mini] == [("gpt2_mini", 16, True),
+                                                                  ("mini_transformer", 16, True)]
     assert [c.mode for c in cells if c.part == "overhead_mini"] == ["loop_plain", "loop_lightning"] * 3
     assert [(c.model, c.seq_len, c.compile) for c in cells if c.part == "branches"] == [("pha_180m:gss", 8192, True)]
-    assert {c.model for c in cells if c.part == "dss"} == {f"pha_180m:dss-{v}" for v in ("fft_autograd", "fft", "chunked-128")}
+    variants = ("fft_autograd", "fft", "chunked-128")
+    assert {c.model for c in cells if c.part == "dss"} == {f"pha_180m:dss-{v}" for v in variants}
     text = efficiency.plan_table(spec)
     minutes = float(re.search(r"estimated ([\d.]+) min", text).group(1))
     assert 3.0 < minutes < 5.0, text

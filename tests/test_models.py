@@ -334,7 +334,8 @@ def test_bf16_autocast_keeps_the_convolution_in_fp32(impl):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     out.float().square().mean().backward()
     assert h.grad.dtype == torch.float32 and h.grad.abs().max() > 0
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in gss.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0
+               for p in gss.parameters())
 
 
 def test_chunked_model_equals_the_fft_model():

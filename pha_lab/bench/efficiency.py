@@ -59,8 +59,9 @@ def resolve(opts: BenchOptions) -> tuple[DictConfig, torch.device]:
     tiny = opts.tiny if opts.tiny is not None else (device.type != "cuda" and not opts.plan_only)
     overrides = list(opts.overrides)
     if opts.compile is not None:
-        overrides += [f"{k}={opts.compile}" for k in ("compile", "branches.compile", "targets.compile", "overhead.compile",
-                                                      "targets_mini.compile", "overhead_mini.compile")]
+        keys = ("compile", "branches.compile", "targets.compile", "overhead.compile", "targets_mini.compile",
+                "overhead_mini.compile")
+        overrides += [f"{k}={opts.compile}" for k in keys]
     return load_spec(opts.config, overrides, tiny=tiny), device
 
 
@@ -240,7 +241,8 @@ def compile_allowance(workload: Workload) -> float:
     return PLAN_COMPILE_BASE_S + PLAN_COMPILE_PER_LINEAR_S * linears
 
 
-def cell_estimate_s(c: Cell, floor_ms: float, first_of_part: bool, lightning_started: bool, workload: Workload) -> float:
+def cell_estimate_s(c: Cell, floor_ms: float, first_of_part: bool, lightning_started: bool,
+                    workload: Workload) -> float:
     """One cell's estimated seconds (steps + fixed + compile + Lightning start-up), as `plan_table` sums them."""
     est = (c.warmup + c.steps) * floor_ms / 1e3 / PLAN_EFFICIENCY + PLAN_CELL_S
     if c.compile and (c.part not in OVERHEAD_PARTS or first_of_part):  # an overhead part compiles its module once

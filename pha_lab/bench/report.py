@@ -53,7 +53,7 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
         "git_dirty": git["git_dirty"],
         "command": tracking.command_line(),
         "dtype": f"{spec.dtype}-autocast" if cuda and spec.dtype != "fp32" else "fp32",
-        "compile": (f"models={spec.compile} branches={spec.compile if spec.branches.compile is None else spec.branches.compile} "
+        "compile": (f"models={spec.compile} branches={spec.branches.compile} (None: as models) "
                     f"targets={spec.targets.compile} overhead={spec.overhead.compile} "
                     f"targets_mini={spec.targets_mini.compile} overhead_mini={spec.overhead_mini.compile}"),
         "tokens_per_step": spec.tokens_per_step,
@@ -168,8 +168,8 @@ def summary(rows: list[dict]) -> list[str]:
             for r in trained:
                 if not r["model"].startswith("gpt2_") and r["seq_len"] == ref["seq_len"]:
                     ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-                    lines.append(f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, compile="
-                                 f"{r['compile']}): {ratio:.3f}x tokens/s ({goal[part]})")
+                    lines.append(f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, "
+                                 f"compile={r['compile']}): {ratio:.3f}x tokens/s ({goal[part]})")
         for r in trained:
             if not r["model"].startswith("gpt2_"):
                 pct = {k: f"{r[k]:.1%}" if math.isfinite(r.get(k, math.nan)) else "n/a"
@@ -195,11 +195,13 @@ def summary(rows: list[dict]) -> list[str]:
         model = next(r for r in ok if r["part"] == part)
         lines.append(f"{model['model']}: Lightning loop vs plain loop: {light / plain - 1:+.1%} tokens/s (median of "
                      f"{len(loops['loop_plain'])} rounds each; target within 3%); rounds plain "
-                     f"{[round(v) for v in loops['loop_plain']]}, Lightning {[round(v) for v in loops['loop_lightning']]}")
+                     f"{[round(v) for v in loops['loop_plain']]}, "
+                     f"Lightning {[round(v) for v in loops['loop_lightning']]}")
         ref = twins.get(twin_part)
         if ref is not None and (ref["seq_len"], ref["batch_size"]) == (model["seq_len"], model["batch_size"]):
-            lines.append(f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, T={ref['seq_len']}, "
-                         f"B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s (mini target >= 1.0x)")
+            lines.append(f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, "
+                         f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
+                         "(mini target >= 1.0x)")
     return lines
 
 

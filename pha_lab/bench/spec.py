@@ -97,7 +97,8 @@ def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny:
     spec = load_yaml(BenchSpec, name_or_path, BENCH_DIR, "bench spec", overrides, sections={"cpu": tiny})
     for key, values, valid in (("parts", spec.parts, PARTS), ("modes", spec.modes, MODES),
                                ("targets.modes", spec.targets.modes, MODES),
-                               ("targets_mini.modes", spec.targets_mini.modes, MODES), ("dtype", [spec.dtype], tuple(DTYPES))):
+                               ("targets_mini.modes", spec.targets_mini.modes, MODES),
+                               ("dtype", [spec.dtype], tuple(DTYPES))):
         bad = [v for v in values if v not in valid]
         if bad:
             raise ConfigError(f"bench {key}: unknown {bad}; choose from {', '.join(valid)}")

@@ -214,7 +214,8 @@ def chunked_conv(v: torch.Tensor, modes: DiscreteDSS, skip: torch.Tensor, chunk:
     y = torch.einsum("hij,bcjh->bcih", toeplitz, xc)
     if nc > 1:
         w_re, w_im = p_re[:, :q].flip(-1), p_im[:, :q].flip(-1)  # exp(lambda (Q - 1 - j))
-        s_re, s_im = torch.einsum("nj,bcjh->bhnc", w_re, xc), torch.einsum("nj,bcjh->bhnc", w_im, xc)  # chunk-end states
+        s_re = torch.einsum("nj,bcjh->bhnc", w_re, xc)  # chunk-end states
+        s_im = torch.einsum("nj,bcjh->bhnc", w_im, xc)
         g_re, g_im = mode_powers(modes.lam_re * q, modes.lam_im * q, nc - 1, work)  # exp(lambda Q g), g < nc - 1
         gap = torch.arange(nc, device=v.device)
         gap = gap[:, None] - 1 - gap[None, :]  # c - 1 - c'
