@@ -84,6 +84,7 @@ from pha_lab.errors import ConfigError, check_choice
 
 FFN_KINDS = ("gelu", "swiglu")
 DSS_KERNELS = ("dss_exp", "s4d_lin_noscale")
+DSS_CONV_IMPLS = ("fft", "chunked")
 
 
 @dataclass
@@ -137,9 +138,16 @@ class GSSConfig(BranchConfig):
     kernel: str = "dss_exp"
     dt_min: float = 1e-3  # initial step sizes dt: log-uniform at random per mode (dss_exp, as the DSS reference),
     dt_max: float = 1e-1  # geometric over the modes (s4d_lin_noscale)
+    # How y = K * v is computed (the same function; models/gss.py): fft (fp32 FFTs of a fast length >= 2L) |
+    # chunked (the diagonal scan in chunks of `chunk` positions, matmuls only; timed by `pha-lab bench`'s dss part).
+    conv_impl: str = "fft"
+    chunk: int = 128
 
     def validate(self, model: Any, key: str) -> None:
         check_choice(f"{key}.kernel", self.kernel, DSS_KERNELS)
+        check_choice(f"{key}.conv_impl", self.conv_impl, DSS_CONV_IMPLS)
+        if self.chunk < 1:
+            raise ConfigError(f"{key}.chunk={self.chunk} must be >= 1 (positions per chunk of conv_impl=chunked)")
         if self.expansion <= 0 or self.d_hidden < 1 or self.n_modes < 1:
             raise ConfigError(f"{key}.expansion={self.expansion}, d_hidden={self.d_hidden}, n_modes={self.n_modes} "
                               "must all be positive")

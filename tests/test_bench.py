@@ -5,6 +5,7 @@ Lightning-vs-plain loops run. (The presets' training FLOPs are checked in test_p
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 
@@ -13,7 +14,7 @@ import torch
 
 from pha_lab.bench import dss_variants, efficiency, gpt2_reference, roofline, timing
 from pha_lab.bench.report import COLUMNS, read_csv
-from pha_lab.bench.spec import OverheadSpec, load_spec
+from pha_lab.bench.spec import OverheadSpec, load_spec, plan
 from pha_lab.bench.workloads import make_workload
 from pha_lab.cli import main
 
@@ -224,3 +225,73 @@ def test_bench_specs_live_in_bench_and_pha_lab_sweep_points_there(capsys):
     err = capsys.readouterr().err
     assert "'efficiency' is a benchmark spec (bench/efficiency.yaml), not a sweep" in err
     assert "pha-lab bench efficiency" in err
+
+
+def test_quick_spec_fits_five_minutes_and_plans_the_twins():
+    """bench/quick.yaml extends the efficiency grid: its parts, the mini twins at the presets' batch, the compiled
+    GSS stack at 8k, and a planned time (compile allowances included) under 5 minutes at the H100 figures."""
+    spec = load_spec("quick")
+    assert spec.name == "quick" and list(spec.parts) == ["targets", "targets_mini", "overhead_mini", "dss", "branches"]
+    cells = plan(spec)
+    mini = [c for c in cells if c.part == "targets_mini"]
+    assert [(c.model, c.batch_size, c.compile) for c in mini] == [("gpt2_mini", 16, True),
+                                                                  ("mini_transformer", 16, True)]
+    assert [c.mode for c in cells if c.part == "overhead_mini"] == ["loop_plain", "loop_lightning"] * 3
+    assert [(c.model, c.seq_len, c.compile) for c in cells if c.part == "branches"] == [("pha_180m:gss", 8192, True)]
+    variants = ("fft_autograd", "fft", "chunked-128")
+    assert {c.model for c in cells if c.part == "dss"} == {f"pha_180m:dss-{v}" for v in variants}
+    text = efficiency.plan_table(spec)
+    minutes = float(re.search(r"estimated ([\d.]+) min", text).group(1))
+    assert 3.0 < minutes < 5.0, text
+    for part in spec.parts:
+        assert re.search(rf"\b{part} \d+", text), part  # the per-part seconds
+    compiled = [c for c in cells if c.compile and c.part != "overhead_mini"]
+    assert text.count("True") >= len(compiled)
+    assert efficiency.compile_allowance(make_workload("pha_125m", "meta")) > efficiency.compile_allowance(
+        make_workload("gpt2_reference", "meta")) > efficiency.PLAN_COMPILE_BASE_S
+
+
+def test_gpt2_mini_is_mini_transformers_twin():
+    twin, mini = make_workload("gpt2_mini", "meta"), make_workload("mini_transformer", "meta")
+    c = twin.module.config
+    assert (c.n_layer, c.n_embd, c.vocab_size) == (8, 384, 50304) and len(mini.module.blocks) == 8
+    assert abs(twin.sizes()["n_params"] / mini.sizes()["n_params"] - 1) < 0.10
+
+
+def test_tiny_quick_run_writes_the_twin_and_overhead_rows(tmp_path, capsys):
+    """`pha-lab bench quick` on CPU: the targets at both scales with their plain twins, the mini Lightning-vs-plain
+    loops, every DSS implementation and the GSS stack each write an ok row, and the comparisons are printed."""
+    rc, rows = bench(tmp_path, "quick", "--no-mlflow")
+    assert rc == 0
+    assert [r["part"] for r in rows] == (["targets"] * 3 + ["targets_mini"] * 2 + ["overhead_mini"] * 2 + ["dss"] * 6
+                                         + ["branches"] * 2)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    assert [r["model"] for r in rows if r["part"] == "targets_mini"] == ["gpt2_tiny", "tiny_transformer"]
+    assert {r["model"] for r in rows if r["part"] == "overhead_mini"} == {"tiny_transformer"}
+    printed = capsys.readouterr().out
+    assert printed.count("tiny_transformer vs gpt2_tiny") == 2  # one line per scale
+    assert "tiny_transformer: Lightning loop vs plain loop" in printed
+    assert "tiny_transformer through the Lightning loop vs gpt2_tiny" in printed
+    from pha_lab.analysis.efficiency import load_efficiency
+
+    models_part, _ = load_efficiency(tmp_path / "bench.csv", part="dss")  # the CSV stays readable by the analysis
+    assert len(models_part) == 6
+
+
+def test_traffic_counts_bytes_and_the_cufft_extras():
+    """The byte counter behind the perf-notes predictions: a cast moves its input and output, views are free, an
+    irfft adds the clone of its input and (default norm) a scaling pass; the model's DSS path moves less than the
+    one before it at PHA-180M's width."""
+    from pha_lab.bench import traffic
+
+    with traffic.Traffic(1e12, 1e12) as t:
+        x = torch.empty(1000, device="meta", dtype=torch.bfloat16)
+        x.float().t()
+        torch.fft.irfft(torch.empty(4, 9, device="meta", dtype=torch.complex64), n=16)
+        torch.fft.irfft(torch.empty(4, 9, device="meta", dtype=torch.complex64), n=16, norm="forward")
+    assert t.bytes["_to_copy"] == 6000 and "t" not in t.bytes
+    spectrum, signal = 4 * 9 * 8, 4 * 16 * 4
+    # two calls: each reads its spectrum and writes its signal, and clones its spectrum; one scales its signal
+    assert t.bytes["_fft_c2r"] == 2 * (spectrum + signal) + 2 * (2 * spectrum) + 2 * signal
+    old, new = (sum(traffic.count_step(f"pha_180m:dss-{v}", 1024, 2).bytes.values()) for v in ("fft_autograd", "fft"))
+    assert new < 0.8 * old

@@ -124,8 +124,8 @@ def test_pha_lab_has_no_module_level_import_circle():
     assert cycle(top) is None, f"import circle: {' -> '.join(cycle(top))}"
 
 
-BENCH_LAYERS = ["timing", "spec", "gpt2_reference", "dss_variants", "workloads", "roofline", "report", "overhead",
-                "efficiency"]  # the order of pha_lab/bench/__init__.py's docstring
+BENCH_LAYERS = ["timing", "spec", "gpt2_reference", "dss_variants", "workloads", "traffic", "roofline", "report",
+                "overhead", "efficiency"]  # the order of pha_lab/bench/__init__.py's docstring
 
 
 def test_bench_imports_go_one_way():

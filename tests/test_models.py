@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pha_lab.branches import DSS_KERNELS
-from pha_lab.config import MIXERS, load_config
+from pha_lab.config import MIXERS, ConfigError, load_config
 from pha_lab.models import BRANCH_REGISTRY, build_model
 from pha_lab.models.attention import GroupedQueryAttention, apply_rope, rope_cos_sin
-from pha_lab.models.gss import DSS, causal_fft_conv, mode_powers
+from pha_lab.models.gss import DSS, GSS, causal_fft_conv, fft_size, mode_powers
 from pha_lab.models.mixers import MIXER_REGISTRY
 
 BRANCHES = tuple(BRANCH_REGISTRY)
@@ -221,6 +221,152 @@ def test_circular_convolution_would_leak():
     circular = torch.fft.irfft(torch.fft.rfft(v[..., 0], n=length) * torch.fft.rfft(kernel, n=length), n=length)
     assert circular[0, 0].abs() > 0  # the future reached position 0
     assert causal_fft_conv(v, kernel)[0, :-1].abs().max() < 1e-12
+
+
+CONV_IMPLS = ("fft", "chunked")
+
+
+def test_fft_size_is_the_smallest_fast_even_length_of_at_least_2L():
+    def smooth(n):
+        for p in (2, 3, 5, 7):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    for length in range(1, 3000):
+        n = fft_size(length)
+        assert n >= 2 * length and n % 2 == 0 and smooth(n), (length, n)
+        assert not any(smooth(m) for m in range(2 * length, n, 2)), (length, n)
+    assert [fft_size(L) for L in (1000, 1024, 1500, 4097)] == [2000, 2048, 3000, 8232]
+
+
+def dss_for_impl(impl: str, kernel: str = "dss_exp", h: int = 5, n: int = 7, chunk: int = 16) -> DSS:
+    """A float64 DSS layer moved off its init (skip too), so every parameter shapes the output."""
+    torch.manual_seed(3)
+    dss = DSS(d_hidden=h, n_modes=n, dt_min=1e-2, dt_max=0.5, kernel=kernel, conv_impl=impl, chunk=chunk).double()
+    with torch.no_grad():
+        for p in dss.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return dss
+
+
+def naive_layer(dss: DSS, v: torch.Tensor) -> torch.Tensor:
+    """The O(L^2) float64 definition y = K * v + D v through autograd (kernel from the papers' formulas is checked
+    separately; here dss.kernel, so gradients reach every parameter the same way)."""
+    return naive_causal_conv(v, dss.kernel(v.shape[1]).double()) + dss.skip.double() * v
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("kernel", DSS_KERNELS)
+@pytest.mark.parametrize("length", [1, 13, 16, 50, 100])
+def test_every_conv_impl_matches_the_float64_naive_convolution(impl, kernel, length):
+    """Output against the papers' kernel and an O(L^2) convolution; gradients of the input and of every parameter
+    against autograd through that convolution. Lengths: one position, non-multiples of the chunk (16) and of any
+    power of two (fft_size(13) = 28 > 2L), exact multiples."""
+    dss = dss_for_impl(impl, kernel)
+    v = torch.randn(3, length, 5, dtype=torch.float64, requires_grad=True)
+    y = dss(v)
+    exact = naive_causal_conv(v.detach(), reference_kernel(dss, length)) + dss.skip.detach() * v.detach()
+    assert y.dtype == torch.float64 and (y - exact).abs().max().item() < 1e-10
+    g = torch.randn_like(y)
+    params = [v, *dss.parameters()]
+    got = torch.autograd.grad((y * g).sum(), params)
+    want = torch.autograd.grad((naive_layer(dss, v) * g).sum(), params)
+    for (name, _), a, b in zip([("v", v), *dss.named_parameters()], got, want):
+        assert (a - b).norm().item() <= 1e-10 * b.norm().item() + 1e-13, name  # (at L = 1 some gradients are 0)
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_every_conv_impl_is_causal(impl):
+    """Changing v after position t changes nothing up to t, and no output's gradient reaches a later input."""
+    dss, t = dss_for_impl(impl, chunk=8), 20
+    v = torch.randn(2, 41, 5, dtype=torch.float64)
+    changed = v.clone()
+    changed[:, t + 1:] = torch.randn(2, 41 - t - 1, 5, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = dss(v), dss(changed)
+    assert (a[:, : t + 1] - b[:, : t + 1]).abs().max().item() < 1e-13
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max().item() > 1e-3
+    x = v.clone().requires_grad_(True)
+    dss(x)[:, t].sum().backward()
+    assert x.grad[:, t + 1:].abs().max().item() < 1e-13 and x.grad[:, : t + 1].abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_fp32_conv_impls_match_float64_with_a_slow_mode(impl):
+    """Each fp32 path (the model's working precision) at L = 2048, N = 64, one mode with |exp(lambda)| = 1 - 1e-4
+    that is still alive at the end, against the float64 definition."""
+    torch.manual_seed(0)
+    dss = DSS(d_hidden=4, n_modes=64, conv_impl=impl)
+    with torch.no_grad():
+        dss.log_neg_re[0] = math.log(1e-4 / dss.log_dt[0].exp().item())
+        dss.skip.normal_()
+    v = F.gelu(torch.randn(2, 2048, 4) * 0.5)
+    ref = naive_causal_conv(v, reference_kernel(dss, 2048)) + dss.skip.detach().double() * v.double()
+    with torch.no_grad():
+        y = dss(v)
+    assert y.dtype == torch.float32
+    err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+    assert err < 2e-6, err  # measured: fft 1.5e-7, chunked 1.2e-7
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_bf16_autocast_keeps_the_convolution_in_fp32(impl):
+    """Under bf16 autocast (CPU) the GSS projections run in bf16 and DSS takes and returns bf16, but the convolution
+    itself is fp32: DSS(v_bf16) is the fp32 result of the same bf16 values, rounded once to bf16 (a bf16 FFT or
+    kernel would be off by ~1e-2 over 1024 positions). The whole GSS layer stays within bf16's tolerance of fp32,
+    and gradients reach the input and every parameter."""
+    torch.manual_seed(0)
+    gss = GSS(d_model=64, expansion=1.0, d_hidden=32, n_modes=16, dt_min=1e-3, dt_max=1e-1, conv_impl=impl)
+    v = F.gelu(torch.randn(2, 1024, 32)).to(torch.bfloat16)
+    with torch.no_grad():
+        y_fp32 = gss.dss(v.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_bf16 = gss.dss(v)
+    assert y_bf16.dtype == torch.bfloat16
+    assert (y_bf16.float() - y_fp32).abs().max().item() <= 2.0**-8 * y_fp32.abs().max().item()
+
+    h = torch.randn(2, 256, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gss(h)
+    ref = gss(h)
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    out.float().square().mean().backward()
+    assert h.grad.dtype == torch.float32 and h.grad.abs().max() > 0
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0
+               for p in gss.parameters())
+
+
+def test_chunked_model_equals_the_fft_model():
+    """`model.gss.conv_impl=chunked` is the same model function as the default (float64 logits), and a bad value is
+    refused naming the key."""
+    fft, _ = tiny_model("tiny_pha")
+    chunked, _ = tiny_model("tiny_pha", "model.gss.conv_impl=chunked", "model.gss.chunk=16")
+    chunked.load_state_dict(fft.state_dict())
+    assert chunked.blocks[0].branches["gss"].dss.conv_impl == "chunked"
+    idx = torch.randint(0, 2048, (2, 50))
+    with torch.no_grad():
+        assert (fft(idx) - chunked(idx)).abs().max().item() < 1e-10
+    with pytest.raises(ConfigError, match="model.gss.conv_impl"):
+        load_config("tiny_pha", ["model.gss.conv_impl=triton"])
+
+
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+def test_gss_layer_traces_into_one_graph(impl):
+    """torch.compile sees the whole GSS layer, convolution included (the FFT path is an autograd.Function that
+    dynamo traces), with no graph break under bf16 autocast: whole-model compilation is not cut at each GSS."""
+    gss = GSS(d_model=64, expansion=1.0, d_hidden=32, n_modes=8, dt_min=1e-3, dt_max=1e-1, conv_impl=impl, chunk=16)
+
+    def loss(h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return gss(h).float().square().mean()
+
+    try:
+        explained = torch._dynamo.explain(loss)(torch.randn(2, 64, 64, requires_grad=True))
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 # ----------------------------------------------------------------------------- attention

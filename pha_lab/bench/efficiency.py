@@ -7,7 +7,7 @@ One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order
   branches  one branch alone: n_layers x (RMSNorm -> branch -> residual) of a preset's width, on random
             activations (no embedding or LM head), so the cost of GSS, GQA and FFN is seen separately
   dss       one DSS long convolution (a preset's H, N) in each candidate implementation of
-            pha_lab.bench.dss_variants (the model's FFT path, skip folded into the kernel, chunked scan)
+            pha_lab.bench.dss_variants (the FFT path before issue 13, the model's conv_impl fft and chunked)
 Each cell is timed by pha_lab.bench.timing (CUDA events, `steps` timed steps after `warmup`, median and
 p10/p90; peak memory after a reset; an out-of-memory cell is recorded as OOM and the run goes on).
 Analytic FLOPs give TFLOP/s and MFU, and `floor_ms` is the larger of FLOPs/peak and the minimum
@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pha_lab.bench import report
 from pha_lab.bench.roofline import Rate, datasheet_flops, device_peaks, utilisation, workload_floors
-from pha_lab.bench.spec import DTYPES, Cell, load_spec, plan
+from pha_lab.bench.spec import DTYPES, OVERHEAD_PARTS, Cell, load_spec, plan
 from pha_lab.bench.timing import autocast, free_memory, measure, time_steps
 from pha_lab.bench.workloads import Workload, build_step, make_optimizer, make_workload, meta_workload
 
@@ -59,7 +59,9 @@ def resolve(opts: BenchOptions) -> tuple[DictConfig, torch.device]:
     tiny = opts.tiny if opts.tiny is not None else (device.type != "cuda" and not opts.plan_only)
     overrides = list(opts.overrides)
     if opts.compile is not None:
-        overrides += [f"{k}={opts.compile}" for k in ("compile", "targets.compile", "overhead.compile")]
+        keys = ("compile", "branches.compile", "targets.compile", "overhead.compile", "targets_mini.compile",
+                "overhead_mini.compile")
+        overrides += [f"{k}={opts.compile}" for k in keys]
     return load_spec(opts.config, overrides, tiny=tiny), device
 
 
@@ -130,11 +132,11 @@ def _run(spec: DictConfig, device: torch.device, opts: BenchOptions) -> tuple[li
         part_cells = [c for c in cells if c.part == part]
         if time.monotonic() > deadline:
             rows.skip(part_cells)
-        elif part == "overhead":
-            # here, not at the top: the overhead part imports Lightning (~5 s), which no other part needs
+        elif part in OVERHEAD_PARTS:
+            # here, not at the top: the overhead parts import Lightning (~5 s), which no other part needs
             from pha_lab.bench.overhead import measure_loops
 
-            for cell, result in measure_loops(spec.overhead, device, dtype):
+            for cell, result in measure_loops(spec[part], device, dtype, part):
                 rows.add(cell, result)
         else:
             for model in dict.fromkeys(c.model for c in part_cells):
@@ -219,12 +221,35 @@ def log_csv(path: Path, opts: BenchOptions) -> str:
 
 
 # --------------------------------------------------------------------------- planning (no device)
+# A cell's estimate: its warm-up and timed steps at PLAN_EFFICIENCY of the floor, a fixed cost, and for a compiled
+# cell a compile allowance fit to the compiled cells of the 2026-11-27 H100 run (docs/benchmarks/efficiency.csv,
+# `warmup_s` = compile + warm-up steps): gpt2_reference 27.0 s (49 Linear layers), transformer_125m 29.3 s (61),
+# pha_125m 45.0 s (109), the overhead part's pha_125m again 46.7 s (its LMModule graph is not the bench's: no cache
+# hit): ~12 s + 0.3 s per Linear. The same run's Lightning loops started in 12.6 s the first time, 3.0 s after.
 PLAN_EFFICIENCY = 0.4  # assumed fraction of the floor reached, for the time estimate only
-PLAN_COMPILE_S = 45.0  # assumed torch.compile warm-up of a 12-layer model, forward + backward
-PLAN_RECOMPILE_S = 15.0  # the same graph again (inductor's on-disk caches): dynamo tracing only
+PLAN_COMPILE_BASE_S = 12.0
+PLAN_COMPILE_PER_LINEAR_S = 0.3
+PLAN_LIGHTNING_START_S = (12.6, 3.0)  # the first Lightning loop of an overhead part, each later one
 PLAN_CELL_S = 0.5  # inputs, allocator churn, printing
 PLAN_MODEL_S = 2.0  # building and initialising a model on the device
-PLAN_FIXED_S = 20.0  # imports, peak measurement, Lightning start-up, MLflow
+PLAN_FIXED_S = 20.0  # imports, peak measurement, MLflow
+
+
+def compile_allowance(workload: Workload) -> float:
+    """Seconds torch.compile is assumed to take for one workload's forward + backward (see above)."""
+    linears = sum(isinstance(m, torch.nn.Linear) for m in workload.module.modules())
+    return PLAN_COMPILE_BASE_S + PLAN_COMPILE_PER_LINEAR_S * linears
+
+
+def cell_estimate_s(c: Cell, floor_ms: float, first_of_part: bool, lightning_started: bool,
+                    workload: Workload) -> float:
+    """One cell's estimated seconds (steps + fixed + compile + Lightning start-up), as `plan_table` sums them."""
+    est = (c.warmup + c.steps) * floor_ms / 1e3 / PLAN_EFFICIENCY + PLAN_CELL_S
+    if c.compile and (c.part not in OVERHEAD_PARTS or first_of_part):  # an overhead part compiles its module once
+        est += compile_allowance(workload)
+    if c.mode == "loop_lightning":
+        est += PLAN_LIGHTNING_START_S[lightning_started]
+    return est
 
 
 def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs: float | None = None) -> str:
@@ -233,24 +258,25 @@ def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs
     bw = (bandwidth_tbs or spec.bandwidth_tbs) * 1e12
     cells = plan(spec)
     lengths = model_lengths(cells)
-    overhead_compile = next((c for c in cells if c.part == "overhead"), None)  # its module is compiled once
-    rows, total, compiled = [], PLAN_FIXED_S + PLAN_MODEL_S * len(lengths), set()
+    rows, total, parts_seen, lightning_parts = [], PLAN_FIXED_S + PLAN_MODEL_S * len(lengths), set(), set()
     for c in cells:
-        fl = workload_floors(meta_workload(c.model, lengths[c.part, c.model]), c.seq_len, c.batch_size,
-                             c.mode != "prefill", peak, bw)
-        est = (c.warmup + c.steps) * fl["floor_ms"] / 1e3 / PLAN_EFFICIENCY + PLAN_CELL_S
-        if c.compile and (c.part != "overhead" or c is overhead_compile):
-            key = (c.model, c.mode != "prefill", c.seq_len, c.batch_size)
-            est += PLAN_RECOMPILE_S if key in compiled else PLAN_COMPILE_S
-            compiled.add(key)
+        meta = meta_workload(c.model, lengths[c.part, c.model])
+        fl = workload_floors(meta, c.seq_len, c.batch_size, c.mode != "prefill", peak, bw)
+        est = cell_estimate_s(c, fl["floor_ms"], c.part not in parts_seen, c.part in lightning_parts, meta)
+        parts_seen.add(c.part)
+        if c.mode == "loop_lightning":
+            lightning_parts.add(c.part)
         total += est
         rows.append({"part": c.part, "model": c.model, "mode": c.mode, "T": c.seq_len, "B": c.batch_size,
-                     "GFLOP/step": fl["flops_per_step"] / 1e9, "min GB moved": fl["min_bytes_gb"],
+                     "compile": c.compile, "GFLOP/step": fl["flops_per_step"] / 1e9, "min GB moved": fl["min_bytes_gb"],
                      "mem floor GB": fl["mem_floor_gb"], "floor ms": fl["floor_ms"], "bound": fl["floor_bound"],
                      "est s": est})
     df = pd.DataFrame(rows)
+    by_part = df.groupby("part", sort=False)["est s"].sum()
     return (df.to_string(index=False, float_format=lambda v: f"{v:,.2f}") +
-            f"\n\n{len(cells)} cells; estimated {total / 60:.1f} min at {peak / 1e12:.0f} TFLOP/s, "
-            f"{bw / 1e12:.1f} TB/s, {PLAN_EFFICIENCY:.0%} of the floor, {PLAN_COMPILE_S:.0f} s per compile "
-            f"({PLAN_RECOMPILE_S:.0f} s for a graph compiled before), {PLAN_CELL_S} s per cell, {PLAN_MODEL_S} s per "
-            f"model build, {PLAN_FIXED_S:.0f} s fixed")
+            "\n\nestimated seconds by part: " + ", ".join(f"{p} {v:.0f}" for p, v in by_part.items()) +
+            f"\n{len(cells)} cells; estimated {total / 60:.1f} min ({total:.0f} s) at {peak / 1e12:.0f} TFLOP/s, "
+            f"{bw / 1e12:.1f} TB/s, {PLAN_EFFICIENCY:.0%} of the floor, compile {PLAN_COMPILE_BASE_S:.0f} s + "
+            f"{PLAN_COMPILE_PER_LINEAR_S} s per Linear, Lightning start {PLAN_LIGHTNING_START_S[0]} s then "
+            f"{PLAN_LIGHTNING_START_S[1]} s, {PLAN_CELL_S} s per cell, {PLAN_MODEL_S} s per model build, "
+            f"{PLAN_FIXED_S:.0f} s fixed; max_minutes = {spec.max_minutes}")

@@ -1,6 +1,7 @@
-"""A plain-PyTorch GPT-2-124M training loop (nanoGPT style): the yardstick for the suite's speed.
+"""A plain-PyTorch GPT-2 training loop (nanoGPT style): the yardstick for the suite's speed.
 
-Issue 6 compares `transformer_125m` with this model re-measured in the same run, so it is kept
+Issue 6 compares `transformer_125m` with this model (GPT-2-124M, `gpt2_reference`) re-measured in the same run,
+and issue 13 mini_transformer with its 8 x 384 twin (`gpt2_mini`), so it is kept
 deliberately ordinary: learned position embeddings, LayerNorm, GELU MLP, multi-head attention through
 flash SDPA, LM head tied to the token embedding, fused AdamW, bf16 autocast, optional torch.compile.
 `python -m pha_lab.bench.gpt2_reference --seq-len 1024 --batch-size 12 --compile` times it alone.
@@ -30,6 +31,7 @@ class GPTConfig:
 
 CONFIGS = {
     "gpt2_reference": GPTConfig(),
+    "gpt2_mini": GPTConfig(n_layer=8, n_head=6, n_embd=384),  # mini_transformer's shape (8 x 384, 4x MLP): 33.5M
     "gpt2_tiny": GPTConfig(vocab_size=2048, n_layer=2, n_head=4, n_embd=64),  # CPU tests
 }
 

@@ -127,8 +127,8 @@ def timed_loop(mode: str, module: LMModule, data: Dataset, o: OverheadSpec | Dic
     return timed
 
 
-def measure_loops(o: OverheadSpec | DictConfig, device: torch.device,
-                  dtype: torch.dtype) -> Iterator[tuple[Cell, dict]]:
+def measure_loops(o: OverheadSpec | DictConfig, device: torch.device, dtype: torch.dtype,
+                  part: str = "overhead") -> Iterator[tuple[Cell, dict]]:
     """Yield (Cell, result) for each loop of each round (spec.overhead_cells); results as timing.measure's."""
     total = o.warmup + o.steps
     cfg = load_config(o.model, [f"data.seq_len={o.seq_len}", f"data.batch_size={o.batch_size}",
@@ -142,7 +142,7 @@ def measure_loops(o: OverheadSpec | DictConfig, device: torch.device,
         precision = "32-true"
     tokens = o.seq_len * o.batch_size
     with tempfile.TemporaryDirectory(prefix="pha-bench-") as tmp:
-        for i, cell in enumerate(overhead_cells(o)):
+        for i, cell in enumerate(overhead_cells(o, part)):
             r = i // len(OVERHEAD_LOOPS)
             prepare = functools.partial(timed_loop, cell.mode, module, data, o, device, amp, precision,
                                         Path(tmp) / f"r{r}")

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pha_lab import tracking
+from pha_lab.bench.spec import OVERHEAD_PARTS, TARGET_PARTS
 from pha_lab.config import flatten
 
 COLUMNS = [
@@ -51,7 +53,9 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
         "git_dirty": git["git_dirty"],
         "command": tracking.command_line(),
         "dtype": f"{spec.dtype}-autocast" if cuda and spec.dtype != "fp32" else "fp32",
-        "compile": f"models/branches={spec.compile} targets={spec.targets.compile} overhead={spec.overhead.compile}",
+        "compile": (f"models={spec.compile} branches={spec.branches.compile} (None: as models) "
+                    f"targets={spec.targets.compile} overhead={spec.overhead.compile} "
+                    f"targets_mini={spec.targets_mini.compile} overhead_mini={spec.overhead_mini.compile}"),
         "tokens_per_step": spec.tokens_per_step,
         "warmup_steps": spec.warmup,
         "timed_steps": spec.steps,
@@ -155,19 +159,23 @@ def summary(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if r["status"] == "ok"]
     find = {(r["part"], r["model"], r["mode"], r["seq_len"]): r for r in ok}
     lines = []
-    refs = [r for r in ok if r["part"] == "targets" and r["model"].startswith("gpt2_") and r["mode"] == "train"]
-    for ref in refs:
-        for r in ok:
-            if r["part"] == "targets" and r is not ref and r["mode"] == "train" and r["seq_len"] == ref["seq_len"]:
-                ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-                lines.append(f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, compile="
-                             f"{r['compile']}): {ratio:.3f}x tokens/s (target >= 1.10x)")
-    for r in ok:
-        if r["part"] == "targets" and r["mode"] == "train" and not r["model"].startswith("gpt2_"):
-            pct = {k: f"{r[k]:.1%}" if math.isfinite(r.get(k, math.nan)) else "n/a"
-                   for k in ("mfu_measured_peak", "mfu_datasheet")}
-            lines.append(f"{r['model']} MFU (train, T={r['seq_len']}): {pct['mfu_measured_peak']} of the measured "
-                         f"peak, {pct['mfu_datasheet']} of the datasheet (PHA target >= 45% of measured)")
+    goal = {"targets": "target >= 1.10x", "targets_mini": "the step without Lightning; through Lightning below"}
+    twins: dict[str, dict] = {}  # part -> its plain GPT-2-style reference row
+    for part in TARGET_PARTS:
+        trained = [r for r in ok if r["part"] == part and r["mode"] == "train"]
+        for ref in (r for r in trained if r["model"].startswith("gpt2_")):
+            twins.setdefault(part, ref)
+            for r in trained:
+                if not r["model"].startswith("gpt2_") and r["seq_len"] == ref["seq_len"]:
+                    ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+                    lines.append(f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, "
+                                 f"compile={r['compile']}): {ratio:.3f}x tokens/s ({goal[part]})")
+        for r in trained:
+            if not r["model"].startswith("gpt2_"):
+                pct = {k: f"{r[k]:.1%}" if math.isfinite(r.get(k, math.nan)) else "n/a"
+                       for k in ("mfu_measured_peak", "mfu_datasheet")}
+                lines.append(f"{r['model']} MFU (train, T={r['seq_len']}): {pct['mfu_measured_peak']} of the measured "
+                             f"peak, {pct['mfu_datasheet']} of the datasheet (PHA target >= 45% of measured)")
     for (part, model, mode, t), r in find.items():
         other = find.get((part, model.replace("pha", "transformer"), mode, t))
         if part == "models" and model.startswith(("pha", "tiny_pha")) and other is not None and other is not r:
@@ -176,16 +184,24 @@ def summary(rows: list[dict]) -> list[str]:
             ratio = r["tokens_per_s"] / other["tokens_per_s"]
             lines.append(f"{model} / {other['model']} ({mode}, T={t}): {ratio:.2f}x tokens/s{mem} "
                          f"(paper: 1.24x, <= 0.6x at T >= 8k)")
-    loops = {}
-    for r in ok:
-        if r["part"] == "overhead":
-            loops.setdefault(r["mode"], []).append(r["tokens_per_s"])
-    if "loop_plain" in loops and "loop_lightning" in loops:
-        plain, light = max(loops["loop_plain"]), max(loops["loop_lightning"])
-        lines.append(f"Lightning loop vs plain loop: {light / plain - 1:+.1%} tokens/s (best of "
+    for part, twin_part in zip(OVERHEAD_PARTS, TARGET_PARTS):
+        loops: dict[str, list[float]] = {}
+        for r in ok:
+            if r["part"] == part:
+                loops.setdefault(r["mode"], []).append(r["tokens_per_s"])
+        if not ("loop_plain" in loops and "loop_lightning" in loops):
+            continue
+        plain, light = statistics.median(loops["loop_plain"]), statistics.median(loops["loop_lightning"])
+        model = next(r for r in ok if r["part"] == part)
+        lines.append(f"{model['model']}: Lightning loop vs plain loop: {light / plain - 1:+.1%} tokens/s (median of "
                      f"{len(loops['loop_plain'])} rounds each; target within 3%); rounds plain "
                      f"{[round(v) for v in loops['loop_plain']]}, "
                      f"Lightning {[round(v) for v in loops['loop_lightning']]}")
+        ref = twins.get(twin_part)
+        if ref is not None and (ref["seq_len"], ref["batch_size"]) == (model["seq_len"], model["batch_size"]):
+            lines.append(f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, "
+                         f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
+                         "(mini target >= 1.0x)")
     return lines
 
 

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pha_lab.config import BENCH_DIR, ConfigError, load_yaml
 
-PARTS = ("targets", "overhead", "models", "dss", "branches")
+PARTS = ("targets", "overhead", "models", "dss", "branches", "targets_mini", "overhead_mini")
+TARGET_PARTS = ("targets", "targets_mini")  # suite models beside their plain GPT-2-style twin (gpt2_*), one scale each
+OVERHEAD_PARTS = ("overhead", "overhead_mini")  # one LMModule trained by a plain loop and by Lightning
 MODES = ("prefill", "train")
 OVERHEAD_LOOPS = ("loop_plain", "loop_lightning")  # the overhead part's modes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,14 +29,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class BranchesSpec:
     of: str = "pha_180m"  # the preset whose width and branch settings are used
-    names: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
+    names: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])  # gss-chunked: model.gss.conv_impl=chunked
+    compile: Optional[bool] = None  # None: the spec's `compile`
 
 
 @dataclass
 class DSSSpec:
     of: str = "pha_180m"  # the preset whose GSS H (d_hidden) and N (n_modes) are used
-    variants: list[str] = field(default_factory=lambda: ["fft", "fft_skipfold", "chunked"])
-    chunk: int = 128  # chunked variant: tokens per chunk (seq_lens must be multiples of it)
+    variants: list[str] = field(default_factory=lambda: ["fft_autograd", "fft", "chunked"])
+    chunk: int = 128  # chunked variant: positions per chunk
 
 
 @dataclass
@@ -54,7 +57,7 @@ class OverheadSpec:
     batch_size: int = 16
     warmup: int = 5
     steps: int = 30
-    rounds: int = 2  # plain, Lightning, plain, Lightning, ...: each loop timed twice shows the noise
+    rounds: int = 3  # plain, Lightning, plain, Lightning, ...: the summary reports each loop's median round
     compile: bool = True
 
 
@@ -75,6 +78,10 @@ class BenchSpec:
     dss: DSSSpec = field(default_factory=DSSSpec)
     targets: TargetsSpec = field(default_factory=TargetsSpec)
     overhead: OverheadSpec = field(default_factory=OverheadSpec)
+    # the mini scale (~30M): mini_transformer beside a plain GPT loop of its shape, and its Lightning-vs-plain loops
+    targets_mini: TargetsSpec = field(default_factory=lambda: TargetsSpec(
+        models=["gpt2_mini", "mini_transformer", "mini_pha"], batch_size=16))
+    overhead_mini: OverheadSpec = field(default_factory=lambda: OverheadSpec(model="mini_transformer", batch_size=16))
     max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
     peak_tflops: float = 778.0  # bf16 8192^3 matmul on an H100 (issue 6), used unless --measure-peak
     bandwidth_tbs: float = 3.0  # device-to-device copy, read + write (an H100 here, KINDS.md), unless measured
@@ -89,7 +96,9 @@ def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny:
     """Schema <- bench YAML (its `extends:` chain) <- its `cpu:` section when `tiny` <- key=value overrides."""
     spec = load_yaml(BenchSpec, name_or_path, BENCH_DIR, "bench spec", overrides, sections={"cpu": tiny})
     for key, values, valid in (("parts", spec.parts, PARTS), ("modes", spec.modes, MODES),
-                               ("targets.modes", spec.targets.modes, MODES), ("dtype", [spec.dtype], tuple(DTYPES))):
+                               ("targets.modes", spec.targets.modes, MODES),
+                               ("targets_mini.modes", spec.targets_mini.modes, MODES),
+                               ("dtype", [spec.dtype], tuple(DTYPES))):
         bad = [v for v in values if v not in valid]
         if bad:
             raise ConfigError(f"bench {key}: unknown {bad}; choose from {', '.join(valid)}")
@@ -110,9 +119,9 @@ class Cell:
     steps: int
 
 
-def overhead_cells(o: OverheadSpec | DictConfig) -> list[Cell]:
+def overhead_cells(o: OverheadSpec | DictConfig, part: str = "overhead") -> list[Cell]:
     """Plain loop, Lightning loop, plain loop, ...: `rounds` of both, on one module."""
-    return [Cell("overhead", o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
+    return [Cell(part, o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
             for _ in range(o.rounds) for mode in OVERHEAD_LOOPS]
 
 
@@ -121,17 +130,18 @@ def plan(spec: DictConfig) -> list[Cell]:
     `gpt2_*` (the reference loop), `PRESET:BRANCH` (a branch stack), `PRESET:dss-VARIANT[-CHUNK]` (one DSS)."""
     cells = []
     for part in spec.parts:
-        if part == "targets":
-            t = spec.targets
+        if part in TARGET_PARTS:
+            t = spec[part]
             cells += [Cell(part, m, mode, t.seq_len, t.batch_size, t.compile, t.warmup, spec.steps)
                       for m in t.models for mode in t.modes]
-        elif part == "overhead":
-            cells += overhead_cells(spec.overhead)
+        elif part in OVERHEAD_PARTS:
+            cells += overhead_cells(spec[part], part)
         else:
             names = {"models": list(spec.models),
                      "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],
                      "dss": [f"{spec.dss.of}:dss-{v}" + (f"-{spec.dss.chunk}" if v == "chunked" else "")
                              for v in spec.dss.variants]}[part]
-            cells += [Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), spec.compile, spec.warmup, spec.steps)
+            compile = spec.compile if part != "branches" or spec.branches.compile is None else spec.branches.compile
+            cells += [Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), compile, spec.warmup, spec.steps)
                       for m in names for mode in spec.modes for t in spec.seq_lens]
     return cells

@@ -2,7 +2,8 @@
 
 Workload names (the `model` column): a preset (`pha_125m`: token ids -> logits, the loss as LMModule
 computes it), `gpt2_*` (pha_lab.bench.gpt2_reference: the loss inside its forward, nanoGPT style),
-`PRESET:BRANCH` (a BranchStack: one branch's share of the model, on random activations) and
+`PRESET:BRANCH` (a BranchStack: one branch's share of the model, on random activations; `PRESET:gss-IMPL` with
+`model.gss.conv_impl=IMPL`) and
 `PRESET:dss-VARIANT[-CHUNK]` (one DSS long convolution of the preset's GSS, pha_lab.bench.dss_variants).
 """
 
@@ -107,7 +108,9 @@ def make_workload(name: str, device: torch.device | str, max_len: int = 1024) ->
             return Workload(name, "gpt2", model, c.vocab_size, c.n_embd)
         if ":" in name:
             preset, branch = name.split(":", 1)
-            cfg = load_config(preset).model
+            impl = branch.partition("-")[2] if branch.startswith("gss-") else None  # gss-chunked: that conv_impl
+            cfg = load_config(preset, [f"model.gss.conv_impl={impl}"] if impl else []).model
+            branch = "gss" if impl else branch
             if branch.startswith("dss-"):
                 variant, _, chunk = branch[len("dss-"):].partition("-")
                 module = DSSBench(cfg.gss.d_hidden, cfg.gss.n_modes, variant, int(chunk or 128))

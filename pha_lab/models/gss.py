@@ -8,9 +8,15 @@
 (Mehta et al.'s pseudo-code swaps the letters u and v; we follow the project's design notes.)
 
 The kernel K (`model.gss.kernel`) is built once per forward from N modes lambda_n shared by the H channels and
-per-channel coefficients C~[h, n], so it costs O(N * L) memory plus an [H, N] @ [N, L] product, and O(H * L log L)
-to apply via an FFT zero-padded to 2L (fp32 always: bf16 FFTs lose the long tail). Without the 2L padding the
-convolution would be circular and leak the future.
+per-channel coefficients C~[h, n], so it costs O(N * L) memory plus an [H, N] @ [N, L] product; the skip D is
+folded into its first tap. `model.gss.conv_impl` says how y = K * v is computed (the same function; tests check
+both against a float64 O(L^2) convolution, gradients included):
+    fft      (default) real FFTs zero-padded to fft_size(L) >= 2L (the smallest fast even length; without the
+             padding the convolution would be circular and leak the future), with a hand-written backward
+             (`_CausalFFTConv`, O(H * L log L), see docs/perf-notes.md for the passes it saves);
+    chunked  the diagonal recurrence in chunks of `model.gss.chunk` positions, as matmuls (`chunked_conv`).
+Both run in fp32 (bf16 FFTs lose the long tail) and only inside the convolution: v comes in and y goes out in
+the activations' dtype (bf16 under autocast); the projections stay bf16.
 
 dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are as Effective as Structured State
     Spaces", arXiv 2203.14343), the DSS variant GSS builds on:
@@ -51,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pha_lab.branches import DSS_KERNELS
+from pha_lab.branches import DSS_CONV_IMPLS, DSS_KERNELS
 from pha_lab.config import round_to
 
 
@@ -102,32 +108,139 @@ def mode_powers(lam_re: torch.Tensor, lam_im: torch.Tensor, length: int, dtype: 
     return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
-def dss_kernel(modes: DiscreteDSS, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """K[h, l] = Re sum_n coef[h, n] exp(lambda_n l)  -> [H, L] in `dtype`."""
+def dss_kernel(modes: DiscreteDSS, length: int, dtype: torch.dtype = torch.float32,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+    """K[h, l] = Re sum_n coef[h, n] exp(lambda_n l)  -> [H, L] in `dtype`; with `skip` [H], D is added to K[:, 0]
+    (K * v + D v = (K + D delta) * v: the skip becomes part of the convolution instead of three passes over v)."""
     re, im = mode_powers(modes.lam_re, modes.lam_im, length, dtype)
-    # Re(C (re + i im)) = C_re re - C_im im: two real [H,N]@[N,L] matmuls, no complex copies.
-    return modes.coef_re.to(dtype) @ re - modes.coef_im.to(dtype) @ im
+    # Re(C (re + i im)) = C_re re - C_im im: two real [H,N]@[N,L] matmuls (the second accumulating), no complex copies.
+    k = torch.addmm(modes.coef_re.to(dtype) @ re, modes.coef_im.to(dtype), im, alpha=-1)
+    if skip is not None:
+        k[:, 0] += skip.to(dtype)
+    return k
+
+
+def fft_size(length: int) -> int:
+    """FFT length for a causal convolution over `length` positions: the smallest even n >= 2L whose prime factors
+    are 2, 3, 5 and 7 (the radices cuFFT and pocketfft are fast at; even, so the real FFT runs as a half-length
+    complex one). Any n >= 2L - 1 is causal: the linear convolution has 2L - 1 terms, none wraps into the first L."""
+    n = 2 * max(length, 1)
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 2
+
+
+def _padded(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L, H] -> [B, H, n] in `dtype`, zero past L: cast, transpose and pad in one copy, so the FFT runs along a
+    contiguous last dimension (an FFT along dim 1 of [B, L, H] makes cuFFT's batch non-collapsible: torch copies it)."""
+    b, length, h = x.shape
+    buf = x.new_empty((b, h, n), dtype=dtype)
+    buf[..., :length].copy_(x.transpose(1, 2))
+    buf[..., length:].zero_()
+    return buf
+
+
+def _unpadded(y: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, n] -> its first `length` positions as a contiguous [B, L, H] in `dtype` (one strided copy)."""
+    return y[..., :length].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+
+
+class _CausalFFTConv(torch.autograd.Function):
+    """y = K * v by real FFTs of length n with a hand-written backward, which autograd's own FFT backward is not:
+    it runs rfft's backward as a complex FFT of length n over a zero-filled copy and adds a doubling pass and two
+    normalisation passes (torch scales cuFFT's output in a separate multiply). Here both directions are one
+    rfft, one complex product and one irfft, the 1/n is folded into the kernel's spectrum (norm="forward"), and
+    grad_K = the batch-summed correlation of v and grad_y (one [H, n] irfft). v: [B, L, H], any float dtype
+    (cast inside); kernel: [H, L], fp32 or fp64 (the working precision); y in v's dtype."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
+        length = v.shape[1]
+        k_f = torch.fft.rfft(kernel, n=n, norm="forward")  # [H, F] = FFT(K) / n, once per forward, shared by the batch
+        v_f = torch.fft.rfft(_padded(v, n, kernel.dtype))  # [B, H, F]
+        ctx.save_for_backward(v_f, k_f)
+        ctx.shape = (length, n, v.dtype)
+        return _unpadded(torch.fft.irfft(v_f * k_f, n=n, norm="forward"), length, v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        v_f, k_f = ctx.saved_tensors
+        length, n, dtype = ctx.shape
+        g_f = torch.fft.rfft(_padded(grad_y, n, k_f.real.dtype))
+        grad_v = grad_k = None
+        if ctx.needs_input_grad[0]:  # correlation with K: grad_v[s] = sum_t grad_y[t] K[t - s]
+            grad_v = _unpadded(torch.fft.irfft(g_f * k_f.conj(), n=n, norm="forward"), length, dtype)
+        if ctx.needs_input_grad[1]:  # grad_K[l] = sum_b sum_t grad_y[b, t] v[b, t - l]
+            grad_k = torch.fft.irfft((g_f * v_f.conj()).sum(0), n=n)[:, :length]
+        return grad_v, grad_k, None
 
 
 def causal_fft_conv(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """y[b, t, h] = sum_{s<=t} K[h, t-s] v[b, s, h], computed in fp32 by FFT of size 2L.  v: [B, L, H]."""
-    length = v.shape[1]
-    n = 2 * length
+    """y[b, t, h] = sum_{s<=t} K[h, t-s] v[b, s, h], by FFTs of length fft_size(L) in fp32 (fp64 for fp64 inputs).
+    v: [B, L, H]; kernel: [H, L]; y: [B, L, H] in v's dtype."""
+    work = torch.promote_types(torch.promote_types(v.dtype, kernel.dtype), torch.float32)
+    return _CausalFFTConv.apply(v, kernel.to(work), fft_size(v.shape[1]))
+
+
+def chunked_conv(v: torch.Tensor, modes: DiscreteDSS, skip: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """The same y = K * v + D v as the diagonal SSM run in chunks of Q positions (the SSD / chunked linear
+    attention form), matmuls only, no FFT. Within a chunk y = T_h v, T_h the [Q, Q] lower-triangular Toeplitz
+    matrix of K[h, :Q] (D on its diagonal); across chunks each channel carries N complex states
+    S_c = sum_{s < cQ} exp(lambda (cQ - 1 - s)) v_s, read out at position i of chunk c as
+    Re sum_n coef_n exp(lambda_n (i + 1)) S_{c, n}; the carry is one lower-triangular [nc, nc] matmul per mode.
+    The powers of exp(lambda) come from mode_powers (angles reduced in float64). Any L (zero-padded at the end to
+    a multiple of Q, which no earlier position sees). v: [B, L, H]; y in v's dtype; working precision fp32
+    (fp64 for fp64 inputs)."""
+    b, length, h = v.shape
+    q = min(chunk, length)
     work = torch.promote_types(v.dtype, torch.float32)
-    v_f = torch.fft.rfft(v.to(work).transpose(1, 2), n=n)  # [B, H, L+1]
-    k_f = torch.fft.rfft(kernel.to(work), n=n)  # [H, L+1], once per forward
-    y = torch.fft.irfft(v_f * k_f, n=n)[..., :length]
-    return y.transpose(1, 2)
+    x = v.to(work)
+    if length % q:
+        x = F.pad(x, (0, 0, 0, q - length % q))
+    nc = x.shape[1] // q
+    xc = x.view(b, nc, q, h)
+    p_re, p_im = mode_powers(modes.lam_re, modes.lam_im, q + 1, work)  # exp(lambda l), l = 0..Q: [N, Q + 1]
+    c_re, c_im = modes.coef_re.to(work), modes.coef_im.to(work)
+    k = torch.addmm(c_re @ p_re[:, :q], c_im, p_im[:, :q], alpha=-1)  # K[:, :Q]
+    k[:, 0] += skip.to(work)
+    lag = torch.arange(q, device=v.device)
+    lag = lag[:, None] - lag[None, :]
+    toeplitz = torch.where(lag >= 0, k[:, lag.clamp(min=0)], torch.zeros((), dtype=work, device=v.device))
+    y = torch.einsum("hij,bcjh->bcih", toeplitz, xc)
+    if nc > 1:
+        w_re, w_im = p_re[:, :q].flip(-1), p_im[:, :q].flip(-1)  # exp(lambda (Q - 1 - j))
+        s_re = torch.einsum("nj,bcjh->bhnc", w_re, xc)  # chunk-end states
+        s_im = torch.einsum("nj,bcjh->bhnc", w_im, xc)
+        g_re, g_im = mode_powers(modes.lam_re * q, modes.lam_im * q, nc - 1, work)  # exp(lambda Q g), g < nc - 1
+        gap = torch.arange(nc, device=v.device)
+        gap = gap[:, None] - 1 - gap[None, :]  # c - 1 - c'
+        zero = torch.zeros((), dtype=work, device=v.device)
+        d_re = torch.where(gap >= 0, g_re[:, gap.clamp(min=0)], zero)  # [N, nc, nc], lower-triangular
+        d_im = torch.where(gap >= 0, g_im[:, gap.clamp(min=0)], zero)
+        # states entering chunk c: S_c = sum_{c' < c} exp(lambda Q (c - 1 - c')) s_c'  (complex, as real matmuls)
+        big_re = torch.einsum("nce,bhne->bchn", d_re, s_re) - torch.einsum("nce,bhne->bchn", d_im, s_im)
+        big_im = torch.einsum("nce,bhne->bchn", d_re, s_im) + torch.einsum("nce,bhne->bchn", d_im, s_re)
+        r_re, r_im = c_re * big_re - c_im * big_im, c_re * big_im + c_im * big_re  # coef * S
+        y = y + torch.einsum("ni,bchn->bcih", p_re[:, 1:], r_re) - torch.einsum("ni,bchn->bcih", p_im[:, 1:], r_im)
+    return y.reshape(b, nc * q, h)[:, :length].to(v.dtype)
 
 
 class DSS(nn.Module):
     """Diagonal state space layer: H channels sharing N complex modes, kernel `dss_exp` or `s4d_lin_noscale`."""
 
-    def __init__(self, d_hidden: int, n_modes: int, dt_min: float = 1e-3, dt_max: float = 1e-1, kernel: str = "dss_exp"):
+    def __init__(self, d_hidden: int, n_modes: int, dt_min: float = 1e-3, dt_max: float = 1e-1, kernel: str = "dss_exp",
+                 conv_impl: str = "fft", chunk: int = 128):
         super().__init__()
         if kernel not in DSS_KERNELS:
             raise ValueError(f"unknown DSS kernel '{kernel}'; choose one of: {', '.join(DSS_KERNELS)}")
-        self.kind = kernel
+        if conv_impl not in DSS_CONV_IMPLS:
+            raise ValueError(f"unknown DSS conv_impl '{conv_impl}'; choose one of: {', '.join(DSS_CONV_IMPLS)}")
+        self.kind, self.conv_impl, self.chunk = kernel, conv_impl, chunk
         device = torch.get_default_device()  # the eigenvalues are computed on the CPU (also under a meta device)
         if kernel == "dss_exp":
             lam = skew_hippo_eigenvalues(n_modes).to(device)
@@ -170,21 +283,25 @@ class DSS(nn.Module):
             return dss_kernel(self.discretised(), length, work)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """y = K * v + D v in v's dtype (bf16 under autocast): fp32 only inside the convolution (`conv_impl`)."""
         with fp32_region(v.device):
-            y = causal_fft_conv(v, self.kernel(v.shape[1])) + self.skip.to(torch.promote_types(v.dtype, torch.float32)) * v
-        return y.to(v.dtype)
+            modes = self.discretised()
+            if self.conv_impl == "chunked":
+                return chunked_conv(v, modes, self.skip, self.chunk)
+            work = torch.promote_types(self.skip.dtype, torch.float32)
+            return causal_fft_conv(v, dss_kernel(modes, v.shape[1], work, skip=self.skip))
 
 
 class GSS(nn.Module):
     flops_part = "fft"  # its part of pha_lab.models.flops.flops_per_token: the long convolution
 
     def __init__(self, d_model: int, expansion: float, d_hidden: int, n_modes: int, dt_min: float, dt_max: float,
-                 kernel: str = "dss_exp"):
+                 kernel: str = "dss_exp", conv_impl: str = "fft", chunk: int = 128):
         super().__init__()
         d_gate = round_to(expansion * d_model)  # F
         self.W_u = nn.Linear(d_model, d_gate, bias=False)
         self.W_v = nn.Linear(d_model, d_hidden, bias=False)
-        self.dss = DSS(d_hidden, n_modes, dt_min, dt_max, kernel)
+        self.dss = DSS(d_hidden, n_modes, dt_min, dt_max, kernel, conv_impl, chunk)
         self.W_g = nn.Linear(d_hidden, d_gate, bias=False)
         self.W_o = nn.Linear(d_gate, d_model, bias=False)
         self.W_o.is_residual_out = True  # scaled init, see LanguageModel._init_weights
@@ -192,7 +309,8 @@ class GSS(nn.Module):
     @classmethod
     def from_config(cls, cfg, d_model: int) -> "GSS":
         """cfg: a model.gss section (pha_lab.branches.GSSConfig)."""
-        return cls(d_model, cfg.expansion, cfg.d_hidden, cfg.n_modes, cfg.dt_min, cfg.dt_max, cfg.kernel)
+        return cls(d_model, cfg.expansion, cfg.d_hidden, cfg.n_modes, cfg.dt_min, cfg.dt_max, cfg.kernel, cfg.conv_impl,
+                   cfg.chunk)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u = F.gelu(self.W_u(h))
@@ -203,9 +321,14 @@ class GSS(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of the long convolution per token (the matmuls are counted by parameters).
 
-        Three real FFTs of size 2L (~2.5 * 2L log2(2L) flops each, amortised over L tokens) per channel,
-        one complex product, and the kernel build (2 [H,N]@[N,L] matmuls, amortised over the batch's
-        tokens, so left out here)."""
-        h = self.dss.skip.numel()
-        n = 2 * seq_len
+        fft: three real FFTs of length n = fft_size(L) (~2.5 n log2 n flops each, amortised over L tokens) per
+        channel and one complex product; the kernel build (2 [H,N]@[N,L] matmuls, amortised over the batch's
+        tokens) is left out. chunked: per channel, the Toeplitz matmul (2Q), chunk states (4N), the carry across
+        chunks (8N nc / Q, nc = L / Q chunks) and the read-out (4N)."""
+        h, n_modes = self.dss.skip.numel(), self.dss.im.numel()
+        if self.dss.conv_impl == "chunked":
+            q = min(self.dss.chunk, seq_len)
+            nc = math.ceil(seq_len / q)
+            return h * (2 * q + 8 * n_modes + 8 * n_modes * nc / q)
+        n = fft_size(seq_len)
         return h * (3 * 2.5 * n * math.log2(n) + 6 * n) / seq_len
