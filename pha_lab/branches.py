@@ -176,9 +176,10 @@ class Branch:
         path, _, attr = self.module.partition(":")
         return getattr(importlib.import_module(path), attr)
 
-    def build(self, model: Any):
-        """This branch's module for a model section (its own settings under `model.<name>`)."""
-        return self.module_class().from_config(getattr(model, self.name), model.d_model)
+    def build(self, model: Any, section: Any = None):
+        """This branch's module for a model section: its own settings `section` (a layer's, with the overrides
+        applied: pha_lab.config.layer_specs), by default `model.<name>`."""
+        return self.module_class().from_config(getattr(model, self.name) if section is None else section, model.d_model)
 
 
 BRANCH_REGISTRY: dict[str, Branch] = {}  # in the order tables and logs list branches
