@@ -66,7 +66,8 @@ def test_tiny_preset_trains_a_step_on_cpu(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["pha_125m", "transformer_125m", "gss_125m", "gss_hybrid_125m", "sequential_125m"])
+@pytest.mark.parametrize("name", ["pha_125m", "transformer_125m", "gss_125m", "gss_hybrid_125m", "sequential_125m",
+                                  "pha_sparse_125m"])
 def test_flops_estimate_matches_lightning_measure_flops(name):
     """The analytic FLOPs/token (used for MFU) agrees with torch's FLOP counter on the meta device;
     the counter does not count FFTs, so compare without them."""
