@@ -415,13 +415,13 @@ def attention_layers(n_layers: int, k: int) -> list[int]:
 
 def _override_layers(ov: Any, specs: list[dict[str, Any]], key: str) -> list[int]:
     """The layers (0-based, ascending) an override applies to: its `layers`, or those lacking `without`."""
-    n = len(specs)
-    if ov.without is not None:
-        _choice(f"{key}.without", ov.without, tuple(BRANCH_REGISTRY))
+    n, without = len(specs), ov.get("without")  # (get: a config saved before the key existed has none)
+    if without is not None:
+        _choice(f"{key}.without", without, tuple(BRANCH_REGISTRY))
         if ov.layers:
-            raise ConfigError(f"{key} sets both layers={list(ov.layers)} and without={ov.without}: pick the layers "
+            raise ConfigError(f"{key} sets both layers={list(ov.layers)} and without={without}: pick the layers "
                               f"one way")
-        return [i for i, spec in enumerate(specs) if ov.without not in spec["branches"]]
+        return [i for i, spec in enumerate(specs) if without not in spec["branches"]]
     if not ov.layers:
         raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to (or pick the "
                           f"layers lacking a branch with {key}.without)")

@@ -124,3 +124,16 @@ def test_a_config_with_override_sections_pickles_also_in_a_fresh_process(tmp_pat
     code = f"import pickle; print(pickle.load(open({str(tmp_path / 'cfg.pkl')!r}, 'rb')).model.overrides[0].ffn.hidden)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "3648"
+
+
+def test_a_config_saved_before_these_keys_builds_as_before():
+    """A checkpoint's or run's config from before model.n_attn_layers and the override sections existed."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(load_config("gss_hybrid_125m"))
+    del saved["model"]["n_attn_layers"]
+    for override in saved["model"]["overrides"]:
+        for key in ("without", "gss", "attn", "ffn"):
+            del override[key]
+    specs = layer_specs(OmegaConf.create(saved).model)
+    assert [i for i, s in enumerate(specs) if s["branches"] == ["attn", "ffn"]] == [1, 6]
