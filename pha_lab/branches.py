@@ -54,8 +54,8 @@ the FLOPs count (pha_lab.models.flops), the weight-decay groups, the mixer loggi
 it up. Nothing else changes.
 
 The contract, stated once:
-- name: a Python identifier that is not a `ModelConfig` or `LayerOverride` field (it becomes the key `model.<name>` and appears in
-  metric names such as `mixer/L0/<name>`).
+- name: a Python identifier that is not a `ModelConfig` or `LayerOverride` field (it becomes the keys `model.<name>`
+  and `model.overrides[i].<name>`, and appears in metric names such as `mixer/L0/<name>`).
 - config: a dataclass subclassing `BranchConfig`, typed fields with defaults; `validate(model, key)` raises a
   ConfigError naming `key` (= "model.<name>") for a bad value, `model` being the whole model section (d_model,
   ...). It runs when some layer uses the branch: a section no layer uses is never read, so never checked.

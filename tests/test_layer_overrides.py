@@ -62,7 +62,7 @@ def test_override_sections_set_branch_widths_per_layer():
 
 
 def test_without_selects_the_layers_lacking_a_branch_at_that_point():
-    """Overrides apply in order after n_attn_layers, so `without: attn` sees the layers as the earlier ones left them."""
+    """Overrides apply in order after n_attn_layers: `without: attn` sees the layers as the earlier ones left them."""
     specs = layer_specs(load_config("pha_125m", [
         "model.n_attn_layers=2",
         "model.overrides=[{layers: [0], branches: [gss, attn, ffn]}, {without: attn, ffn: {hidden: 3648}}]"]).model)

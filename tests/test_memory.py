@@ -104,4 +104,4 @@ def test_params_command_prints_cache_bytes_per_token(capsys):
     # bytes per token: KV of the attention layers + the GSS state spread over the context
     assert lines["pha_sparse_180m"][-2:] == [f"{2048 + 1572864 // 1024:,}", f"{2048 + 1572864 // 32768:,}"]
     assert lines["transformer_180m"][-2:] == ["12,288", "12,288"] and lines["gss_125m"][-2:] == ["1,536", "48"]
-    assert lines["pha_sparse_180m"][3] == "3,9" and lines["transformer_180m"][3] == "all" and lines["gss_125m"][3] == "-"
+    assert [lines[name][3] for name in ("pha_sparse_180m", "transformer_180m", "gss_125m")] == ["3,9", "all", "-"]
