@@ -455,14 +455,14 @@ def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
               "branches": branches if i in keep_attn else [b for b in branches if b != "attn"]} for i in range(n)]
     for i, ov in enumerate(model.overrides):
         key = f"model.overrides[{i}]"
-        sections = {b: {k: v for k, v in ov[b].items() if v is not None}
-                    for b in BRANCH_REGISTRY if ov.get(b) is not None}
+        changes = {b: {field: value for field, value in ov[b].items() if value is not None}
+                   for b in BRANCH_REGISTRY if ov.get(b) is not None}
         for layer in _override_layers(ov, specs, key):
             spec = specs[layer]
             for name in ("layout", "branches", "mixer"):
                 if ov[name] is not None:
                     spec[name] = list(ov[name]) if name == "branches" else ov[name]
-            for b, values in sections.items():
+            for b, values in changes.items():
                 if b not in spec["branches"]:
                     raise ConfigError(f"{key}.{b} sets {', '.join(values) or 'nothing'} for layer {layer}, which has "
                                       f"no '{b}' branch (its branches: {spec['branches']})")
