@@ -48,13 +48,14 @@ running mean of a projection (tests/test_branch_registry.py builds, trains, coun
     register_branch("running_mean", RunningMeanConfig, "pha_lab.models.running_mean:RunningMean")
 
 Then `model.branches: [gss, running_mean, ffn]` with `model.running_mean: {expansion: 2.0}` works in any
-experiment YAML or override, in both layouts and in `model.overrides`; `pha-lab eval --knockout running_mean`,
+experiment YAML or override, in both layouts and in `model.overrides` (which also take the branch's keys for some
+layers: `{layers: [0], running_mean: {expansion: 4.0}}`); `pha-lab eval --knockout running_mean`,
 the FLOPs count (pha_lab.models.flops), the weight-decay groups, the mixer logging and the analysis tables pick
 it up. Nothing else changes.
 
 The contract, stated once:
-- name: a Python identifier that is not a `ModelConfig` field (it becomes the key `model.<name>` and appears in
-  metric names such as `mixer/L0/<name>`).
+- name: a Python identifier that is not a `ModelConfig` or `LayerOverride` field (it becomes the keys `model.<name>`
+  and `model.overrides[i].<name>`, and appears in metric names such as `mixer/L0/<name>`).
 - config: a dataclass subclassing `BranchConfig`, typed fields with defaults; `validate(model, key)` raises a
   ConfigError naming `key` (= "model.<name>") for a bad value, `model` being the whole model section (d_model,
   ...). It runs when some layer uses the branch: a section no layer uses is never read, so never checked.
@@ -63,7 +64,10 @@ The contract, stated once:
   not a Linear weight's (attention's QK^T and AV, GSS's FFTs), and `flops_part`, the name of that part (default:
   the class name); `is_residual_out` on each Linear that writes to the residual stream; `no_init` on a weight that
   keeps its own init; `no_weight_decay = True` on a matrix the optimizer must not decay (an unmarked matrix is
-  decayed, an unmarked vector such as a bias is not: training.optim.param_groups).
+  decayed, an unmarked vector such as a bias is not: training.optim.param_groups); `cache_bytes(batch, seq_len,
+  dtype_bytes) -> int`, the bytes it keeps between decoding steps for `batch` sequences at context `seq_len` (KV
+  cache, recurrent state; 0 for a position-wise branch), summed by LanguageModel.cache_bytes, which names a branch
+  lacking it (pha_lab.models.memory).
 - decoding (issue 14) will add an optional per-branch pair on the module (`init_state`, `step`); the registry
   needs no change for it, and a model decodes when every branch it has provides the pair.
 
@@ -184,9 +188,10 @@ class Branch:
         path, _, attr = self.module.partition(":")
         return getattr(importlib.import_module(path), attr)
 
-    def build(self, model: Any):
-        """This branch's module for a model section (its own settings under `model.<name>`)."""
-        return self.module_class().from_config(getattr(model, self.name), model.d_model)
+    def build(self, model: Any, section: Any = None):
+        """This branch's module for a model section: its own settings `section` (a layer's, with the overrides
+        applied: pha_lab.config.layer_specs), by default `model.<name>`."""
+        return self.module_class().from_config(getattr(model, self.name) if section is None else section, model.d_model)
 
 
 BRANCH_REGISTRY: dict[str, Branch] = {}  # in the order tables and logs list branches

@@ -13,21 +13,37 @@ from pha_lab.config import ConfigError
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    """Print parameter counts and FLOPs/token of presets, built on the meta device."""
+    """Print parameter counts, FLOPs/token, weight and training-state memory and the inference cache per token of
+    presets, built on the meta device (pha_lab.models.memory says what each counts)."""
     import torch
 
     from pha_lab.config import experiment_names, load_config
     from pha_lab.models import build_model
 
     names = args.experiments or experiment_names()
-    print(f"{'preset':<20} {'layers':>6} {'d_model':>7} {'params':>12} {'non-emb':>12} {'GFLOPs/token (train)':>21}")
+    contexts = args.contexts
+    cache_cols = "".join(f" {'cache B/tok @' + _short_len(t):>16}" for t in contexts)
+    print(f"{'preset':<22} {'layers':>6} {'d_model':>7} {'attn layers':>14} {'params':>12} {'non-emb':>12} "
+          f"{'GFLOPs/tok':>10} {'bf16 GB':>8} {'train GB':>8}{cache_cols}")
     for name in names:
         cfg = load_config(name, args.overrides)
         with torch.device("meta"):
             model = build_model(cfg.model)
         flops = model.flops_per_token(cfg.data.seq_len)["total"]
-        print(f"{name:<20} {cfg.model.n_layers:>6} {cfg.model.d_model:>7} {model.n_params():>12,} "
-              f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>21.3f}")
+        attn = [i for i, blk in enumerate(model.blocks) if "attn" in blk.names]
+        placed = "all" if len(attn) == len(model.blocks) else ",".join(map(str, attn)) or "-"
+        cache = "".join(f" {model.cache_bytes(1, t, 2) / t:>16,.0f}" for t in contexts)
+        print(f"{name:<22} {cfg.model.n_layers:>6} {cfg.model.d_model:>7} {placed:>14} {model.n_params():>12,} "
+              f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>10.3f} {2 * model.n_params() / 1e9:>8.3f} "
+              f"{model.training_bytes()['total'] / 1e9:>8.3f}{cache}")
+    print(f"\nGFLOPs/tok: training, at each preset's data.seq_len. bf16 GB: the weights at 2 bytes each. train GB: "
+          f"fp32 weights + gradients + AdamW moments (16 bytes per parameter), activations not included. "
+          f"cache B/tok: the inference cache (KV cache + recurrent state) of one sequence at that context in bf16, "
+          f"divided by the context.")
+
+
+def _short_len(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
 def _tracking_overrides(args: argparse.Namespace) -> list[str]:
@@ -300,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where the default CSV and MLflow database live (default ./runs)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("params", help="parameter counts and FLOPs/token of presets")
+    p = sub.add_parser("params", help="parameter counts, FLOPs/token, memory and inference cache bytes of presets")
     p.add_argument("experiments", nargs="*", help="preset names or YAML paths (default: all presets)")
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 32768], metavar="T",
+                   help="contexts at which to print the cache bytes per token (default: 1024 32768)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_params)
     return parser

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pha_lab import PROJECT_ROOT
@@ -39,9 +40,16 @@ PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true
 # --------------------------------------------------------------------------- schema: model
 @dataclass
 class LayerOverride:
-    """Give some layers their own layout/branches/mixer, e.g. attention in 2 layers of a GSS stack."""
+    """Give some layers their own layout/branches/mixer and branch settings, e.g. attention in 2 layers of a GSS
+    stack, or a wider FFN where a layer has no attention.
+
+    The layers are picked by index (`layers`) or as every layer that lacks a branch at that point (`without`).
+    Besides these keys an override takes one optional section per registered branch, holding only the keys it
+    changes for those layers (`ffn: {hidden: 3648}`; schema() adds these fields; a null value means "not set
+    here"). Overrides apply in list order, after model.n_attn_layers."""
 
     layers: list[int] = field(default_factory=list)  # 0-based; negative counts from the end
+    without: Optional[str] = None  # instead of layers: every layer whose branches lack this one (may be none)
     layout: Optional[str] = None
     branches: Optional[list[str]] = None
     mixer: Optional[str] = None
@@ -63,7 +71,10 @@ class ModelConfig:
     layout: str = "parallel"  # parallel (PHA) | serial (Transformer, GSS, sequential PHA)
     branches: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])
     mixer: str = "static"  # parallel layout only
-    overrides: list[LayerOverride] = field(default_factory=list)
+    # Attention in only k layers (the attention-sparse PHA): the layers placed by `attention_layers` keep every
+    # branch of model.branches, the others run them without `attn`. null: attention wherever model.branches says.
+    n_attn_layers: Optional[int] = None
+    overrides: list[LayerOverride] = field(default_factory=list)  # per-layer changes, in order (LayerOverride)
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -178,17 +189,50 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 def schema() -> DictConfig:
-    """The defaults, with one `model.<name>` section per registered branch (its config dataclass), so a branch
-    registered after this module was imported (a plugin, a test) is part of the schema too."""
+    """The defaults, with one `model.<name>` section per registered branch (its config dataclass) and, in every
+    `model.overrides` entry, an optional per-layer section of the same keys, so a branch registered after this
+    module was imported (a plugin, a test) is part of the schema too."""
+    taken = {f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(LayerOverride)}
+    for name, branch in BRANCH_REGISTRY.items():
+        if name in taken:
+            raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name} or "
+                              f"model.overrides[i].{name}: register it under another name")
+    override = _schema_class("LayerOverrideSchema", [(name, Optional[_partial(name, b.config)], None)
+                                                     for name, b in BRANCH_REGISTRY.items()], LayerOverride)
+    override._where = "a model.overrides entry (LayerOverride)"
+    model = _schema_class("ModelConfigSchema", [
+        *[(name, b.config, field(default_factory=b.config)) for name, b in BRANCH_REGISTRY.items()],
+        ("overrides", list[override], field(default_factory=list)),
+    ], ModelConfig)
     cfg = OmegaConf.structured(Config)
-    taken = {f.name for f in dataclasses.fields(ModelConfig)}
-    with open_dict(cfg.model):
-        for name, branch in BRANCH_REGISTRY.items():
-            if name in taken:
-                raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name}: register it "
-                                  f"under another name")
-            cfg.model[name] = OmegaConf.structured(branch.config)
+    cfg.model = OmegaConf.structured(model)
     return cfg
+
+
+def _partial(name: str, config: type) -> type:
+    """A branch section in which every key is optional and unset (None): what an override changes."""
+    hints = typing.get_type_hints(config)
+    cls = _schema_class(f"LayerOverride_{name}", [(f.name, Optional[hints[f.name]], None)
+                                                  for f in dataclasses.fields(config)])
+    cls._where = f"a model.overrides[i].{name} section"
+    return cls
+
+
+def _schema_class(name: str, fields: list, base: type | None = None) -> type:
+    """A dataclass built from the registry, reachable as pha_lab.config.<name> so that configs pickle
+    (a fresh process rebuilds it through the module's __getattr__)."""
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,) if base else ())
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: unpickling a config in a process that has not built the schema yet
+    if name in ("LayerOverrideSchema", "ModelConfigSchema") or name.startswith("LayerOverride_"):
+        schema()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- loading (every YAML of the suite)
@@ -271,7 +315,8 @@ def _merge(base: DictConfig, overlay: DictConfig | dict, origin: str) -> DictCon
         ):
             # a key inside a list entry (model.overrides[i]: OmegaConf reports no path) or below a key with a dot
             # in its name (a sweep's search.optim.lr): name the entry's schema instead of a path
-            valid, where = [f.name for f in dataclasses.fields(exc.object_type)], f"a {exc.object_type.__name__} entry"
+            valid = [f.name for f in dataclasses.fields(exc.object_type)]
+            where = getattr(exc.object_type, "_where", f"a {exc.object_type.__name__} entry")
         near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Nearest valid keys: {', '.join((parent + '.' if parent else '') + k for k in near)}." if near else ""
         raise ConfigError(
@@ -363,31 +408,78 @@ def round_to(x: float, multiple: int = 64) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
+def attention_layers(n_layers: int, k: int) -> list[int]:
+    """Where model.n_attn_layers=k puts attention: the middle layer of each of k equal groups of layers,
+    floor((2j + 1) L / 2k) for j < k. 12 layers: k=1 -> [6], 2 -> [3, 9], 3 -> [2, 6, 10], 4 -> [1, 4, 7, 10];
+    32 layers, k=4 -> [4, 12, 20, 28] (Jamba's 1-in-8 with offset 4). Never the first layer, nor the last
+    while k < L/2: the ends are where PHA's paper saw GSS dominate its mixer weights."""
+    return [(2 * j + 1) * n_layers // (2 * k) for j in range(k)]
+
+
+def _override_layers(ov: Any, specs: list[dict[str, Any]], key: str) -> list[int]:
+    """The layers (0-based, ascending) an override applies to: its `layers`, or those lacking `without`."""
+    n, without = len(specs), ov.get("without")  # (get: a config saved before the key existed has none)
+    if without is not None:
+        _choice(f"{key}.without", without, tuple(BRANCH_REGISTRY))
+        if ov.layers:
+            raise ConfigError(f"{key} sets both layers={list(ov.layers)} and without={without}: pick the layers "
+                              f"one way")
+        return [i for i, spec in enumerate(specs) if without not in spec["branches"]]
+    if not ov.layers:
+        raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to (or pick the "
+                          f"layers lacking a branch with {key}.without)")
+    for layer in ov.layers:
+        if not -n <= layer < n:
+            raise ConfigError(
+                f"{key}.layers contains {layer}, out of range for model.n_layers={n} (valid: 0..{n - 1}, or -{n}..-1)"
+            )
+    return sorted({layer % n for layer in ov.layers})
+
+
 def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
-    """The resolved (layout, branches, mixer) of every layer, after overrides. Validates as it goes."""
+    """Every layer's resolved layout, branches, mixer and branch sections, after model.n_attn_layers and then
+    model.overrides in order. `sections[b]` is model.<b> with the overrides' per-layer values for b on top;
+    `keys[b]` names where it was last changed (model.<b> or model.overrides[i].<b>), for error messages.
+    Validates the structure as it goes (the sections' values: `validate`)."""
     n = model.n_layers
     if n < 1:
         raise ConfigError(f"model.n_layers={n} must be >= 1")
-    base = {"layout": model.layout, "branches": list(model.branches), "mixer": model.mixer}
-    specs = [dict(base) for _ in range(n)]
+    branches = list(model.branches)
+    keep_attn = range(n)
+    k = model.get("n_attn_layers")
+    if k is not None:
+        if "attn" not in branches:
+            raise ConfigError(f"model.n_attn_layers={k} keeps the attention branch in {k} layers, but "
+                              f"model.branches={branches} has no attn: add it, or set model.n_attn_layers=null")
+        if not 0 <= k <= n:
+            raise ConfigError(f"model.n_attn_layers={k} must be in 0..model.n_layers ({n})")
+        keep_attn = attention_layers(n, k)
+    specs = [{"layout": model.layout, "mixer": model.mixer, "patches": {},
+              "branches": branches if i in keep_attn else [b for b in branches if b != "attn"]} for i in range(n)]
     for i, ov in enumerate(model.overrides):
         key = f"model.overrides[{i}]"
-        if not ov.layers:
-            raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to")
-        for layer in ov.layers:
-            if not -n <= layer < n:
-                raise ConfigError(
-                    f"{key}.layers contains {layer}, out of range for model.n_layers={n} (valid: 0..{n - 1}, or -{n}..-1)"
-                )
-            spec = specs[layer % n]
-            for k in ("layout", "branches", "mixer"):
-                if ov[k] is not None:
-                    spec[k] = list(ov[k]) if k == "branches" else ov[k]
+        changes = {b: {field: value for field, value in ov[b].items() if value is not None}
+                   for b in BRANCH_REGISTRY if ov.get(b) is not None}
+        for layer in _override_layers(ov, specs, key):
+            spec = specs[layer]
+            for name in ("layout", "branches", "mixer"):
+                if ov[name] is not None:
+                    spec[name] = list(ov[name]) if name == "branches" else ov[name]
+            for b, values in changes.items():
+                if b not in spec["branches"]:
+                    raise ConfigError(f"{key}.{b} sets {', '.join(values) or 'nothing'} for layer {layer}, which has "
+                                      f"no '{b}' branch (its branches: {spec['branches']})")
+                spec["patches"].setdefault(b, []).append((key, values))
     for idx, spec in enumerate(specs):
-        where = f"layer {idx} (model.layout/branches/mixer after model.overrides)"
+        where = f"layer {idx} (model.layout/branches/mixer after model.n_attn_layers and model.overrides)"
         _choice(f"{where}: layout", spec["layout"], LAYOUTS)
         _branches(f"{where}: branches", spec["branches"])
         _choice(f"{where}: mixer", spec["mixer"], MIXERS)
+        patches = spec.pop("patches")
+        spec["sections"] = {b: OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[b].config), model[b],
+                                               *[values for _, values in patches.get(b, [])])
+                            for b in spec["branches"]}
+        spec["keys"] = {b: f"{patches[b][-1][0]}.{b}" if b in patches else f"model.{b}" for b in spec["branches"]}
     return specs
 
 
@@ -401,10 +493,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
-    used = {b for spec in layer_specs(m) for b in spec["branches"]}
-    for name in (b for b in BRANCH_REGISTRY if b in used):  # each branch checks its own section, as its dataclass
-        section = OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[name].config), m[name])
-        OmegaConf.to_object(section).validate(m, f"model.{name}")
+    checked = set()
+    for spec in layer_specs(m):  # each branch checks its section (per layer, with its overrides), as its dataclass
+        for name, section in spec["sections"].items():
+            if (spec["keys"][name], str(section)) not in checked:
+                checked.add((spec["keys"][name], str(section)))
+                OmegaConf.to_object(section).validate(m, spec["keys"][name])
 
     d = cfg.data
     _choice("data.source", d.source, DATA_SOURCES)

@@ -316,7 +316,7 @@ def test_recorded_family_wins_and_a_guess_is_reported(synth, tmp_path):
     assert runs.loc["model=mha", ["family", "family_source"]].tolist() == ["transformer_mha", "recorded"]
     assert runs.loc["model=old", ["family", "family_source"]].tolist() == ["transformer", "guessed"]
     table = tables.perplexity_table(runs.reset_index(), "text")
-    assert sorted(table.frame["model"]) == ["Transformer", "transformer_mha"]
+    assert sorted(table.frame["model"]) == ["Transformer", "Transformer (multi-head)"]  # runs.FAMILY_LABELS
     assert "Model family guessed from model.layout, model.branches and model.overrides for 1 of 2 runs" in \
         table.to_markdown()
 
@@ -578,3 +578,25 @@ def test_mixer_heatmaps_share_one_colour_scale(tmp_path):
     assert len(images) == 2 and {im.get_clim() for im in images} == {(0.0, 0.58)}  # one scale from 0, not one per panel
     cells = [t.get_text() for t in fig.axes[1].texts]
     assert cells.count("absent") == 2 and "0.58" in cells  # the missing branch says so
+
+
+def test_model_labels_and_baseline_pairs_of_the_long_context_presets():
+    """The attention-sparse PHA is labelled with its k; an override logged with the per-branch sections (every
+    branch's key present, null) is no GSS-Hybrid unless it puts attention in; PHA models pair with every
+    Transformer baseline of their scale (the bench summary and the efficiency ratio table)."""
+    sparse = {"family": "pha_sparse", "model.n_attn_layers": "2", "model.n_layers": "12", "model.layout": "parallel",
+              "model.mixer": "static"}
+    assert R.model_family(sparse) == "PHA, attention in 2 of 12 layers"
+    assert R.model_family({**sparse, "model.mixer": "gate"}) == "PHA, attention in 2 of 12 layers (gate)"
+    logged = ("[{'layers': [0], 'without': None, 'layout': None, 'branches': %s, 'mixer': None, 'gss': None, "
+              "'attn': None, 'ffn': {'hidden': 8}}]")
+    gss = {"model.layout": "serial", "model.branches": "['gss', 'ffn']"}
+    assert R.guessed_family({**gss, "model.overrides": logged % "None"}) == "gss"
+    assert R.guessed_family({**gss, "model.overrides": logged % "['attn', 'ffn']"}) == "gss_hybrid"
+    models = ["pha_180m", "pha_sparse_180m", "transformer_180m", "transformer_deep_180m", "transformer_mha_180m",
+              "gss_125m", "pha_125m", "transformer_125m", "tiny_pha", "tiny_transformer"]
+    assert R.baseline_pairs(models) == [
+        ("pha_125m", "transformer_125m"),
+        ("pha_180m", "transformer_180m"), ("pha_180m", "transformer_deep_180m"), ("pha_180m", "transformer_mha_180m"),
+        ("pha_sparse_180m", "transformer_180m"), ("pha_sparse_180m", "transformer_deep_180m"),
+        ("pha_sparse_180m", "transformer_mha_180m"), ("tiny_pha", "tiny_transformer")]

@@ -58,6 +58,17 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     assert {r["model"] for r in rows if r["part"] == "branches"} == {"tiny_pha:gss", "tiny_pha:attn"}
     assert {r["model"] for r in rows if r["part"] == "dss"} == {"tiny_pha:dss-chunked-32"}
     assert rows[0]["model"] == "gpt2_tiny" and rows[0]["n_params"] == gpt2_reference.build("gpt2_tiny", 32).n_params()
+    # memory parts: fp32 weights; the inference cache of tiny_pha counted by hand (2 layers: K and V of 2 KV heads x 16
+    # at fp32 per position, a complex fp32 state of H=32 x N=8); AdamW's two fp32 moments once the first training
+    # cell has run (prefill ran first); no peak on a CPU, so no activations
+    for (model, mode, t), r in models.items():
+        assert r["weights_gb"] == pytest.approx(4 * r["n_params"] / 1e9, rel=1e-5)
+        assert r["optimizer_gb"] == (0 if mode == "prefill" else pytest.approx(2 * r["weights_gb"], rel=0.01))
+        assert math.isnan(r["activations_gb"]) and r["cache_gb"] > 0
+    b = models["tiny_pha", "train", 64]["batch_size"]
+    assert models["tiny_pha", "train", 64]["cache_gb"] == pytest.approx(
+        (2 * (2 * 2 * 16 * 64 * b * 4) + 2 * (2 * 32 * 8 * b * 4)) / 1e9, rel=1e-5)
+    assert all(math.isnan(r["cache_gb"]) for r in rows if r["part"] in ("branches", "dss"))
 
     header = json.loads((tmp_path / "bench.header.json").read_text())
     for key in ("date", "gpu", "driver", "torch", "git_sha", "dtype", "compile", "peak_tflops", "peak_source"):
@@ -78,6 +89,17 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     assert run["params.env.git_sha"] == header["git_sha"] and run["params.bench.tokens_per_step"] == "128"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
     assert {"bench.csv", "bench.header.json", "bench.txt"} <= artifacts
+
+
+def test_activations_are_the_peak_minus_weights_and_optimizer():
+    """On a GPU the peak is measured: what is not weights or AdamW state is counted as activations."""
+    from pha_lab.bench.workloads import memory_columns
+
+    wl = make_workload("tiny_pha", "meta")
+    cols = memory_columns(wl, 2, 64, 2, optimizer_bytes=2_000_000, peak_mem_gb=0.05)
+    assert cols["weights_gb"] == pytest.approx(4 * wl.module.n_params() / 1e9)
+    assert cols["activations_gb"] == pytest.approx(0.05 - cols["weights_gb"] - 0.002)
+    assert cols["cache_gb"] == wl.module.cache_bytes(2, 64, 2) / 1e9  # bf16 on a GPU
 
 
 def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):

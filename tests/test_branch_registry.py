@@ -90,6 +90,19 @@ def test_the_branch_is_a_typed_validated_config_section(running_mean):
     assert knockout == ["running_mean", "gss"]
 
 
+def test_the_branch_has_per_layer_sections_and_its_missing_cache_count_is_named(running_mean):
+    """An override can set the new branch's keys for some layers (the schema adds model.overrides[i].running_mean);
+    without cache_bytes on its module, the model's inference cache cannot be counted, and says which branch lacks it."""
+    cfg = toy_config("parallel", "model.overrides=[{layers: [0], running_mean: {expansion: 4.0}}]")
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert [blk.branches["running_mean"].W_in.out_features for blk in model.blocks] == [256, 128]
+    with pytest.raises(ConfigError, match=r"model.overrides\[0\].running_mean.expansion=-1.0 must be positive"):
+        toy_config("parallel", "model.overrides=[{layers: [1], running_mean: {expansion: -1.0}}]")
+    with pytest.raises(TypeError, match=r"layer 0: branch 'running_mean' \(RunningMean\) has no cache_bytes"):
+        model.cache_bytes(1, 128, 2)
+
+
 def test_the_registration_is_undone_and_refuses_bad_entries(running_mean):
     with pytest.raises(ValueError, match="'gss' is already registered"):
         register_branch("gss", RunningMeanConfig, RunningMean)
@@ -105,6 +118,12 @@ def test_the_registration_is_undone_and_refuses_bad_entries(running_mean):
             load_config("tiny_pha")
     finally:
         del BRANCH_REGISTRY["mixer"]
+    register_branch("without", RunningMeanConfig, RunningMean)  # its per-layer section would be an override's key
+    try:
+        with pytest.raises(ConfigError, match=r"branch 'without' .* clashes with .*model.overrides\[i\].without"):
+            load_config("tiny_pha")
+    finally:
+        del BRANCH_REGISTRY["without"]
 
 
 def test_outside_the_fixture_the_branch_does_not_exist():

@@ -17,7 +17,7 @@ from pha_lab.models.gss import DSS, GSS, causal_fft_conv, fft_size, mode_powers
 from pha_lab.models.mixers import MIXER_REGISTRY
 
 BRANCHES = tuple(BRANCH_REGISTRY)
-TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential"]
+TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_pha_sparse"]
 
 
 def tiny_model(name="tiny_pha", *overrides):
@@ -483,6 +483,32 @@ def test_serial_layout_is_a_different_function():
         assert (parallel(idx) - serial(idx)).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_attention_sparse_pha_mixes_the_branches_each_layer_has(mixer):
+    """tiny_pha_sparse: attention in layer 1 only; layers 0 and 2 mix GSS and FFN with a 2-branch mixer whose two
+    weights start equal (the weighted-sum mixers: as their average), the model stays causal, and knocking attention
+    out touches layer 1 only."""
+    model, cfg = tiny_model("tiny_pha_sparse", f"model.mixer={mixer}")
+    assert [blk.names for blk in model.blocks] == [["gss", "ffn"], ["gss", "attn", "ffn"], ["gss", "ffn"]]
+    assert [blk.mixer.k for blk in model.blocks] == [2, 3, 2]
+    w = model.blocks[0].mixer.weights().detach()
+    assert w.shape == (2,) and w[0] == pytest.approx(w[1].item(), rel=0.05)
+    if mixer in ("static", "scalar", "gate", "mean"):
+        ys = [torch.randn(1, 3, 64, dtype=torch.float64) for _ in range(2)]
+        assert torch.allclose(model.blocks[0].mixer(ys, ys[0]), (ys[0] + ys[1]) / 2)
+    weights = model.mixer_weights()
+    assert [sorted(w) for w in weights] == [["ffn", "gss"], ["attn", "ffn", "gss"], ["ffn", "gss"]]
+    if mixer != "channel":  # its weights are per-channel scales, not shares
+        assert all(math.isclose(sum(w.values()), 1.0, rel_tol=1e-6) for w in weights)
+    _assert_causal(model, cfg.model.vocab_size)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        with model.knockout("attn"):
+            assert model.blocks[1].knockout == {"attn"} and not model.blocks[0].knockout | model.blocks[2].knockout
+            assert (model(idx) - full).abs().max() > 1e-6
+
+
 def test_layer_overrides_place_attention():
     model, _ = tiny_model("tiny_gss_hybrid")
     layouts = [(blk.layout, tuple(blk.names)) for blk in model.blocks]
@@ -508,6 +534,7 @@ RESIDUAL_FAMILIES = {
     "serial transformer": ("tiny_transformer", ()),
     "serial sequential, 3 branches": ("tiny_sequential", ()),
     "GSS hybrid": ("tiny_gss_hybrid", ("model.overrides=[{layers: [1, -2], branches: [attn, ffn]}]",)),
+    "attention-sparse PHA, 2-branch layers": ("tiny_pha_sparse", ()),
 }
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pha_lab.analysis import figures
 from pha_lab.analysis.render import Table, fixed, tokens
-from pha_lab.analysis.runs import finished, resolve_uri, scale_label, search_runs
+from pha_lab.analysis.runs import baseline_pairs, finished, resolve_uri, scale_label, search_runs
 from pha_lab.config import PROJECT_ROOT
 
 EFFICIENCY_CSV = "docs/benchmarks/efficiency.csv"
@@ -103,15 +103,9 @@ def efficiency_table(bench: pd.DataFrame) -> Table:
 
 
 def model_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
-    """(PHA, Transformer) pairs by name: pha_180m with transformer_180m, pha with transformer."""
-    models = sorted({str(m) for m in models})
-    pairs = []
-    for m in models:
-        if m.startswith("pha"):
-            base = "transformer" + m[len("pha"):]
-            if base in models:
-                pairs.append((m, base))
-    return pairs
+    """(PHA, Transformer) pairs by name: every PHA preset with every Transformer baseline of its scale
+    (runs.baseline_pairs: pha_sparse_180m with transformer_180m, transformer_deep_180m, transformer_mha_180m)."""
+    return baseline_pairs(models)
 
 
 def efficiency_ratios(bench: pd.DataFrame, pairs: list[tuple[str, str]] | None = None) -> Table:

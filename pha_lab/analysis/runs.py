@@ -215,6 +215,16 @@ def branches_of(value) -> list[str]:
     return [str(b) for b in parsed] if isinstance(parsed, (list, tuple)) else []
 
 
+def overrides_of(row: dict) -> list[dict]:
+    """`model.overrides` as logged ("[{'layers': [1, 6], 'branches': ['attn', 'ffn'], ...}]") -> a list of dicts."""
+    value = row.get("model.overrides")
+    try:
+        parsed = value if isinstance(value, (list, tuple)) else ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return []
+    return [o for o in parsed if isinstance(o, dict)] if isinstance(parsed, (list, tuple)) else []
+
+
 def branch_order(names: Iterable[str]) -> list[str]:
     """Branch names in the registry's order (pha_lab.branches), then any unregistered ones alphabetically."""
     names = set(names)
@@ -224,9 +234,10 @@ def branch_order(names: Iterable[str]) -> list[str]:
 # The PHA family's branches (the paper's GSS + GQA + FFN): what the ablation's "branches removed" counts from, and
 # what `guessed_family` takes a PHA to be. Not the list of branches there are (that is BRANCH_REGISTRY).
 PHA_BRANCHES = ("gss", "attn", "ffn")
-# model.family -> table label; pha_no_X: "PHA without X"
 FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
-                 "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA"}
+                 "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA",
+                 "transformer_deep": "Transformer (depth-matched)", "transformer_mha": "Transformer (multi-head)",
+                 }  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse: with its k of L layers
 
 
 def recorded_family(row: dict) -> str | None:
@@ -248,7 +259,7 @@ def guessed_family(row: dict) -> str:
     if branches == ["attn", "ffn"]:
         return "transformer"
     if "gss" in branches and "attn" not in branches:
-        return "gss_hybrid" if "attn" in str(row.get("model.overrides") or "") else "gss"
+        return "gss_hybrid" if any("attn" in branches_of(o.get("branches")) for o in overrides_of(row)) else "gss"
     if branches == ["gss", "attn", "ffn"]:
         return "sequential_pha"
     return "+".join(branches) + f" ({layout})"
@@ -261,9 +272,42 @@ def model_family(row: dict) -> str:
     name = FAMILY_LABELS.get(family, family)
     if family.startswith("pha_no_"):
         name = "PHA without " + family.removeprefix("pha_no_")
+    k, n_layers = _as_int(row.get("model.n_attn_layers")), _as_int(row.get("model.n_layers"))
+    if family == "pha_sparse" and k is not None and n_layers is not None:
+        name = f"PHA, attention in {k} of {n_layers} layers"
     mixer = row.get("model.mixer")
     static = mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer))
     return name if row.get("model.layout") != "parallel" or static else f"{name} ({mixer})"
+
+
+def _scale_and_core(name: str) -> tuple[str, str]:
+    """A preset name split into its scale and the rest: pha_sparse_180m -> ("180m", "pha_sparse"), tiny_pha ->
+    ("tiny", "pha"), pha -> ("", "pha")."""
+    if match := re.fullmatch(r"(.+)_(\d+m)", name):
+        return match.group(2), match.group(1)
+    if match := re.fullmatch(r"(tiny|mini)_(.+)", name):
+        return match.group(1), match.group(2)
+    return "", name
+
+
+def baseline_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
+    """(PHA model, Transformer baseline) pairs among preset names: every PHA (pha*, pha_sparse*) with every
+    Transformer of its scale (the `_NNNm` suffix, or the tiny_/mini_ prefix): pha_sparse_180m with transformer_180m,
+    transformer_deep_180m and transformer_mha_180m; tiny_pha with tiny_transformer. The bench's printed comparisons
+    and the efficiency ratio table pair models by this rule."""
+    parts = {str(m): _scale_and_core(str(m)) for m in sorted({str(m) for m in models})}
+    return [(m, b) for m, (scale, core) in parts.items() if core == "pha" or core.startswith("pha_")
+            for b, (b_scale, b_core) in parts.items()
+            if b_scale == scale and (b_core == "transformer" or b_core.startswith("transformer_"))]
+
+
+def _as_int(value) -> int | None:
+    """A logged integer (an MLflow param is a string, a DataFrame cell may be a float or NaN), None if there is none."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if np.isfinite(number) else None
 
 
 def scale_label(n_params) -> str:

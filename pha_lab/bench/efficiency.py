@@ -35,7 +35,8 @@ from pha_lab.bench import report
 from pha_lab.bench.roofline import Rate, datasheet_flops, device_peaks, utilisation, workload_floors
 from pha_lab.bench.spec import DTYPES, OVERHEAD_PARTS, Cell, load_spec, plan
 from pha_lab.bench.timing import autocast, free_memory, measure, time_steps
-from pha_lab.bench.workloads import Workload, build_step, make_optimizer, make_workload, meta_workload
+from pha_lab.bench.workloads import (Workload, build_step, make_optimizer, make_workload, memory_columns, meta_workload,
+                                     optimizer_bytes)
 
 
 @dataclass
@@ -92,8 +93,9 @@ class Rows:
     """The run's rows: each finished cell gets its floors and MFU, is appended, written and printed."""
 
     def __init__(self, cells: list[Cell], header: dict, peak: Rate, bandwidth: Rate, datasheet: float, out: Path,
-                 start: float):
+                 start: float, cache_dtype_bytes: int = 4):
         self.peak, self.bandwidth, self.datasheet, self.out, self.start = peak[0], bandwidth[0], datasheet, out, start
+        self.cache_dtype_bytes = cache_dtype_bytes  # the run's dtype: what a KV cache would be kept in
         self.lengths = model_lengths(cells)
         self.common = {k: header[k] for k in ("gpu", "torch", "dtype", "git_sha")}
         self.rows: list[dict] = []
@@ -103,6 +105,8 @@ class Rows:
         floors = workload_floors(meta, cell.seq_len, cell.batch_size, cell.mode != "prefill", self.peak, self.bandwidth)
         row = {**dataclasses.asdict(cell), "tokens_per_step": cell.seq_len * cell.batch_size, **self.common,
                "n_params": meta.sizes()["n_params"], **floors, **result}
+        row.update(memory_columns(meta, cell.batch_size, cell.seq_len, self.cache_dtype_bytes,
+                                  result.get("optimizer_bytes"), result.get("peak_mem_gb")))
         if row["status"] == "ok":
             row.update(utilisation(row["flops_per_step"], row["step_ms_median"], self.peak, self.datasheet))
         self.rows.append(row)
@@ -127,7 +131,7 @@ def _run(spec: DictConfig, device: torch.device, opts: BenchOptions) -> tuple[li
     dtype = DTYPES[spec.dtype] if device.type == "cuda" else torch.float32
     amp = autocast(device, dtype)
     cells = plan(spec)
-    rows = Rows(cells, header, peak, bandwidth, datasheet, out, start)
+    rows = Rows(cells, header, peak, bandwidth, datasheet, out, start, dtype.itemsize)
     for part in spec.parts:
         part_cells = [c for c in cells if c.part == part]
         if time.monotonic() > deadline:
@@ -199,7 +203,9 @@ def run_cell(cell: Cell, workload: Workload, state: dict, device: torch.device, 
         return lambda: time_steps(step, cell.warmup, cell.steps, device)
 
     result = measure(prepare, cell.seq_len * cell.batch_size, device)
-    if result["status"] != "ok":  # the failed cell's tensors are gone with `prepare`'s frame: free the memory
+    if result["status"] == "ok":
+        result["optimizer_bytes"] = optimizer_bytes(state.get("optimizer"))
+    else:  # the failed cell's tensors are gone with `prepare`'s frame: free the memory
         if state.get("optimizer") is not None:
             state["optimizer"].zero_grad(set_to_none=True)
         free_memory(device)

@@ -23,12 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pha_lab import tracking
-from pha_lab.bench.spec import OVERHEAD_PARTS, TARGET_PARTS
+from pha_lab.analysis.runs import baseline_pairs
+from pha_lab.bench.spec import MODES, OVERHEAD_PARTS, TARGET_PARTS
 from pha_lab.config import flatten
 
 COLUMNS = [
     "part", "model", "mode", "seq_len", "batch_size", "tokens_per_step", "status", "tokens_per_s", "step_ms_median",
-    "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb", "mem_floor_gb", "flops_per_step", "tflops",
+    "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb",
+    "weights_gb", "optimizer_gb", "activations_gb", "cache_gb",  # memory parts: workloads.memory_columns
+    "mem_floor_gb", "flops_per_step", "tflops",
     "mfu_measured_peak", "mfu_datasheet", "min_bytes_gb", "floor_ms", "floor_bound", "n_params", "gpu", "torch",
     "compile", "dtype", "git_sha", "note",
 ]
@@ -144,10 +147,12 @@ def progress_line(row: dict, elapsed_s: float) -> str:
 
 def table(rows: list[dict]) -> str:
     cols = {"part": "part", "model": "model", "mode": "mode", "seq_len": "T", "batch_size": "B", "status": "status",
-            "tokens_per_s": "tok/s", "step_ms_median": "ms", "peak_mem_gb": "mem GB", "tflops": "TFLOP/s",
+            "tokens_per_s": "tok/s", "step_ms_median": "ms", "peak_mem_gb": "mem GB", "activations_gb": "act GB",
+            "cache_gb": "cache GB", "tflops": "TFLOP/s",
             "mfu_measured_peak": "MFU", "floor_ms": "floor ms", "compile": "compile"}
     df = pd.DataFrame(rows).reindex(columns=list(cols)).rename(columns=cols)
-    fmt = {"tok/s": "{:,.0f}", "ms": "{:.2f}", "mem GB": "{:.2f}", "TFLOP/s": "{:.1f}", "MFU": "{:.1%}",
+    fmt = {"tok/s": "{:,.0f}", "ms": "{:.2f}", "mem GB": "{:.2f}", "act GB": "{:.2f}", "cache GB": "{:.4f}",
+           "TFLOP/s": "{:.1f}", "MFU": "{:.1%}",
            "floor ms": "{:.2f}"}
     for col, f in fmt.items():
         df[col] = [f.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "" for v in df[col]]
@@ -176,14 +181,15 @@ def summary(rows: list[dict]) -> list[str]:
                        for k in ("mfu_measured_peak", "mfu_datasheet")}
                 lines.append(f"{r['model']} MFU (train, T={r['seq_len']}): {pct['mfu_measured_peak']} of the measured "
                              f"peak, {pct['mfu_datasheet']} of the datasheet (PHA target >= 45% of measured)")
-    for (part, model, mode, t), r in find.items():
-        other = find.get((part, model.replace("pha", "transformer"), mode, t))
-        if part == "models" and model.startswith(("pha", "tiny_pha")) and other is not None and other is not r:
-            mem = (f", {r['peak_mem_gb'] / other['peak_mem_gb']:.2f}x peak memory"
-                   if r.get("peak_mem_gb") and other.get("peak_mem_gb") else "")
-            ratio = r["tokens_per_s"] / other["tokens_per_s"]
-            lines.append(f"{model} / {other['model']} ({mode}, T={t}): {ratio:.2f}x tokens/s{mem} "
-                         f"(paper: 1.24x, <= 0.6x at T >= 8k)")
+    for model, base in baseline_pairs({r["model"] for r in ok if r["part"] == "models"}):
+        for mode in MODES:
+            both = [(r, find["models", base, mode, t]) for (part, m, md, t), r in find.items()
+                    if (part, m, md) == ("models", model, mode) and ("models", base, mode, t) in find]
+            if both:
+                lines.append(f"{model} / {base} ({mode}, by T): " + "; ".join(_ratios(r, b) for r, b in both))
+    if any(r["part"] == "models" for r in ok):
+        lines.append("(paper: PHA-180M 1.24x tokens/s, <= 0.6x memory at T >= 8k; issue 16: the attention-sparse "
+                     "PHA-180M >= 1.40x tokens/s, <= 0.55x peak training memory, cache <= 0.25x)")
     for part, twin_part in zip(OVERHEAD_PARTS, TARGET_PARTS):
         loops: dict[str, list[float]] = {}
         for r in ok:
@@ -203,6 +209,16 @@ def summary(rows: list[dict]) -> list[str]:
                          f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
                          "(mini target >= 1.0x)")
     return lines
+
+
+def _ratios(r: dict, base: dict) -> str:
+    """T: tokens/s ratio, peak-memory ratio (GPU) and inference-cache ratio of row r over row base."""
+    parts = [f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tok/s"]
+    for col, what in (("peak_mem_gb", "peak mem"), ("cache_gb", "cache")):
+        a, b = r.get(col), base.get(col)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b) and b:
+            parts.append(f"{a / b:.2f}x {what}")
+    return f"T={r['seq_len']}: " + ", ".join(parts)
 
 
 def write_table(rows: list[dict], header: dict, out: Path) -> tuple[str, Path]:

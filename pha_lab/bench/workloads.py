@@ -25,6 +25,7 @@ from pha_lab.models import build_model
 from pha_lab.models.blocks import make_branch, make_norm
 from pha_lab.models.flops import flops_per_token
 from pha_lab.models.gss import GSS
+from pha_lab.models.memory import weight_bytes
 
 
 class BranchStack(nn.Module):
@@ -92,6 +93,32 @@ class Workload:
                 "gss_h": sum(m.dss.skip.numel() for m in self.module.modules() if isinstance(m, GSS)),
                 "vocab": self.vocab if self.kind in ("lm", "gpt2") else 0,
                 "io_bytes": 4 * self.d_model if self.kind == "dss" else 0}
+
+
+def memory_columns(workload: Workload, batch: int, seq_len: int, cache_dtype_bytes: int, optimizer_bytes: int | None,
+                   peak_mem_gb: float | None) -> dict[str, float]:
+    """A cell's memory parts (GB = 1e9 bytes; pha_lab.models.memory): weights_gb, the parameters as stored (fp32:
+    autocast reads them); cache_gb (presets only), the analytic inference cache (KV + recurrent state) of `batch`
+    sequences at context `seq_len`, `cache_dtype_bytes` per number; optimizer_gb, the AdamW moments allocated
+    (measured; 0 before the first training cell); activations_gb = peak_mem_gb - weights_gb - optimizer_gb,
+    everything else live at the peak: activations kept for the backward, the gradients allocated by then (at most
+    weights_gb), workspaces, the batch. Parts that cannot be known (no peak on a CPU) are left out."""
+    out = {"weights_gb": weight_bytes(workload.module) / 1e9}
+    if workload.kind == "lm":
+        out["cache_gb"] = workload.module.cache_bytes(batch, seq_len, cache_dtype_bytes) / 1e9
+    if optimizer_bytes is not None:
+        out["optimizer_gb"] = optimizer_bytes / 1e9
+        if peak_mem_gb is not None:
+            out["activations_gb"] = peak_mem_gb - out["weights_gb"] - out["optimizer_gb"]
+    return out
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the tensors an optimizer holds in its state (AdamW: two moments per parameter and a step count)."""
+    if optimizer is None:
+        return 0
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t))
 
 
 def analytic_flops_per_token(module: nn.Module, seq_len: int, training: bool) -> float:

@@ -57,6 +57,14 @@ class GroupedQueryAttention(nn.Module):
         )
         return self.W_o(y.transpose(1, 2).reshape(b, t, -1))
 
+    def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
+        """Bytes of the KV cache that decoding `batch` sequences at context `seq_len` holds: keys and values,
+        n_kv_heads x head_dim each, for every position kept: all of them, or at most `window` where the module
+        has a (not None) `window` attribute (sliding-window attention keeps a ring buffer)."""
+        window = getattr(self, "window", None)
+        kept = seq_len if window is None else min(seq_len, window)
+        return 2 * batch * kept * self.n_kv_heads * self.head_dim * dtype_bytes
+
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of QK^T and AV per token, counted over the full (unmasked) T x T square, as
         torch's FLOP counter does for SDPA; the projections are counted by parameters."""

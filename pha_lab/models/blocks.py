@@ -22,18 +22,20 @@ def make_norm(kind: str, d_model: int) -> nn.Module:
     return norm
 
 
-def make_branch(name: str, cfg) -> nn.Module:
-    """The registered branch `name` (pha_lab.branches), built from its section `cfg.<name>` of the model config."""
+def make_branch(name: str, cfg, section=None) -> nn.Module:
+    """The registered branch `name` (pha_lab.branches), built from `section` (a layer's own, see
+    pha_lab.config.layer_specs), by default its section `cfg.<name>` of the model config."""
     if name not in BRANCH_REGISTRY:
         raise ValueError(f"unknown branch '{name}'; registered: {', '.join(BRANCH_REGISTRY)}")
-    return BRANCH_REGISTRY[name].build(cfg)
+    return BRANCH_REGISTRY[name].build(cfg, section)
 
 
 class Block(nn.Module):
-    def __init__(self, branches: list[str], cfg):
+    def __init__(self, branches: list[str], cfg, sections: dict | None = None):
         super().__init__()
         self.names = list(branches)
-        self.branches = nn.ModuleDict({b: make_branch(b, cfg) for b in self.names})
+        sections = sections or {}
+        self.branches = nn.ModuleDict({b: make_branch(b, cfg, sections.get(b)) for b in self.names})
         self.knockout: set[str] = set()
         self.record_stats = False
         self.branch_rms: dict[str, float] = {}
@@ -53,8 +55,8 @@ class Block(nn.Module):
 class ParallelBlock(Block):
     layout = "parallel"
 
-    def __init__(self, branches: list[str], mixer: str, cfg):
-        super().__init__(branches, cfg)
+    def __init__(self, branches: list[str], mixer: str, cfg, sections: dict | None = None):
+        super().__init__(branches, cfg, sections)
         self.norm = make_norm(cfg.norm, cfg.d_model)
         self.mixer = MIXER_REGISTRY[mixer](len(self.names), cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -70,8 +72,8 @@ class ParallelBlock(Block):
 class SerialBlock(Block):
     layout = "serial"
 
-    def __init__(self, branches: list[str], cfg):
-        super().__init__(branches, cfg)
+    def __init__(self, branches: list[str], cfg, sections: dict | None = None):
+        super().__init__(branches, cfg, sections)
         self.norms = nn.ModuleDict({b: make_norm(cfg.norm, cfg.d_model) for b in self.names})
         self.drop = nn.Dropout(cfg.dropout)
 

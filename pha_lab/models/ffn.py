@@ -29,3 +29,7 @@ class FFN(nn.Module):
             gate, up = self.W_in(h).chunk(2, dim=-1)
             return self.W_out(F.silu(gate) * up)
         return self.W_out(F.gelu(self.W_in(h)))
+
+    def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
+        """Position-wise: decoding keeps nothing between tokens."""
+        return 0

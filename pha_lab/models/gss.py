@@ -318,6 +318,13 @@ class GSS(nn.Module):
         y = self.dss(v)
         return self.W_o(self.W_g(y) * u)
 
+    def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
+        """Bytes of the recurrent state that decoding `batch` sequences holds, whatever the context `seq_len`: the
+        DSS state x[h, n] (DiscreteDSS), H x N complex numbers, real and imaginary part each in fp32 at least (as
+        the FFTs: `dtype_bytes` = 8, a float64 model, keeps float64). u, v and the skip need no history."""
+        h, n = self.dss.skip.numel(), self.dss.im.numel()  # H channels, N modes
+        return 2 * batch * h * n * max(4, dtype_bytes)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of the long convolution per token (the matmuls are counted by parameters).
 

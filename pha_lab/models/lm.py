@@ -13,6 +13,7 @@ from torch import nn
 from pha_lab.config import layer_specs
 from pha_lab.models.blocks import Block, ParallelBlock, SerialBlock, make_norm
 from pha_lab.models.flops import flops_per_token
+from pha_lab.models.memory import cache_bytes_by_branch, training_bytes
 
 
 class LanguageModel(nn.Module):
@@ -24,7 +25,8 @@ class LanguageModel(nn.Module):
         self.wte.weight.no_weight_decay = True  # also the tied LM head's; an untied head is decayed
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            ParallelBlock(s["branches"], s["mixer"], cfg) if s["layout"] == "parallel" else SerialBlock(s["branches"], cfg)
+            ParallelBlock(s["branches"], s["mixer"], cfg, s["sections"]) if s["layout"] == "parallel"
+            else SerialBlock(s["branches"], cfg, s["sections"])
             for s in self.specs
         )
         self.norm_f = make_norm(cfg.norm, cfg.d_model)
@@ -93,6 +95,19 @@ class LanguageModel(nn.Module):
         """Analytic FLOPs per token by part ("matmul", "attention", "fft", ..., "total"; x3 for forward +
         backward), by the one rule of pha_lab.models.flops."""
         return flops_per_token(self, seq_len, training)
+
+    def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
+        """Bytes of the inference cache (KV cache + recurrent state) for `batch` sequences at context `seq_len`,
+        `dtype_bytes` per cached number: the sum of every branch module's own `cache_bytes` (pha_lab.models.memory)."""
+        return sum(self.cache_bytes_by_branch(batch, seq_len, dtype_bytes).values())
+
+    def cache_bytes_by_branch(self, batch: int, seq_len: int, dtype_bytes: int) -> Counter[str]:
+        """`cache_bytes` by branch name (attn: the KV cache, gss: the state, ...), summed over the layers."""
+        return cache_bytes_by_branch(self.blocks, batch, seq_len, dtype_bytes)
+
+    def training_bytes(self) -> dict[str, int]:
+        """fp32 weights, fp32 gradients and AdamW's moments in bytes, and their "total" (pha_lab.models.memory)."""
+        return training_bytes(self.n_params())
 
     def mixer_weights(self) -> list[dict[str, float]]:
         """One dict per layer: branch -> current mixer weight (empty for serial layers)."""
