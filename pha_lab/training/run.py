@@ -235,17 +235,20 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
 # --------------------------------------------------------------------------- the Trainer
 def per_step_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     """The callbacks that act on every training step (also timed by `pha-lab bench`'s overhead part):
-    interruption, peak memory, LR, tokens/s in the progress bar, Lightning's throughput/MFU."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+    interruption, peak memory, LR, loss and tokens/s in the progress bar, Lightning's throughput/MFU. None of them
+    reads the device between logging steps (tests/test_training.py counts the host transfers)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from pha_lab.training.callbacks import Interruption, PeakMemory, TokensProgressBar
+    from pha_lab.training.callbacks import Interruption, PeakMemory, ThroughputAtLogSteps, TokensProgressBar
 
-    window = max(2, min(50, cfg.trainer.max_steps // 4))
+    t = cfg.trainer
+    window_steps = max(2, min(50, t.max_steps // 4))  # throughput averaged over about this many steps
     return [
         Interruption(ckpt_dir / "last.ckpt"), PeakMemory(), LearningRateMonitor(logging_interval="step"),
-        TokensProgressBar(),
-        ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
-                          window_size=window),
+        TokensProgressBar(refresh_rate=t.log_every_n_steps * t.accumulate_grad_batches),
+        ThroughputAtLogSteps(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                             length_fn=lambda b: b["input_ids"].numel(),
+                             window_size=max(2, window_steps // t.log_every_n_steps + 1)),
     ]
 
 
