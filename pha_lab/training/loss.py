@@ -35,14 +35,13 @@ CHUNK_TOKENS = 4096  # default tokens per chunk: 4,096 x 50,304 bf16 logits = 0.
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(NLL [c] in fp32 or wider, the upcast logits, their log-sum-exp, the scored rows, the targets with ignored
-    rows set to 0). The upcast copy is new unless the logits are fp32 already (then it is the caller's chunk)."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    """(NLL [c] in fp32 or wider, log-softmax [c, V] in that dtype, the scored rows, the targets with ignored rows
+    set to 0). One fused log_softmax kernel: no log-sum-exp temporaries."""
+    log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     valid = labels != IGNORE_INDEX
     target = torch.where(valid, labels, 0)
-    lse = torch.logsumexp(x, dim=-1)
-    nll = torch.where(valid, lse - x.gather(-1, target[:, None]).squeeze(-1), 0.0)
-    return nll, x, lse, valid, target
+    nll = torch.where(valid, -log_p.gather(-1, target[:, None]).squeeze(-1), 0.0)
+    return nll, log_p, valid, target
 
 
 def _nll_only(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,9 +50,9 @@ def _nll_only(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _nll_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL [c] and d(sum NLL)/d(logits) [c, V] in the logits' dtype: softmax - one-hot on scored rows, 0 elsewhere.
-    Overwrites the upcast chunk in place (eager: one fp32 chunk alive, not four)."""
-    nll, x, lse, valid, target = _nll(logits, labels)
-    grad = x.sub_(lse[:, None]).exp_().mul_(valid[:, None])
+    In place on the log-softmax (eager: one fp32 chunk alive besides the upcast logits)."""
+    nll, log_p, valid, target = _nll(logits, labels)
+    grad = log_p.exp_().mul_(valid[:, None])
     grad.scatter_add_(-1, target[:, None], -valid[:, None].to(grad.dtype))
     return nll, grad.to(logits.dtype)
 
@@ -101,7 +100,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if want_h:
                 torch.mm(g, w, out=grad_h[rows])
             if want_w and partial is None:
-                grad_w.addmm_(g.T, h[rows])
+                torch.addmm(grad_w, g.T, h[rows], out=grad_w)  # (= addmm_, which torch's FLOP counter skips)
             elif want_w:
                 grad_w += torch.mm(g.T, h[rows], out=partial)
         ctx.save_for_backward(grad_h, grad_w)

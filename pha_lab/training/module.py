@@ -20,7 +20,7 @@ from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.models import build_model
 from pha_lab.training.loss import argmax_tokens, token_nll
 from pha_lab.training.optim import build_optimizer, build_schedule
-from pha_lab.training.run import _on_gpu
+from pha_lab.training.device import compile_enabled
 from pha_lab.training.optim import lr_lambda, param_groups  # noqa: F401 (bench/overhead.py imports them from here)
 
 
@@ -29,14 +29,6 @@ EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN/inf; the run is marked FAILED with the step."""
-
-
-def compile_enabled(cfg: DictConfig) -> bool:
-    """`trainer.compile`; auto: on when training on a GPU, off on the CPU, and off under trainer.deterministic
-    (Inductor's generated kernels are outside torch's deterministic-algorithms flag)."""
-    if cfg.trainer.compile == "auto":
-        return _on_gpu(cfg) and not cfg.trainer.deterministic
-    return bool(cfg.trainer.compile)
 
 
 class LMModule(L.LightningModule):
@@ -52,10 +44,10 @@ class LMModule(L.LightningModule):
         self.eval_flops_per_token = self.model.flops_per_token(seq_len, training=False)["total"]  # forward only
         self._last_batch_size = cfg.data.batch_size
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked before it
-        # The first optimizer step whose loss or gradient norm was not finite (0: none yet) and those two values,
-        # kept on the device (not in checkpoints); read by raise_if_nonfinite.
-        self.register_buffer("_bad_step", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_bad_values", torch.zeros(2), persistent=False)
+        # The first optimizer step whose loss or gradient norm was not finite (0: none yet) and those two values, on
+        # the device (moved there at the first step; not buffers: DDP would overwrite them with rank 0's, and not in
+        # checkpoints); read by raise_if_nonfinite.
+        self._bad_step, self._bad_values = torch.zeros((), dtype=torch.long), torch.zeros(2)
         self._checked_step = -1
         # summed over scored tokens: exact token-level loss, PPL and bits per byte. NaN checks are ours
         # (_eval_step): the metrics' default would drop a NaN loss and keep its tokens.
@@ -118,11 +110,17 @@ class LMModule(L.LightningModule):
     def _guard_step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> None:
         """Record on the device whether this step's losses (every micro-batch) and gradient norm are finite, and
         keep a fused AdamW from applying this step or any after a bad one: `found_inf` makes its kernel skip the
-        update of weights, moments and step count on the device. Without a fused AdamW (optim.fused=false,
-        16-mixed) nothing can skip a step on the device, so the flag is read here: one host sync per step."""
+        update of weights, moments and step count on the device. Under DDP the ranks' flags are all-reduced (on the
+        device) so that all skip and stop together. Without a fused AdamW (optim.fused=false, 16-mixed) nothing can
+        skip a step on the device, so the flag is read here: one host sync per step."""
         losses = torch.stack(self._step_losses).sum() if self._step_losses else norm.new_zeros(())
         self._step_losses = []  # (empty: the bench's hand-written loop, which calls this hook alone)
-        first = ~(torch.isfinite(losses) & torch.isfinite(norm)) & (self._bad_step == 0)
+        if self._bad_step.device != norm.device:  # (once)
+            self._bad_step, self._bad_values = self._bad_step.to(norm.device), self._bad_values.to(norm.device)
+        bad = (~(torch.isfinite(losses) & torch.isfinite(norm))).int()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips (and stops) alike
+        first = bad.bool() & (self._bad_step == 0)
         self._bad_step = torch.where(first, self.global_step + 1, self._bad_step)
         self._bad_values = torch.where(first, torch.stack([losses, norm]).to(self._bad_values.dtype), self._bad_values)
         if optimizer.defaults.get("fused"):

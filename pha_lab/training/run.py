@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pha_lab import tracking
 from pha_lab.config import ConfigError, flatten, to_yaml, validate
 from pha_lab.training import handoff
+from pha_lab.training.device import on_gpu, precision
 
 # Keys whose change makes a checkpoint meaningless for a resumed run (shapes, tokens).
 SHAPE_KEYS = ("model.", "data.source", "data.tokenizer.", "data.mqar.vocab_size", "data.seq_len")
@@ -64,20 +65,6 @@ def check_resume_compatible(saved: DictConfig, cfg: DictConfig) -> list[str]:
         raise ConfigError(f"cannot resume run {cfg.resume}: shape-changing config differs ({detail}); "
                           "start a new run instead or restore these values")
     return changed
-
-
-def precision(cfg: DictConfig) -> str:
-    """`trainer.precision`; "auto": bf16-mixed on a GPU, 32-true on the CPU."""
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if _on_gpu(cfg) else "32-true"
-
-
-def _on_gpu(cfg: DictConfig) -> bool:
-    import torch
-
-    accelerator = cfg.trainer.accelerator
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def prepare_determinism(cfg: DictConfig) -> None:
@@ -273,7 +260,7 @@ def build_trainer(cfg: DictConfig, run: TrackedRun, extra_callbacks: list | None
     if t.early_stop_value is not None:
         callbacks.append(EarlyStopping(monitor=objective, mode=mode, stopping_threshold=t.early_stop_value,
                                        patience=10**9, check_on_train_epoch_end=False))
-    if t.cpu_threads and not _on_gpu(cfg):
+    if t.cpu_threads and not on_gpu(cfg):
         torch.set_num_threads(t.cpu_threads)
     return L.Trainer(
         max_steps=t.max_steps,
