@@ -16,6 +16,7 @@ from pha_lab.config import load_config
 from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.data.mqar import MQARDataset
 from pha_lab.models import build_model
+from pha_lab.training import loss
 from pha_lab.training.loss import argmax_tokens, token_nll
 
 PARAMS = ["wte.weight", "norm_f.weight", "blocks.0.branches.attn.W_q.weight", "blocks.1.branches.gss.dss.w_re",
@@ -37,19 +38,19 @@ def case(experiment: str, batch: int = 2):
     return model, idx, labels
 
 
-def run(model, idx, labels, loss: str, amp: bool = False) -> dict[str, torch.Tensor]:
+def run(model, idx, labels, path: str, amp: bool = False) -> dict[str, torch.Tensor]:
     """Loss and gradients (hidden states and PARAMS) by one of the paths: plain (the [N, V] logits, upcast to the
     compute dtype's fp32 as LMModule did before) or chunked:<chunk_tokens>."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         hidden = model(idx, return_hidden=True)
         hidden.retain_grad()
-        if loss == "plain":
+        if path == "plain":
             logits = model.lm_head(hidden)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             value = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         else:
-            value = token_nll(hidden, model.lm_head.weight, labels, "sum", int(loss.split(":")[1]))
+            value = token_nll(hidden, model.lm_head.weight, labels, "sum", int(path.split(":")[1]))
     value.backward()
     params = dict(model.named_parameters())
     return {"loss": value.detach(), "hidden": hidden.grad, **{p: params[p].grad for p in PARAMS}}
@@ -103,6 +104,17 @@ def test_the_loss_alone_rounds_no_worse_than_the_plain_path(chunk):
     for amp, floor in ((False, 1e-7), (True, 5e-4)):
         for r, a, b in zip(ref, grads(plain, h, w, amp), grads(chunked, h, w, amp)):
             assert rel_err(b, r) <= 2 * rel_err(a, r) + floor, (amp, rel_err(b, r), rel_err(a, r))
+
+
+def test_the_compiled_kernel_is_the_eager_one_written_pointwise():
+    """What `compiled=True` hands to torch.compile (tests/test_compile.py compiles it) computes what the eager
+    in-place kernel does, ignored rows included."""
+    logits, labels = torch.randn(50, 300, dtype=torch.float64), torch.randint(0, 300, (50,))
+    labels[::4] = IGNORE_INDEX
+    nll_a, grad_a = loss._nll_and_grad(logits.clone(), labels)
+    nll_b, grad_b = loss._nll_and_grad_pointwise(logits, labels)
+    assert torch.allclose(nll_a, nll_b, rtol=0, atol=1e-12) and torch.allclose(grad_a, grad_b, rtol=0, atol=1e-12)
+    assert (grad_a[::4] == 0).all() and (nll_a[::4] == 0).all()
 
 
 def test_per_position_nll_and_argmax_without_logits():

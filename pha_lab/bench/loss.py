@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# pha_lab.bench.loss  torch {torch.__version__}  device "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  chunk {a.chunk}  "
           f"autocast {'bf16' if device.type == 'cuda' or a.bf16 else 'off'}")
-    print(f"{'variant':<17} {'tokens':>6} {'d':>4} {'vocab':>6} {'ms':>8} {'p10-p90':>15} {'peak GB':>8} {'saved GB':>9}")
+    print(f"{'variant':<17} {'tokens':>6} {'d':>4} {'vocab':>6} {'ms':>8} {'p10-p90':>15} {'peak GB':>8} "
+          f"{'saved GB':>9}")
     for shape in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
         for name, fn in loss_fns(a.chunk).items():
             if a.variants and name not in a.variants:

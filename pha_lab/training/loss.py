@@ -16,9 +16,10 @@ weight [V, D] go in, and the tokens are processed `chunk_tokens` at a time, so o
 - without gradients (evaluation, `reduction="none"` or "sum"): the same chunks, NLL only.
 - `argmax_tokens`: the predicted token per row, chunk-wise (MQAR's accuracy).
 
-The per-chunk elementwise work (`_nll`, `_nll_and_grad`) is plain tensor code that `compiled=True` hands to
-torch.compile (one reduction and one pointwise kernel per chunk instead of ~8 eager passes over fp32); the chunk
-loop and the matmuls stay eager, a clean boundary outside the model's compiled graph.
+The per-chunk elementwise work is plain tensor code: eager (`_nll_and_grad`, in place: one fp32 chunk at a time) or,
+with `compiled=True`, handed to torch.compile in a form it fuses (`_nll_and_grad_pointwise`: one reduction and
+one pointwise kernel per chunk instead of ~8 eager passes over fp32); the chunk loop and the matmuls stay eager,
+a clean boundary outside the model's compiled graph.
 `token_nll` is the one loss path: training, validation/test and any evaluation by position call it.
 """
 
@@ -57,12 +58,27 @@ def _nll_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return nll, grad.to(logits.dtype)
 
 
+def _nll_and_grad_pointwise(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_nll_and_grad` without in-place ops or a scatter (the one-hot is a comparison), for torch.compile: a
+    reduction (log-sum-exp) and one pointwise kernel that reads the logits and writes their gradient in their
+    dtype, with no fp32 [c, V] buffer. Eager, it would hold several fp32 chunks at once."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = labels != IGNORE_INDEX
+    target = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    nll = torch.where(valid, (lse - x.gather(-1, target[:, None])).squeeze(-1), 0.0)
+    one_hot = torch.arange(x.shape[-1], device=x.device) == target[:, None]
+    grad = (torch.exp(x - lse) - one_hot.to(x.dtype)) * valid[:, None]
+    return nll, grad.to(logits.dtype)
+
+
 @functools.cache
 def _kernels(compiled: bool):
-    """(nll, nll_and_grad) per chunk, eager or torch.compile'd (compiled once per process, per shape family)."""
+    """(nll, nll_and_grad) per chunk: eager, or torch.compile'd (once per process; a chunk of another size, the
+    last one or an evaluation batch's, compiles once more, shape-generic)."""
     if not compiled:
         return _nll_only, _nll_and_grad
-    return torch.compile(_nll_only), torch.compile(_nll_and_grad)
+    return torch.compile(_nll_only), torch.compile(_nll_and_grad_pointwise)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
