@@ -8,9 +8,8 @@ the device between logging steps.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import lightning as L
 import torch

@@ -18,9 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.models import build_model
+from pha_lab.training.device import compile_enabled
 from pha_lab.training.loss import argmax_tokens, token_nll
 from pha_lab.training.optim import build_optimizer, build_schedule
-from pha_lab.training.device import compile_enabled
 from pha_lab.training.optim import lr_lambda, param_groups  # noqa: F401 (bench/overhead.py imports them from here)
 
 
