@@ -16,7 +16,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -35,6 +35,7 @@ LAYOUTS = ("parallel", "serial")
 NORMS = ("rmsnorm", "layernorm")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # --------------------------------------------------------------------------- schema: model
@@ -140,7 +141,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
-    fused: bool = True  # fused AdamW on CUDA
+    fused: bool = True  # fused AdamW (CUDA, CPU): a non-finite step is skipped on the device, no host sync
 
 
 @dataclass
@@ -154,7 +155,11 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int = 1  # per node
     num_nodes: int = 1  # > 1: a multi-node DDP job (one task per device, e.g. under SLURM)
-    compile: bool = False
+    # torch.compile of the whole LanguageModel (+ the loss's chunk kernels): auto = on when training on a GPU, off
+    # on the CPU (where compiling costs more than it gains); true | false force it
+    compile: Union[bool, str] = "auto"
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the LM head + cross-entropy (pha_lab.training.loss)
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
     early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
     # true: two runs of one config give identical numbers on the same GPU and software (CUBLAS_WORKSPACE_CONFIG,
@@ -549,8 +554,11 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.test_ckpt", t.test_ckpt, ("last", "best"))
+    if t.compile not in (True, False, "auto"):
+        raise ConfigError(f"invalid value '{t.compile}' for trainer.compile; choose one of: true, false, auto")
+    _choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     for key in ("max_steps", "val_every_n_steps", "log_every_n_steps", "ckpt_every_n_steps", "accumulate_grad_batches",
-                "devices", "num_nodes"):
+                "devices", "num_nodes", "loss_chunk_tokens"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import lightning as L
 import mlflow
@@ -285,6 +286,41 @@ def test_nan_loss_fails_before_the_optimizer_step_and_checkpoints_stay_finite(tm
     assert moments and all(torch.isfinite(t).all() for t in moments)
 
 
+class TrainingState(L.Callback):
+    """The weights and AdamW state at the start of optimizer step `step + 1`, and when the run raised."""
+
+    def __init__(self, step: int):
+        self.step, self.before, self.at_failure = step, None, None
+
+    @staticmethod
+    def _state(trainer, pl_module):
+        (opt,) = trainer.optimizers
+        moments = [t.clone() for s in opt.state.values() for t in s.values()]
+        return [v.clone() for v in pl_module.state_dict().values()], moments
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = self._state(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.at_failure = self._state(trainer, pl_module)
+
+
+def test_a_nan_step_is_skipped_on_the_device_and_the_run_stops_at_the_next_logging_step(tmp_path):
+    """Step 6's loss is NaN; the flag is only read at logging steps (every 5): the fused AdamW skips steps 6 to 10
+    on the device (weights, moments and step counts as after step 5), and the run fails at step 10 naming step 6."""
+    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=12", "trainer.ckpt_every_n_steps=100",
+               "trainer.val_every_n_steps=100")
+    state = TrainingState(step=5)
+    with pytest.raises(Exception, match=r"non-finite training loss \(nan\) at step 6 .*skipped.*stopped at step 10"):
+        train(cfg, [NaNOutputs(train_step=5), state])
+    assert failed_run(tmp_path)["status"] == "FAILED"
+    (weights, moments), (weights_after, moments_after) = state.before, state.at_failure
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_after))
+    assert len(moments) == len(moments_after) and all(torch.equal(a, b) for a, b in zip(moments, moments_after))
+    assert {float(m) for m in moments_after if m.ndim == 0} == {5.0}  # every parameter's AdamW step count
+
+
 def test_nan_eval_loss_is_an_error_naming_the_stage_and_batch(tmp_path):
     cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=4", "trainer.val_every_n_steps=2")
     with pytest.raises(Exception, match=r"non-finite val loss \(nan\) in val batch 1 "):
@@ -322,6 +358,54 @@ def test_eval_knocks_out_branches_and_logs_to_the_run(tmp_path):
     logged = client.get_run(result.run_id).data.metrics
     assert logged["knockout/gss/L0/delta_ppl"] == pytest.approx(table.delta_ppl.iloc[1])
     assert "knockout.csv" in {a.path for a in client.list_artifacts(result.run_id)}
+
+
+# ---------------------------------------------------------------------------- host syncs on the step path
+class HostTransfers(L.Callback):
+    """Every call made while training that copies device data to the host or waits for the device, with the
+    optimizer step it happened in: Tensor.item / cpu / tolist / numpy / __bool__ / __float__ / __int__,
+    torch.cuda.synchronize, and the throughput monitor's time points (where it calls torch.cuda.synchronize on a
+    GPU: on this CPU machine they are counted instead). Calls before on_train_start and after on_train_end (setup,
+    the final checkpoint, the test) are not counted."""
+
+    def __init__(self, monkeypatch):
+        from pha_lab.training.callbacks import ThroughputAtLogSteps
+
+        self.step, self.calls = None, []
+        for owner, name in [*((torch.Tensor, n) for n in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__",
+                                                          "__int__")),
+                            (torch.cuda, "synchronize"), (ThroughputAtLogSteps, "_time_point")]:
+            monkeypatch.setattr(owner, name, self._counted(getattr(owner, name), name))
+
+    def _counted(self, fn, name):
+        def counted(*args, **kwargs):
+            if self.step is not None:
+                caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "test_training" not in f.filename)
+                self.calls.append((self.step, name, f"{caller.filename}:{caller.lineno}"))
+            return fn(*args, **kwargs)
+        return counted
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step + 1  # the optimizer step this batch belongs to
+
+    def on_train_end(self, trainer, pl_module):
+        self.step = None
+
+
+def test_the_training_step_path_reads_the_device_only_at_logging_steps(tmp_path, monkeypatch):
+    """Over 20 optimizer steps with log_every_n_steps=5: no host transfer in any other step (the NaN check, the
+    progress bar, the throughput monitor and the loggers all wait for logging steps), a few at each logging step,
+    so about 20/5 x a constant in all (it was ~40 per step before: tests/test_training.py history)."""
+    steps, k = 20, 5
+    probe = HostTransfers(monkeypatch)
+    train(tiny(tmp_path, "tiny_pha", f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={k}",
+               "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000"), [probe])
+    assert [c for c in probe.calls if c[0] % k] == []
+    assert {c[0] for c in probe.calls} == set(range(k, steps + 1, k))  # the NaN flag is read at every logging step
+    assert len(probe.calls) <= 6 * steps // k + 3, probe.calls
 
 
 # ---------------------------------------------------------------------------- metrics: memory, FLOPs, tokens/s
@@ -419,7 +503,9 @@ def test_throughput_flops_per_token_are_the_work_of_each_stage(accumulated_run):
 
 def test_progress_bar_tokens_per_s_do_not_divide_by_accumulation(accumulated_run):
     cfg, _, bar = accumulated_run
-    assert bar.state["n"] == 8 * 2  # the bar counts micro-batches: 2 per optimizer step
+    # the bar counts micro-batches (2 per optimizer step) and refreshes every log_every_n_steps (5) optimizer steps:
+    # its last refresh of the 16 micro-batches was at the 10th
+    assert bar.state["n"] == 5 * 2
     rate = bar.state["rate"] or bar.state["n"] / bar.state["elapsed"]  # micro-batches per second
     assert float(bar.shown.replace(",", "")) == pytest.approx(rate * cfg.data.batch_size * cfg.data.seq_len, rel=1e-3)
 

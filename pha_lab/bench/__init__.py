@@ -13,4 +13,6 @@ Modules, in import order: each imports only from those listed before it (tests/t
   report          CSV, header JSON, printed table and comparisons, MLflow run
   overhead        the plain-loop vs Lightning-loop part (the only one importing Lightning)
   efficiency      runs a spec: plan the cells, run each, collect rows (`pha-lab bench`)
+  loss            the LM head + loss alone, plain vs chunked (`python -m pha_lab.bench.loss`; not a `pha-lab
+                  bench` part)
 """

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pha_lab.bench import gpt2_reference
@@ -26,6 +25,7 @@ from pha_lab.models.blocks import make_branch, make_norm
 from pha_lab.models.flops import flops_per_token
 from pha_lab.models.gss import GSS
 from pha_lab.models.memory import weight_bytes
+from pha_lab.training.loss import token_nll
 
 
 class BranchStack(nn.Module):
@@ -46,7 +46,7 @@ class BranchStack(nn.Module):
 class Workload:
     """A module to time plus what the bench needs to feed it and count its work.
 
-    kind: lm (a preset: token ids -> logits, loss as LMModule computes it), gpt2 (the reference: the loss
+    kind: lm (a preset: token ids -> hidden states, loss as LMModule computes it), gpt2 (the reference: the loss
     inside its forward, nanoGPT style), branch (a BranchStack on random fp32 activations, as the residual
     stream is) or dss (one DSS layer on v [B, L, H], bf16 on a GPU as autocast makes it, requiring grad)."""
 
@@ -70,8 +70,9 @@ class Workload:
             return fwd(*batch)
         if self.kind in ("branch", "dss"):
             return fwd(batch[0]).float().square().mean()
-        logits = fwd(batch[0])  # as LMModule: fp32 cross-entropy over the flattened logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch[1].flatten())
+        hidden = fwd(batch[0], return_hidden=True)  # as LMModule: the chunked head + cross-entropy (training/loss.py),
+        compiled = fwd is not self.module  # its chunk kernels compiled when the model is
+        return token_nll(hidden, self.module.lm_head.weight, batch[1], "sum", compiled=compiled) / batch[1].numel()
 
     def forward(self, fwd: Callable, batch: tuple) -> torch.Tensor:
         return fwd(batch[0])

@@ -69,16 +69,18 @@ class LanguageModel(nn.Module):
             if blk.layout == "parallel":
                 blk.mixer.residual_init(out_std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B, T] -> logits [B, T, vocab]."""
-        return self.forward_embeddings(self.wte(idx))
+    def forward(self, idx: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, vocab], or with return_hidden the final norm's output [B, T, D] that the
+        head would multiply (the training loss owns the head matmul: pha_lab.training.loss)."""
+        return self.forward_embeddings(self.wte(idx), return_hidden)
 
-    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [B, T, D] -> logits; separate so tests can differentiate w.r.t. inputs."""
+    def forward_embeddings(self, x: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """Token embeddings [B, T, D] -> logits (or hidden states); separate so tests can differentiate w.r.t. them."""
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm_f(x))
+        h = self.norm_f(x)
+        return h if return_hidden else self.lm_head(h)
 
     # ---------------------------------------------------------------- introspection
     def n_params(self, non_embedding: bool = False) -> int:

@@ -1,18 +1,21 @@
-"""Callbacks: mixer/branch introspection, peak memory, and clean interruption (SIGINT/SIGTERM).
+"""Callbacks: mixer/branch introspection, peak memory, throughput, and clean interruption (SIGINT/SIGTERM).
 
-Throughput and MFU come from Lightning's own `ThroughputMonitor` (configured in run.py); the
-LR from `LearningRateMonitor`.
+Throughput and MFU come from Lightning's own `ThroughputMonitor`, synchronised with the device at logging steps
+only (`ThroughputAtLogSteps`, configured in run.py); the LR from `LearningRateMonitor`. Nothing here waits for
+the device between logging steps.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pha_lab.branches import BRANCH_REGISTRY
@@ -108,11 +111,15 @@ class Interruption(L.Callback):
 
 
 class TokensProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar, showing training tokens/s (from the bar's own rate) next to the loss."""
+    """Lightning's TQDM bar, showing the training loss and tokens/s (from the bar's own rate). Give it
+    refresh_rate = log_every_n_steps x accumulation: the loss is read from the device only when the bar refreshes."""
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            items["train/loss"] = f"{float(loss):.3f}"
         bar = self._train_progress_bar
         fmt = bar.format_dict if bar is not None else {}
         rate = fmt.get("rate") or (fmt["n"] / fmt["elapsed"] if fmt.get("elapsed") and fmt.get("n") else None)
@@ -120,6 +127,54 @@ class TokensProgressBar(TQDMProgressBar):
             d = pl_module.cfg.data  # the bar counts micro-batches, whatever the accumulation
             items["tok/s"] = f"{rate * d.batch_size * d.seq_len:,.0f}"
         return items
+
+
+class ThroughputAtLogSteps(ThroughputMonitor):
+    """Lightning's ThroughputMonitor (tokens/s, FLOP/s, MFU), timing training at its logging steps only.
+
+    The stock monitor calls `torch.cuda.synchronize()` after every batch so that its clock sees the device's
+    time; this one counts every batch's samples, tokens and FLOPs on the host and synchronises only where it
+    records a time point: at logging steps (where the loggers read the device anyway) and before a validation
+    (so that the validation time it takes out of training's clock starts at a synchronised point). Its window
+    (`window_size`) therefore counts time points, each `log_every_n_steps` steps apart. Validation and test are
+    timed per batch as by the stock monitor (their loop reads every batch's loss anyway)."""
+
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._pending = [0, 0, 0, 0.0]  # batches, samples, tokens, FLOPs since the last time point
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        p = self._pending
+        p[0] += 1
+        p[1] += self.batch_size_fn(batch)
+        p[2] += self.length_fn(batch) if self.length_fn is not None else 0
+        p[3] += pl_module.flops_per_batch
+        if not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs:
+            self._time_point(trainer)
+            self._compute(trainer)
+
+    def on_validation_start(self, trainer, *args) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_global_zero:
+            self._time_point(trainer)
+        super().on_validation_start(trainer, *args)
+
+    def _time_point(self, trainer) -> None:
+        """One synchronised training measurement covering the batches since the previous one."""
+        batches, samples, tokens, flops = self._pending
+        if not batches:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the clock must see the device's time
+        stage = RunningStage.TRAINING
+        self._batches[stage] += batches
+        self._samples[stage] += samples
+        self._lengths[stage] += tokens
+        self._throughputs[stage].update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
+                                        samples=self._samples[stage],
+                                        lengths=self._lengths[stage] if self.length_fn is not None else None,
+                                        flops=flops)
+        self._pending = [0, 0, 0, 0.0]
 
 
 class CudaMemory:

@@ -31,11 +31,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, device: torch.device,
                     precision: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`, fused on CUDA when `optim.fused` (the model's parameters on `device`).
-    Not fused under "16-mixed": the fused kernel unscales fp16 gradients itself, after LMModule's clipping, so
-    it is used only where no gradient scaler is involved."""
+    """AdamW over `param_groups(model)`, fused when `optim.fused` (on CUDA and the CPU: the model's parameters on
+    `device`). The fused kernel is what lets LMModule skip a non-finite step on the device, without a host sync
+    (its `found_inf` input). Not fused under "16-mixed": the fused kernel unscales fp16 gradients itself, after
+    LMModule's clipping, so it is used only where no gradient scaler is involved."""
     o = optim_cfg
-    fused = o.fused and torch.device(device).type == "cuda" and precision != "16-mixed"
+    fused = o.fused and torch.device(device).type in ("cuda", "cpu") and precision != "16-mixed"
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=fused or None)
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pha_lab import tracking
 from pha_lab.config import ConfigError, flatten, to_yaml, validate
 from pha_lab.training import handoff
+from pha_lab.training.device import on_gpu, precision
 
 # Keys whose change makes a checkpoint meaningless for a resumed run (shapes, tokens).
 SHAPE_KEYS = ("model.", "data.source", "data.tokenizer.", "data.mqar.vocab_size", "data.seq_len")
@@ -65,20 +66,6 @@ def check_resume_compatible(saved: DictConfig, cfg: DictConfig) -> list[str]:
         raise ConfigError(f"cannot resume run {cfg.resume}: shape-changing config differs ({detail}); "
                           "start a new run instead or restore these values")
     return changed
-
-
-def precision(cfg: DictConfig) -> str:
-    """`trainer.precision`; "auto": bf16-mixed on a GPU, 32-true on the CPU."""
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if _on_gpu(cfg) else "32-true"
-
-
-def _on_gpu(cfg: DictConfig) -> bool:
-    import torch
-
-    accelerator = cfg.trainer.accelerator
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def prepare_determinism(cfg: DictConfig) -> None:
@@ -240,17 +227,20 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
 # --------------------------------------------------------------------------- the Trainer
 def per_step_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     """The callbacks that act on every training step (also timed by `pha-lab bench`'s overhead part):
-    interruption, peak memory, LR, tokens/s in the progress bar, Lightning's throughput/MFU."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+    interruption, peak memory, LR, loss and tokens/s in the progress bar, Lightning's throughput/MFU. None of them
+    reads the device between logging steps (tests/test_training.py counts the host transfers)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from pha_lab.training.callbacks import Interruption, PeakMemory, TokensProgressBar
+    from pha_lab.training.callbacks import Interruption, PeakMemory, ThroughputAtLogSteps, TokensProgressBar
 
-    window = max(2, min(50, cfg.trainer.max_steps // 4))
+    t = cfg.trainer
+    window_steps = max(2, min(50, t.max_steps // 4))  # throughput averaged over about this many steps
     return [
         Interruption(ckpt_dir / "last.ckpt"), PeakMemory(), LearningRateMonitor(logging_interval="step"),
-        TokensProgressBar(),
-        ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], length_fn=lambda b: b["input_ids"].numel(),
-                          window_size=window),
+        TokensProgressBar(refresh_rate=t.log_every_n_steps * t.accumulate_grad_batches),
+        ThroughputAtLogSteps(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                             length_fn=lambda b: b["input_ids"].numel(),
+                             window_size=max(2, window_steps // t.log_every_n_steps + 1)),
     ]
 
 
@@ -275,7 +265,7 @@ def build_trainer(cfg: DictConfig, run: TrackedRun, extra_callbacks: list | None
     if t.early_stop_value is not None:
         callbacks.append(EarlyStopping(monitor=objective, mode=mode, stopping_threshold=t.early_stop_value,
                                        patience=10**9, check_on_train_epoch_end=False))
-    if t.cpu_threads and not _on_gpu(cfg):
+    if t.cpu_threads and not on_gpu(cfg):
         torch.set_num_threads(t.cpu_threads)
     return L.Trainer(
         max_steps=t.max_steps,
