@@ -317,3 +317,14 @@ def test_traffic_counts_bytes_and_the_cufft_extras():
     assert t.bytes["_fft_c2r"] == 2 * (spectrum + signal) + 2 * (2 * spectrum) + 2 * signal
     old, new = (sum(traffic.count_step(f"pha_180m:dss-{v}", 1024, 2).bytes.values()) for v in ("fft_autograd", "fft"))
     assert new < 0.8 * old
+
+
+def test_profile_prints_a_kernel_class_table_per_workload():
+    from pha_lab.bench.profile import kernel_class, profile_workload
+
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_class("flash_fwd_kernel") == "attention"
+    assert kernel_class("triton_poi_fused_add_mul_0") == "triton (fused)"
+    text = profile_workload("tiny_transformer", 32, 1, False, 1, torch.device("cpu"), 3)
+    assert text.startswith("## tiny_transformer  T=32 B=1")
+    assert "matmul" in text and "ms/step" in text and "top 3 kernels" in text
