@@ -26,6 +26,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+# Positions whose RoPE tables every attention module keeps as fp32 buffers (2 x 4 x head_dim/2 bytes each: 1 MB per
+# layer at head_dim 64). Why tables rather than computing them per forward: under torch.compile Inductor inlines a
+# computed [T, hd/2] table into the kernels that rotate q and k, recomputing pow, sin and cos for every element of
+# [B, heads, T, hd], forward and backward (measured on an H200: ~2.5 of a 15.2 ms mini_transformer step;
+# docs/perf-notes.md, RoPE tables). Longer sequences, and float64 reference runs, compute the tables in the forward.
+ROPE_TABLE_POSITIONS = 8192
+
+
 class GroupedQueryAttention(nn.Module):
     flops_part = "attention"  # its part of pha_lab.models.flops.flops_per_token
 
@@ -39,6 +47,16 @@ class GroupedQueryAttention(nn.Module):
         self.W_kv = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False)
         self.W_o = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.W_o.is_residual_out = True
+        cos, sin = rope_cos_sin(ROPE_TABLE_POSITIONS, self.head_dim, rope_base, None, torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)  # not in checkpoints: a function of the config
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope_tables(self, t: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [t, hd/2] in `dtype`: slices of the fp32 buffers, or computed where they fall short (t beyond
+        ROPE_TABLE_POSITIONS, or float64, whose reference checks need the angles in float64)."""
+        if t <= self.rope_cos.shape[0] and dtype != torch.float64:
+            return self.rope_cos[:t].to(dtype), self.rope_sin[:t].to(dtype)
+        return rope_cos_sin(t, self.head_dim, self.rope_base, device, dtype)
 
     @classmethod
     def from_config(cls, cfg, d_model: int) -> "GroupedQueryAttention":
@@ -49,7 +67,7 @@ class GroupedQueryAttention(nn.Module):
         b, t, _ = h.shape
         q = self.W_q(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.W_kv(h).view(b, t, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(t, self.head_dim, self.rope_base, h.device, q.dtype)
+        cos, sin = self.rope_tables(t, q.dtype, h.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
