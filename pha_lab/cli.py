@@ -32,6 +32,8 @@ def cmd_params(args: argparse.Namespace) -> None:
         flops = model.flops_per_token(cfg.data.seq_len)["total"]
         attn = [i for i, blk in enumerate(model.blocks) if "attn" in blk.names]
         placed = "all" if len(attn) == len(model.blocks) else ",".join(map(str, attn)) or "-"
+        n_swa = sum("swa" in blk.names for blk in model.blocks)
+        placed += f" +{n_swa}swa" if n_swa else ""
         cache = "".join(f" {model.cache_bytes(1, t, 2) / t:>16,.0f}" for t in contexts)
         print(f"{name:<22} {cfg.model.n_layers:>6} {cfg.model.d_model:>7} {placed:>14} {model.n_params():>12,} "
               f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>10.3f} {2 * model.n_params() / 1e9:>8.3f} "
@@ -39,7 +41,8 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(f"\nGFLOPs/tok: training, at each preset's data.seq_len. bf16 GB: the weights at 2 bytes each. train GB: "
           f"fp32 weights + gradients + AdamW moments (16 bytes per parameter), activations not included. "
           f"cache B/tok: the inference cache (KV cache + recurrent state) of one sequence at that context in bf16, "
-          f"divided by the context.")
+          f"divided by the context. attn layers: those with full attention (+N swa: N layers with sliding-window "
+          f"attention).")
 
 
 def _short_len(tokens: int) -> str:

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim/2], computed in fp32 (fp64 for float64 reference checks)."""
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim/2] of positions offset..offset+T-1 (decoding starts past 0), computed in fp32
+    (fp64 for float64 reference checks); the same numbers for a position whatever the offset."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=work) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=work), inv_freq)
+    angles = torch.outer(torch.arange(offset, offset + seq_len, device=device, dtype=work), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
