@@ -68,8 +68,11 @@ The contract, stated once:
   dtype_bytes) -> int`, the bytes it keeps between decoding steps for `batch` sequences at context `seq_len` (KV
   cache, recurrent state; 0 for a position-wise branch), summed by LanguageModel.cache_bytes, which names a branch
   lacking it (pha_lab.models.memory).
-- decoding (issue 14) will add an optional per-branch pair on the module (`init_state`, `step`); the registry
-  needs no change for it, and a model decodes when every branch it has provides the pair.
+- decoding (issue 14): optional `init_state(batch, max_len, *, device, dtype) -> state`, `prefill(h [B, T, D], state)
+  -> (out, state)` (the forward's math over a prompt, after the state's tokens) and `step(h [B, 1, D], state) -> (out,
+  state)`; the state is the module's own object, carries its position `pos` and is advanced in place. A model decodes
+  when every branch of every layer has the three (else an error names the branch); pha_lab.models.decoding states
+  the contract in full (what counts as the state's bytes, the model-level prefill / step / generate).
 
 A branch may extend another's section and module. The sliding-window attention branch `swa` is
 `SlidingWindowConfig(AttnConfig)` (the attention keys plus `window`) and `SlidingWindowAttention(GroupedQueryAttention)`

@@ -262,3 +262,22 @@ def test_the_cuda_path_is_one_graph_once_its_mask_is_cached():
     torch._dynamo.reset()
     assert counts == [(3, 1), (1, 0)]
     assert list(sw._BLOCK_MASKS) == [(5, 19, torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("layout", ["parallel", "serial"])
+def test_the_model_decodes_step_by_step_as_its_forward(layout):
+    """LanguageModel.prefill + step (pha_lab.models.decoding) with swa layers whose ring wraps in the prompt and
+    again while stepping, float64: the logits equal the forward's, and the state's tensors are the counted cache."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny_pha_swa", ["model.swa.window=4", f"model.layout={layout}"])
+    model = build_model(cfg.model).double().eval()
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 17))
+    with torch.no_grad():
+        full = model(idx)
+    state = model.init_state(2, 17)
+    logits, state = model.prefill(idx[:, :7], state)
+    steps = [model.step(idx[:, i], state)[0] for i in range(7, 17)]
+    assert (logits - full[:, :7]).abs().max().item() < 1e-9
+    assert (torch.stack(steps, 1) - full[:, 7:]).abs().max().item() < 1e-9
+    assert state.nbytes_by_branch() == model.cache_bytes_by_branch(2, 17, 8)
+    assert state.nbytes_by_branch()["swa"] == 2 * 2 * 2 * 4 * 2 * 16 * 8  # 2 layers, K+V, B=2, 4 slots, 2 x 16 wide

@@ -12,7 +12,7 @@ Forward paths (the same function; tests/test_sliding_window.py checks each again
 - CPU, or with attention dropout: SDPA with an explicit banded causal mask [T, T] (flex has no dropout).
 `impl` ("auto", "flex", "sdpa") forces a path, for the tests and the bench.
 
-Decoding (issue 14's per-branch contract): `init_state(batch, max_len, device=, dtype=)` makes a ring of
+Decoding (the per-branch contract of pha_lab.models.decoding): `init_state(batch, max_len, device=, dtype=)` makes a ring of
 min(window, max_len) slots of keys and values (RoPE already applied), position p kept in slot p % slots;
 `prefill(h, state)` runs the parallel forward over h (from the state's position) and leaves its last keys in the
 ring; `step(h, state)` writes one position's key and value, then attends over the ring. `cache_bytes` (inherited)
@@ -22,7 +22,7 @@ counts min(window, T) positions.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,20 +117,13 @@ class SlidingWindowAttention(GroupedQueryAttention):
     def extra_repr(self) -> str:
         return f"window={self.window}"
 
-    def _qkv(self, h: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, T, hd], k and v [B, Hkv, T, hd] of positions offset.., RoPE applied to q and k."""
-        b, t, _ = h.shape
-        q = self.W_q(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.W_kv(h).view(b, t, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(t, self.head_dim, self.rope_base, h.device, q.dtype, offset)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
         return self.W_o(y.transpose(1, 2).reshape(b, t, -1))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Sliding-window causal attention of a whole sequence starting at position 0 (paths: module docstring)."""
+    def _window_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sliding-window causal attention [B, H, T, hd] of a whole sequence from position 0 (paths: module
+        docstring); q and k rotated by `_qkv` (GroupedQueryAttention's)."""
         if self.impl not in IMPLS:
             raise ValueError(f"impl={self.impl!r}: choose one of {', '.join(IMPLS)}")
         t, gqa = q.shape[2], self.n_kv_heads != self.n_heads
@@ -146,7 +139,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
                                               enable_gqa=gqa)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._out(self._attend(*self._qkv(h, 0)))
+        return self._out(self._window_attend(*self._qkv(h)))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs of QK^T and AV per token over the window only: every query against min(window, T) keys (the
@@ -168,13 +161,15 @@ class SlidingWindowAttention(GroupedQueryAttention):
                              f"state with max_len >= {state.pos + t}")
 
     def _write(self, state: RingKV, k: torch.Tensor, v: torch.Tensor) -> RingKV:
-        """Keep the last min(T, slots) of the new keys/values in their slots; the state moves on by T positions."""
+        """Keep the last min(T, slots) of the new keys/values in their slots; the state moves on by T positions (in
+        place, as the decoding contract has it)."""
         t = k.shape[2]
         n = min(t, state.slots)
         slots = torch.remainder(torch.arange(state.pos + t - n, state.pos + t, device=k.device), state.slots)
         state.k.index_copy_(2, slots, k[:, :, t - n:].to(state.k.dtype))
         state.v.index_copy_(2, slots, v[:, :, t - n:].to(state.v.dtype))
-        return replace(state, pos=state.pos + t)
+        state.pos += t
+        return state
 
     def prefill(self, h: torch.Tensor, state: RingKV) -> tuple[torch.Tensor, RingKV]:
         """The parallel forward over h [B, T, D] from the state's position, and the state after it. From position 0
@@ -183,7 +178,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         self._check_room(state, t)
         q, k, v = self._qkv(h, state.pos)
         if state.pos == 0:
-            y = self._attend(q, k, v)
+            y = self._window_attend(q, k, v)
         else:
             k_all = torch.cat([state.k.to(k.dtype), k], dim=2)
             v_all = torch.cat([state.v.to(v.dtype), v], dim=2)
