@@ -155,14 +155,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        probs = torch.softmax(sorted_logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
         drop[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    """ValueError naming the bad setting of generate."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -177,14 +178,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, gen
     """One token id per row of logits [B, V] -> [B] (see the module docstring)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = filter_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise ValueError(f"generate: ids of shape {tuple(ids.shape)}, expected [batch, prompt tokens >= 1]")
     if max_new_tokens == 0:
