@@ -149,6 +149,24 @@ def test_fp32_decoding_is_close_to_the_forward():
     torch.testing.assert_close(torch.cat(rows, 1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["tiny_pha", "tiny_gss_hybrid"])
+def test_bf16_autocast_decodes_with_a_bf16_kv_cache(family):
+    """As on a GPU run (bf16-mixed): a state made inside autocast keeps bf16 keys and values and a complex64 GSS
+    state (cache_bytes at 2 bytes), and decoding is within bf16 rounding of the autocast forward."""
+    cfg = load_config(family)
+    model = build_model(cfg.model).eval()
+    ids = ids_for(cfg.model.vocab_size, length=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        full = model(ids)
+        state = model.init_state(2, 40)
+        logits, state = model.prefill(ids[:, :20], state)
+        rows = [logits] + [model.step(ids[:, t], state)[0][:, None] for t in range(20, 40)]
+    kinds = {type(st).__name__: st for layer in state.layers for st in layer.values()}
+    assert kinds["KVCache"].k.dtype == torch.bfloat16 and kinds["DSSState"].x.dtype == torch.complex64
+    assert state.nbytes() == model.cache_bytes(2, 40, 2)
+    torch.testing.assert_close(torch.cat(rows, 1).float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
 # --------------------------------------------------------------------------- the state's bytes
 @pytest.mark.parametrize("family", TINY)
 def test_decode_state_bytes_equal_cache_bytes(family):

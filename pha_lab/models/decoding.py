@@ -22,7 +22,8 @@ A model decodes when every branch of every layer has the three methods, in both 
 overrides; `check_decodable` names the first layer and branch that lacks them. On LanguageModel (thin wrappers of
 the functions here):
 
-    init_state(batch, max_len, device=None, dtype=None) -> DecodeState   defaults: the embedding's device and dtype
+    init_state(batch, max_len, device=None, dtype=None) -> DecodeState   defaults: the embedding's device, and its
+                                                                         dtype (the autocast dtype inside autocast)
     prefill(ids [B, T], state, last_only=False) -> (logits [B, T, V], state)   ([B, V] of the last token with
                                                                                last_only: no [B, T, V] at long T)
     step(ids [B] or [B, 1], state) -> (logits [B, V], state)
@@ -116,7 +117,9 @@ def init_state(model, batch: int, max_len: int, device=None, dtype=None) -> Deco
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_state(batch={batch}, max_len={max_len}): both must be >= 1")
     device = torch.device(device) if device is not None else model.wte.weight.device
-    dtype = dtype or model.wte.weight.dtype
+    if dtype is None:  # inside autocast, the dtype the activations (so the keys and values) will have
+        autocast = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else model.wte.weight.dtype
     layers = [{name: branch.init_state(batch, max_len, device=device, dtype=dtype)
                for name, branch in block.branches.items()} for block in model.blocks]
     return DecodeState(layers, batch, max_len, device=device)
