@@ -22,7 +22,8 @@ A model decodes when every branch of every layer has the three methods, in both 
 overrides; `check_decodable` names the first layer and branch that lacks them. On LanguageModel (thin wrappers of
 the functions here):
 
-    init_state(batch, max_len, device=None, dtype=None) -> DecodeState   defaults: the embedding's device and dtype
+    init_state(batch, max_len, device=None, dtype=None) -> DecodeState   defaults: the embedding's device, and its
+                                                                         dtype (the autocast dtype inside autocast)
     prefill(ids [B, T], state, last_only=False) -> (logits [B, T, V], state)   ([B, V] of the last token with
                                                                                last_only: no [B, T, V] at long T)
     step(ids [B] or [B, 1], state) -> (logits [B, V], state)
@@ -116,7 +117,9 @@ def init_state(model, batch: int, max_len: int, device=None, dtype=None) -> Deco
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_state(batch={batch}, max_len={max_len}): both must be >= 1")
     device = torch.device(device) if device is not None else model.wte.weight.device
-    dtype = dtype or model.wte.weight.dtype
+    if dtype is None:  # inside autocast, the dtype the activations (so the keys and values) will have
+        autocast = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else model.wte.weight.dtype
     layers = [{name: branch.init_state(batch, max_len, device=device, dtype=dtype)
                for name, branch in block.branches.items()} for block in model.blocks]
     return DecodeState(layers, batch, max_len, device=device)
@@ -155,14 +158,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        probs = torch.softmax(sorted_logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
         drop[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    """ValueError naming the bad setting of generate."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -177,14 +181,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, gen
     """One token id per row of logits [B, V] -> [B] (see the module docstring)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = filter_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise ValueError(f"generate: ids of shape {tuple(ids.shape)}, expected [batch, prompt tokens >= 1]")
     if max_new_tokens == 0:

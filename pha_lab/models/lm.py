@@ -86,7 +86,7 @@ class LanguageModel(nn.Module):
     # ---------------------------------------------------------------- decoding (the contract: models/decoding.py)
     def init_state(self, batch: int, max_len: int, device=None, dtype=None) -> decoding.DecodeState:
         """An empty decoding state for `batch` sequences of up to `max_len` tokens (default: the embedding's device
-        and dtype; dtype=torch.bfloat16 for a bf16-autocast model's KV cache)."""
+        and dtype, or the autocast dtype when called inside autocast: the KV cache holds what attention computes)."""
         return decoding.init_state(self, batch, max_len, device, dtype)
 
     def prefill(self, ids: torch.Tensor, state: decoding.DecodeState, last_only: bool = False):
