@@ -100,6 +100,13 @@ def test_every_family_decodes_as_its_forward(family):
     assert_decodes(*tiny64(family))
 
 
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_sliding_window_decodes_as_its_forward_when_its_ring_wraps(window):
+    """tiny_pha_swa's window (32) covers these 12 tokens; a shorter one wraps its ring in the prompt and while stepping
+    (the branch's own cases: tests/test_sliding_window.py)."""
+    assert_decodes(*tiny64("tiny_pha_swa", f"model.swa.window={window}"))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_decodes_as_its_forward(layout):
     assert_decodes(*tiny64("tiny_pha", *LAYOUTS[layout]))
@@ -149,7 +156,7 @@ def test_fp32_decoding_is_close_to_the_forward():
     torch.testing.assert_close(torch.cat(rows, 1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["tiny_pha", "tiny_gss_hybrid"])
+@pytest.mark.parametrize("family", ["tiny_pha", "tiny_gss_hybrid", "tiny_pha_swa"])
 def test_bf16_autocast_decodes_with_a_bf16_kv_cache(family):
     """As on a GPU run (bf16-mixed): a state made inside autocast keeps bf16 keys and values and a complex64 GSS
     state (cache_bytes at 2 bytes), and decoding is within bf16 rounding of the autocast forward."""
