@@ -262,6 +262,9 @@ def test_the_cuda_path_is_one_graph_once_its_mask_is_cached():
     torch._dynamo.reset()
     assert counts == [(3, 1), (1, 0)]
     assert list(sw._BLOCK_MASKS) == [(5, 19, torch.device("cpu"))]
+    # one mask_mod per window, whatever the length: what the compiled flex_attention guards on
+    assert sw.sliding_block_mask(5, 40, torch.device("cpu")).mask_mod is sw._BLOCK_MASKS[5, 19, torch.device("cpu")].mask_mod
+    assert sw.band_mod(5) is sw.band_mod(5) is not sw.band_mod(6)
 
 
 @pytest.mark.parametrize("layout", ["parallel", "serial"])

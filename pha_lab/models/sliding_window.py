@@ -10,10 +10,10 @@ Forward paths (the same function; tests/test_sliding_window.py checks each again
   cached), compiled as the flex docs ask (inside an already compiled model the plain function is traced instead);
   only the blocks that touch the band are computed, so the work is ~T x window, not T x T;
 - CPU, or with attention dropout: SDPA with an explicit banded causal mask [T, T] (flex has no dropout).
-`impl` ("auto", "flex", "sdpa") forces a path, for the tests and the bench.
+`impl` ("auto", "flex", "sdpa") forces a path (the tests run each).
 
-Decoding (the per-branch contract of pha_lab.models.decoding): `init_state(batch, max_len, device=, dtype=)` makes a ring of
-min(window, max_len) slots of keys and values (RoPE already applied), position p kept in slot p % slots;
+Decoding (the per-branch contract of pha_lab.models.decoding): `init_state(batch, max_len, device=, dtype=)` makes a
+ring of min(window, max_len) slots of keys and values (RoPE already applied), position p kept in slot p % slots;
 `prefill(h, state)` runs the parallel forward over h (from the state's position) and leaves its last keys in the
 ring; `step(h, state)` writes one position's key and value, then attends over the ring. `cache_bytes` (inherited)
 counts min(window, T) positions.
@@ -22,6 +22,7 @@ counts min(window, T) positions.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,36 +44,66 @@ _BLOCK_MASKS: dict[tuple[int, int, torch.device], object] = {}
 
 
 def sliding_block_mask(window: int, seq_len: int, device: torch.device):
-    """flex_attention's BlockMask of the sliding-window causal band, cached per (window, T, device): building it
-    evaluates the band over the T x T grid. Inside torch.compile a cached mask is read as a graph input; a missing
-    one is built outside the graph (one graph break, then dynamo recompiles with the mask cached)."""
+    """flex_attention's BlockMask of the sliding-window causal band, cached per (window, T, device). Inside
+    torch.compile a cached mask is read as a graph input; a missing one is built outside the graph (one graph break,
+    then dynamo recompiles with the mask cached)."""
     mask = _BLOCK_MASKS.get((window, seq_len, device))
     return mask if mask is not None else _build_block_mask(window, seq_len, device)
 
 
-@torch.compiler.disable
-def _build_block_mask(window: int, seq_len: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+@functools.cache
+def band_mod(window: int):
+    """The band as a flex mask_mod, one function object per window: the compiled flex_attention guards on it, so a
+    new length with the same window needs no new one."""
     def in_band(b, h, q, kv):
         return (q >= kv) & (q - kv < window)
 
+    return in_band
+
+
+@torch.compiler.disable
+def _build_block_mask(window: int, seq_len: int, device: torch.device):
+    """Built eagerly on the CPU; on a GPU by the compiled create_block_mask (as torch recommends: eager, it evaluates
+    the band over the whole T x T grid with int64 differences, ~9 GB at 32k), eagerly if that compile fails."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    build = create_block_mask
+    if device.type == "cuda":
+        build = _compiled_create_block_mask()
+    args = (band_mod(window), None, None, seq_len, seq_len)
+    try:
+        mask = build(*args, device=device)
+    except Exception as exc:  # a correct mask either way; the eager one costs memory once per length
+        if build is create_block_mask:
+            raise
+        warnings.warn(f"compiled create_block_mask failed ({type(exc).__name__}: {str(exc)[:200]}); building the "
+                      f"sliding-window mask eagerly (T x T int64 temporaries)")
+        mask = create_block_mask(*args, device=device)
     if len(_BLOCK_MASKS) >= 64:  # lengths seen by a bench or an evaluation sweep; a few MB each at most
         _BLOCK_MASKS.clear()
-    mask = _BLOCK_MASKS[window, seq_len, device] = create_block_mask(in_band, None, None, seq_len, seq_len,
-                                                                     device=device)
+    _BLOCK_MASKS[window, seq_len, device] = mask
     return mask
 
 
 @functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+@functools.cache
 def _compiled_flex():
+    """flex_attention compiled (its fused kernel; eager it materialises the scores), shapes dynamic after the second
+    length seen (torch.compile's default), so a sweep of lengths does not run into the recompile limit."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def flex(q, k, v, block_mask, enable_gqa: bool):
-    """flex_attention, compiled unless we are already inside a compiled graph (which traces it itself)."""
+    """flex_attention, compiled on a GPU unless already inside a compiled graph (which traces it itself); eager on
+    the CPU (the tests: unfused, forward only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = flex_attention if torch.compiler.is_compiling() or q.device.type != "cuda" else _compiled_flex()
