@@ -284,3 +284,27 @@ def test_the_model_decodes_step_by_step_as_its_forward(layout):
     assert (torch.stack(steps, 1) - full[:, 7:]).abs().max().item() < 1e-9
     assert state.nbytes_by_branch() == model.cache_bytes_by_branch(2, 17, 8)
     assert state.nbytes_by_branch()["swa"] == 2 * 2 * 2 * 4 * 2 * 16 * 8  # 2 layers, K+V, B=2, 4 slots, 2 x 16 wide
+
+
+@pytest.mark.slow  # ~70 s: inductor compiles create_block_mask and flex_attention for the CPU
+def test_the_compiled_mask_and_flex_kernel_equal_the_eager_ones():
+    """What the CUDA path compiles (create_block_mask, flex_attention), compiled here for the CPU: the same blocks and
+    outputs as eager, and a third length runs on the dynamic graph made at the second (no recompile per length)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    build, attend = torch.compile(create_block_mask), torch.compile(flex_attention)
+    for t in (200, 300, 450):
+        mask = build(sw.band_mod(16), None, None, t, t, device="cpu")
+        assert torch.equal(mask.to_dense(), create_block_mask(sw.band_mod(16), None, None, t, t, device="cpu").to_dense())
+        q, k, v = torch.randn(1, 4, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+        with torch.no_grad():
+            fast, eager = attend(q, k, v, block_mask=mask, enable_gqa=True), flex_attention(q, k, v, block_mask=mask,
+                                                                                              enable_gqa=True)
+        assert (fast - eager).abs().max().item() < 1e-5, t
+        if t == 300:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
