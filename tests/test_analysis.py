@@ -73,7 +73,7 @@ def test_make_tables_executes_every_notebook(rendered):
         outputs = [o for c in book["cells"] for o in c.get("outputs", [])]
         assert outputs and not [o for o in outputs if o["output_type"] == "error"], name
     for name in ("perplexity-text", "perplexity-text-paper", "ablation", "mixer-weights", "knockout", "mqar",
-                 "mqar-lr", "efficiency", "efficiency-ratio"):
+                 "mqar-lr", "efficiency", "efficiency-ratio", "decode"):
         for ext in ("md", "tex", "csv"):
             assert (rendered / f"{name}.{ext}").stat().st_size > 0, (name, ext)
     for name in ("perplexity-text", "ablation", "mixer-weights", "knockout", "mqar", "mqar-lr", "efficiency-tokens_per_s",

@@ -350,6 +350,13 @@ def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
     assert "decode tok/s" in printed and "measured cache = analytic in every cell" in printed
     assert "tiny_pha_swa / tiny_transformer (decode, B=2, by context): T=40:" in printed
 
+    from pha_lab.analysis.efficiency import load_decode, decode_table
+
+    frame, _ = load_decode(tmp_path / "bench.csv")  # the analysis reads the CSV back: one row per cell, the note
+    table = decode_table(frame)
+    assert len(table.frame) == len(rows) and "equal to the analytic count in every row" in table.notes[0]
+    assert "| tiny_pha_swa |" in table.to_markdown()
+
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
