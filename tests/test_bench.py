@@ -413,3 +413,14 @@ def test_decode_spec_plans_the_issue_grid_within_its_budget():
     assert floors["pha_swa_180m"]["min_bytes_gb"] < 0.3 * floors["transformer_180m"]["min_bytes_gb"]
     with pytest.raises(Exception, match=r"decode.contexts=\[30\] must each exceed decode.warmup \+ decode.steps = 40"):
         load_spec("decode", ["decode.contexts=[30]"])
+
+
+def test_profile_prints_a_kernel_class_table_per_workload():
+    from pha_lab.bench.profile import kernel_class, profile_workload
+
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_class("flash_fwd_kernel") == "attention"
+    assert kernel_class("triton_poi_fused_add_mul_0") == "triton (fused)"
+    text = profile_workload("tiny_transformer", 32, 1, False, 1, torch.device("cpu"), 3)
+    assert text.startswith("## tiny_transformer  T=32 B=1")
+    assert "matmul" in text and "ms/step" in text and "top 3 kernels" in text
