@@ -68,13 +68,16 @@ The contract, stated once:
   dtype_bytes) -> int`, the bytes it keeps between decoding steps for `batch` sequences at context `seq_len` (KV
   cache, recurrent state; 0 for a position-wise branch), summed by LanguageModel.cache_bytes, which names a branch
   lacking it (pha_lab.models.memory).
-- decoding (issue 14) will add an optional per-branch pair on the module (`init_state`, `step`); the registry
-  needs no change for it, and a model decodes when every branch it has provides the pair.
+- decoding (issue 14): optional `init_state(batch, max_len, *, device, dtype) -> state`, `prefill(h [B, T, D], state)
+  -> (out, state)` (the forward's math over a prompt, after the state's tokens) and `step(h [B, 1, D], state) -> (out,
+  state)`; the state is the module's own object, carries its position `pos` and is advanced in place. A model decodes
+  when every branch of every layer has the three (else an error names the branch); pha_lab.models.decoding states
+  the contract in full (what counts as the state's bytes, the model-level prefill / step / generate).
 
-Two names may share one module with different sections. A sliding-window attention branch, for example, would be
-`register_branch("swa", SlidingWindowConfig, "pha_lab.models.attention:GroupedQueryAttention")` with
-`SlidingWindowConfig(AttnConfig)` adding `window: int` (and `GroupedQueryAttention.from_config` passing it on):
-its section `model.swa` then sits beside `model.attn`, so a layer can have both.
+A branch may extend another's section and module. The sliding-window attention branch `swa` is
+`SlidingWindowConfig(AttnConfig)` (the attention keys plus `window`) and `SlidingWindowAttention(GroupedQueryAttention)`
+(pha_lab.models.sliding_window): its section `model.swa` sits beside `model.attn`, so a model can have full attention
+in some layers and windowed attention in others (experiments/tiny_pha_swa.yaml).
 """
 
 from __future__ import annotations
@@ -126,6 +129,20 @@ class AttnConfig(BranchConfig):
             raise ConfigError(
                 f"head dim d_model/n_heads = {d // self.n_heads} must be even for RoPE (model.d_model, {key}.n_heads)"
             )
+
+
+@dataclass
+class SlidingWindowConfig(AttnConfig):
+    """Sliding-window causal attention (models/sliding_window.py): attention's keys, each query seeing itself and
+    the window - 1 positions before it; its KV cache holds at most `window` positions."""
+
+    window: int = 1024
+
+    def validate(self, model: Any, key: str) -> None:
+        super().validate(model, key)
+        if self.window < 1:
+            raise ConfigError(f"{key}.window={self.window} must be >= 1: the positions each query sees, itself "
+                              f"included (window >= the context is full causal attention)")
 
 
 @dataclass
@@ -214,3 +231,4 @@ def register_branch(name: str, config: type[BranchConfig], module: str | type) -
 register_branch("gss", GSSConfig, "pha_lab.models.gss:GSS")
 register_branch("attn", AttnConfig, "pha_lab.models.attention:GroupedQueryAttention")
 register_branch("ffn", FFNConfig, "pha_lab.models.ffn:FFN")
+register_branch("swa", SlidingWindowConfig, "pha_lab.models.sliding_window:SlidingWindowAttention")

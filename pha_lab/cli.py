@@ -1,4 +1,4 @@
-"""`pha-lab` command line: train | eval | sweep | bench | tables | params.
+"""`pha-lab` command line: train | eval | generate | sweep | bench | tables | params.
 
 Heavy imports (torch, lightning, mlflow) happen inside each command so `pha-lab --help` is instant.
 """
@@ -32,6 +32,8 @@ def cmd_params(args: argparse.Namespace) -> None:
         flops = model.flops_per_token(cfg.data.seq_len)["total"]
         attn = [i for i, blk in enumerate(model.blocks) if "attn" in blk.names]
         placed = "all" if len(attn) == len(model.blocks) else ",".join(map(str, attn)) or "-"
+        n_swa = sum("swa" in blk.names for blk in model.blocks)
+        placed += f" +{n_swa}swa" if n_swa else ""
         cache = "".join(f" {model.cache_bytes(1, t, 2) / t:>16,.0f}" for t in contexts)
         print(f"{name:<22} {cfg.model.n_layers:>6} {cfg.model.d_model:>7} {placed:>14} {model.n_params():>12,} "
               f"{model.n_params(non_embedding=True):>12,} {flops / 1e9:>10.3f} {2 * model.n_params() / 1e9:>8.3f} "
@@ -39,7 +41,8 @@ def cmd_params(args: argparse.Namespace) -> None:
     print(f"\nGFLOPs/tok: training, at each preset's data.seq_len. bf16 GB: the weights at 2 bytes each. train GB: "
           f"fp32 weights + gradients + AdamW moments (16 bytes per parameter), activations not included. "
           f"cache B/tok: the inference cache (KV cache + recurrent state) of one sequence at that context in bf16, "
-          f"divided by the context.")
+          f"divided by the context. attn layers: those with full attention (+N swa: N layers with sliding-window "
+          f"attention).")
 
 
 def _short_len(tokens: int) -> str:
@@ -113,6 +116,16 @@ def cmd_eval_long_context(args: argparse.Namespace) -> int:
     order = table[table.kind == "position"].drop_duplicates("bucket").sort_values("lo")["bucket"]
     print("\nPPL by position in the book (rows) and evaluation context (columns):")
     print(by_position.reindex(order).to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Print the prompt and a continuation sampled from a run or checkpoint (pha_lab.training.generation)."""
+    from pha_lab.training.generation import generate_text
+
+    print(generate_text(args.target, args.prompt, args.max_new_tokens, [*args.overrides, *_tracking_overrides(args)],
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        device=args.device, which=args.ckpt))
     return 0
 
 
@@ -246,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-book-tokens", type=int, help="score only each book's first N tokens (default: whole books)")
     g.add_argument("--batch-tokens", type=int, default=32768, help="window tokens per forward pass (default 32768)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run or checkpoint: pha-lab generate RUN_ID --prompt TEXT")
+    p.add_argument("target", help="an MLflow run id (checkpoints under tracking.runs_dir) or a .ckpt path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. tracking.runs_dir=...")
+    p.add_argument("--prompt", default="", help="the text to continue (default: empty, a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy; default 1.0")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability only")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed: the same seed, the same text (default 0)")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--ckpt", default="last", choices=["last", "best"])
+    _tracking_options(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep: pha-lab sweep NAME [key=value ...]")
     p.add_argument("name", help="a sweep in sweeps/ (smoke, ablation, baselines, hpo, mqar, scale, ...) or a YAML path")

@@ -73,7 +73,7 @@ def test_make_tables_executes_every_notebook(rendered):
         outputs = [o for c in book["cells"] for o in c.get("outputs", [])]
         assert outputs and not [o for o in outputs if o["output_type"] == "error"], name
     for name in ("perplexity-text", "perplexity-text-paper", "ablation", "mixer-weights", "knockout", "mqar",
-                 "mqar-lr", "efficiency", "efficiency-ratio"):
+                 "mqar-lr", "efficiency", "efficiency-ratio", "decode"):
         for ext in ("md", "tex", "csv"):
             assert (rendered / f"{name}.{ext}").stat().st_size > 0, (name, ext)
     for name in ("perplexity-text", "ablation", "mixer-weights", "knockout", "mqar", "mqar-lr", "efficiency-tokens_per_s",
@@ -588,6 +588,8 @@ def test_model_labels_and_baseline_pairs_of_the_long_context_presets():
               "model.mixer": "static"}
     assert R.model_family(sparse) == "PHA, attention in 2 of 12 layers"
     assert R.model_family({**sparse, "model.mixer": "gate"}) == "PHA, attention in 2 of 12 layers (gate)"
+    swa = {**sparse, "family": "pha_swa", "model.swa.window": "512"}
+    assert R.model_family(swa) == "PHA, attention in 2 of 12 layers, a 512-token window elsewhere"
     logged = ("[{'layers': [0], 'without': None, 'layout': None, 'branches': %s, 'mixer': None, 'gss': None, "
               "'attn': None, 'ffn': {'hidden': 8}}]")
     gss = {"model.layout": "serial", "model.branches": "['gss', 'ffn']"}

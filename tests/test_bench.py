@@ -319,6 +319,102 @@ def test_traffic_counts_bytes_and_the_cufft_extras():
     assert new < 0.8 * old
 
 
+# --------------------------------------------------------------------------- decode part
+def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
+    """`pha-lab bench decode` on CPU (efficiency.yaml's cpu: section): one ok row per model x context x batch with the
+    decode columns; tokens/s per sequence and for the batch; the state's measured bytes equal the analytic cache; a
+    window keeps tiny_pha_swa's cache from growing but in its one full-attention layer; MLflow has each batch."""
+    rc, rows = bench(tmp_path, "decode")
+    assert rc == 0
+    d = load_spec("decode", tiny=True).decode
+    assert [(r["model"], r["seq_len"], r["batch_size"]) for r in rows] == [
+        (m, t, b) for m in d.models for t in d.contexts for b in d.batch_sizes]
+    decoded = d.warmup + d.steps
+    for r in rows:
+        assert (r["part"], r["mode"], r["status"]) == ("decode", "decode", "ok"), r
+        assert r["cache_bytes_measured"] == r["cache_bytes_analytic"] > 0
+        assert r["cache_gb"] == pytest.approx(r["cache_bytes_analytic"] / 1e9)
+        assert r["decode_tok_s_per_seq"] == pytest.approx(1e3 / r["step_ms_median"], rel=1e-3)
+        assert r["decode_tok_s"] == pytest.approx(r["batch_size"] * r["decode_tok_s_per_seq"], rel=1e-3)
+        assert r["tokens_per_s"] == pytest.approx(r["decode_tok_s"], rel=1e-3)
+        assert r["prefill_tok_s"] == pytest.approx(r["batch_size"] * (r["seq_len"] - decoded) / (r["prefill_ms"] / 1e3),
+                                                   rel=1e-3)
+        assert r["flops_per_step"] > 0 and r["min_bytes_gb"] * 1e9 > r["cache_bytes_analytic"]
+    cache = {(r["model"], r["seq_len"], r["batch_size"]): r["cache_bytes_measured"] for r in rows}
+    kv_per_position = 2 * 2 * 16 * 4  # K and V, 2 KV heads x 16, fp32: per layer that keeps the position
+    for b in d.batch_sizes:  # 72 - 40 more positions: the transformer's 2 layers keep them, tiny_pha_swa only layer 1
+        assert cache["tiny_transformer", 72, b] - cache["tiny_transformer", 40, b] == 2 * 32 * kv_per_position * b
+        assert cache["tiny_pha_swa", 72, b] - cache["tiny_pha_swa", 40, b] == 32 * kv_per_position * b
+        assert cache["tiny_gss", 72, b] == cache["tiny_gss", 40, b]
+    printed = capsys.readouterr().out
+    assert "decode tok/s" in printed and "measured cache = analytic in every cell" in printed
+    assert "tiny_pha_swa / tiny_transformer (decode, B=2, by context): T=40:" in printed
+
+    from pha_lab.analysis.efficiency import load_decode, decode_table
+
+    frame, _ = load_decode(tmp_path / "bench.csv")  # the analysis reads the CSV back: one row per cell, the note
+    table = decode_table(frame)
+    assert len(table.frame) == len(rows) and "equal to the analytic count in every row" in table.notes[0]
+    assert "| tiny_pha_swa |" in table.to_markdown()
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["decode"]).iloc[0]
+    for b in d.batch_sizes:
+        assert run[f"metrics.decode_tok_s/decode/tiny_pha_swa/decode_b{b}/72"] == pytest.approx(
+            next(r["decode_tok_s"] for r in rows if (r["model"], r["seq_len"], r["batch_size"]) == ("tiny_pha_swa", 72, b)),
+            rel=1e-4)
+
+
+def test_decode_cells_over_the_cache_limit_or_out_of_memory_are_rows(tmp_path, monkeypatch):
+    """A cell whose cache + weights exceed decode.max_cache_gb is skipped with the sizes in its note; an OOM while
+    decoding is an OOM row; the other cells run."""
+    from pha_lab.models.lm import LanguageModel
+    from pha_lab.models.memory import weight_bytes
+
+    model = make_workload("tiny_pha", "meta").module
+    limit = (weight_bytes(model) + model.cache_bytes(2, 40, 4) + 1) / 1e9  # fits B=2 at 40 and B=1 at 72, not B=2 at 72
+    real = LanguageModel.step
+
+    def step(self, ids, state):
+        if state.max_len == 40 and state.batch == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(self, ids, state)
+
+    monkeypatch.setattr(LanguageModel, "step", step)
+    rc, rows = bench(tmp_path, "decode", "decode.models=[tiny_pha]", f"decode.max_cache_gb={limit}", "--no-mlflow")
+    assert rc == 0
+    status = {(r["seq_len"], r["batch_size"]): r for r in rows}
+    assert status[40, 1]["status"] == "OOM" and "out of memory" in status[40, 1]["note"]
+    assert status[40, 2]["status"] == status[72, 1]["status"] == "ok"
+    assert status[72, 2]["status"] == "skipped" and re.search(r"= [\d.e-]+ GB > [\d.e-]+ GB", status[72, 2]["note"])
+    assert "decode.max_cache_gb" in status[72, 2]["note"] and status[72, 2]["cache_bytes_analytic"] > 0
+    assert math.isnan(status[72, 2]["decode_tok_s"]) and status[72, 2]["min_bytes_gb"] > 0  # its floors still computed
+
+
+def test_decode_spec_plans_the_issue_grid_within_its_budget():
+    """bench/decode.yaml: 5 presets x {1k..32k} x {1, 16}, each row with its step and prefill floors, and a planned
+    time within max_minutes at the spec's figures; a context shorter than the decoded tokens is refused."""
+    spec = load_spec("decode")
+    cells = plan(spec)
+    assert list(spec.parts) == ["decode"] and len(cells) == 50 and {c.mode for c in cells} == {"decode"}
+    assert {c.model for c in cells} == {"transformer_180m", "pha_180m", "pha_sparse_180m", "pha_swa_180m", "gss_125m"}
+    assert sorted({c.seq_len for c in cells}) == [1024, 4096, 8192, 16384, 32768]
+    assert {c.batch_size for c in cells} == {1, 16}
+    text = efficiency.plan_table(spec)
+    minutes = float(re.search(r"estimated ([\d.]+) min", text).group(1))
+    assert 0.5 < minutes < spec.max_minutes and re.search(r"by part: decode \d+", text)
+    assert "prefill floor ms" in text
+    # at 32k, B=16 a step of the transformer moves its whole KV cache; the sliding-window PHA's 2 full layers much less
+    meta = {m: make_workload(m, "meta") for m in ("transformer_180m", "pha_swa_180m")}
+    floors = {m: roofline.decode_floors(w, 32768, 16, 32768 - 40, 2, 778e12, 4.8e12) for m, w in meta.items()}
+    assert floors["transformer_180m"]["floor_bound"] == "memory"
+    assert floors["pha_swa_180m"]["min_bytes_gb"] < 0.3 * floors["transformer_180m"]["min_bytes_gb"]
+    with pytest.raises(Exception, match=r"decode.contexts=\[30\] must each exceed decode.warmup \+ decode.steps = 40"):
+        load_spec("decode", ["decode.contexts=[30]"])
+
+
 def test_profile_prints_a_kernel_class_table_per_workload():
     from pha_lab.bench.profile import kernel_class, profile_workload
 

@@ -84,7 +84,7 @@ def test_the_branch_is_a_typed_validated_config_section(running_mean):
     with pytest.raises(ConfigError, match=r"model.running_mean.expansion=0.0 must be positive"):
         toy_config("serial", "model.running_mean.expansion=0")
     load_config("tiny_pha", ["model.running_mean.expansion=0"])  # no layer uses it: its section is not checked
-    with pytest.raises(ConfigError, match="choose one of: gss, attn, ffn, running_mean"):
+    with pytest.raises(ConfigError, match="choose one of: gss, attn, ffn, swa, running_mean"):
         load_config("tiny_pha", ["model.branches=[gss,running_men]"])
     knockout = build_parser().parse_args(["eval", "RUN_ID", "--knockout", "running_mean", "gss"]).knockout
     assert knockout == ["running_mean", "gss"]

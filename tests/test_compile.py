@@ -12,7 +12,7 @@ from pha_lab.models import build_model
 from pha_lab.training import loss
 from pha_lab.training.device import compile_enabled
 
-FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_mqar"]
+FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_mqar", "tiny_pha_swa"]
 
 
 def model_and_ids(experiment: str, *overrides: str, batch: int = 2, seq_len: int = 32):

@@ -125,7 +125,7 @@ def test_pha_lab_has_no_module_level_import_circle():
 
 
 BENCH_LAYERS = ["timing", "spec", "gpt2_reference", "dss_variants", "workloads", "traffic", "roofline", "report",
-                "overhead", "efficiency", "loss"]  # the order of pha_lab/bench/__init__.py's docstring
+                "overhead", "decode", "profile", "efficiency", "loss"]  # the order of pha_lab/bench/__init__.py's docstring
 
 
 def test_bench_imports_go_one_way():

@@ -80,6 +80,15 @@ def test_a_window_bounds_the_kv_cache():
     assert model.cache_bytes(2, 100, 2) == full * 16 // 100 and model.cache_bytes(2, 10, 2) == full * 10 // 100
 
 
+def test_sliding_window_layers_keep_at_most_the_window():
+    """pha_swa_180m: full KV caches in layers 3 and 9, 512 positions in the 10 swa layers, the GSS states."""
+    model = meta_model("pha_swa_180m")
+    for t, b in ((256, 1), (512, 2), (32768, 1), (4096, 16)):
+        parts = model.cache_bytes_by_branch(b, t, 2)
+        assert parts["attn"] == kv(2, 4, 64, t, b, 2) and parts["swa"] == kv(10, 4, 64, min(512, t), b, 2), t
+        assert parts["gss"] == state(12, 256, 64, b) and model.cache_bytes(b, t, 2) == sum(parts.values())
+
+
 def test_attention_sparse_pha_cache_against_the_transformer_baselines_at_32k():
     """What issue 16's cache target (<= 0.25x) asks, analytically: 2 of 12 attention layers plus the GSS state."""
     sparse = meta_model("pha_sparse_180m").cache_bytes(1, 32768, 2)
@@ -98,10 +107,14 @@ def test_training_state_and_weight_bytes():
 
 
 def test_params_command_prints_cache_bytes_per_token(capsys):
-    assert main(["params", "pha_sparse_180m", "transformer_180m", "gss_125m", "--contexts", "1024", "32768"]) == 0
+    assert main(["params", "pha_sparse_180m", "transformer_180m", "gss_125m", "pha_swa_180m", "--contexts", "1024",
+                 "32768"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert lines["preset"][-6:] == ["cache", "B/tok", "@1k", "cache", "B/tok", "@32k"]
     # bytes per token: KV of the attention layers + the GSS state spread over the context
     assert lines["pha_sparse_180m"][-2:] == [f"{2048 + 1572864 // 1024:,}", f"{2048 + 1572864 // 32768:,}"]
     assert lines["transformer_180m"][-2:] == ["12,288", "12,288"] and lines["gss_125m"][-2:] == ["1,536", "48"]
     assert [lines[name][3] for name in ("pha_sparse_180m", "transformer_180m", "gss_125m")] == ["3,9", "all", "-"]
+    # full attention in 2 layers, a 512-position window in the other 10 (1,024 bytes per position and layer)
+    assert lines["pha_swa_180m"][3:5] == ["3,9", "+10swa"]
+    assert lines["pha_swa_180m"][-2:] == [f"{2048 + 10 * 512 + 1536:,}", f"{2048 + 10 * 1024 * 512 // 32768 + 48:,}"]

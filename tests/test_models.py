@@ -16,8 +16,9 @@ from pha_lab.models.attention import GroupedQueryAttention, apply_rope, rope_cos
 from pha_lab.models.gss import DSS, GSS, causal_fft_conv, fft_size, mode_powers
 from pha_lab.models.mixers import MIXER_REGISTRY
 
-BRANCHES = tuple(BRANCH_REGISTRY)
-TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_pha_sparse"]
+BRANCHES = ("gss", "attn", "ffn")  # tiny_pha's, every layer (the registry has more: swa, tests/test_sliding_window.py)
+TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_pha_sparse",
+                 "tiny_pha_swa"]
 
 
 def tiny_model(name="tiny_pha", *overrides):
@@ -28,7 +29,7 @@ def tiny_model(name="tiny_pha", *overrides):
 def test_registries_match_config_names():
     assert tuple(MIXER_REGISTRY) == MIXERS
     model, _ = tiny_model()
-    assert set(model.blocks[0].branches) == set(BRANCHES)
+    assert set(model.blocks[0].branches) == set(BRANCHES) and set(BRANCHES) < set(BRANCH_REGISTRY)
     assert model.blocks[0].branches["gss"].dss.kind == "dss_exp"  # the default model.gss.kernel
     with pytest.raises(ValueError, match="choose one of: dss_exp, s4d_lin_noscale"):
         DSS(4, 4, kernel="dss")

@@ -22,7 +22,8 @@ def test_expected_presets_exist():
     for name in ["pha_90m", "pha_125m", "pha_180m", "transformer_125m", "transformer_180m", "gss_125m",
                  "gss_hybrid_125m", "sequential_125m", "tiny_pha", "tiny_transformer", "tiny_gss",
                  "tiny_gss_hybrid", "tiny_sequential", "pha_sparse_125m", "pha_sparse_180m", "transformer_deep_180m",
-                 "transformer_mha_125m", "transformer_mha_180m", "mini_pha_sparse", "tiny_pha_sparse"]:
+                 "transformer_mha_125m", "transformer_mha_180m", "mini_pha_sparse", "tiny_pha_sparse", "tiny_pha_swa",
+                 "pha_swa_125m", "pha_swa_180m"]:
         assert name in PRESETS
 
 
@@ -86,7 +87,7 @@ def test_flops_estimate_matches_lightning_measure_flops(name):
 
 # Families first shipped after training recorded model.family: no run without the tag can have them, so there is no
 # guess to agree with (the layout and branches cannot tell a deeper or a multi-head Transformer apart anyway).
-RECORDED_ONLY = {"pha_sparse", "transformer_deep", "transformer_mha"}
+RECORDED_ONLY = {"pha_sparse", "transformer_deep", "transformer_mha", "pha_swa"}
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -7,6 +7,7 @@ MLflow experiment; each keeps its `source` (file:line or run id).
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -26,10 +27,14 @@ PAPER_EFFICIENCY = {"throughput_ratio": 1.24, "memory_ratio": 0.60, "model": "PH
 MODE_TITLES = {"train": "training step (forward + backward + AdamW)", "prefill": "prefill (forward only)"}
 
 EFFICIENCY_COLUMNS = ["model", "n_params", "mode", "seq_len", "batch_size", "tokens_per_s", "peak_mem_gb", "status", "gpu"]
+DECODE_CSV = "docs/benchmarks/decode.csv"  # `pha-lab bench decode` (its MLflow experiment: `decode`)
+DECODE_COLUMNS = ["model", "n_params", "mode", "seq_len", "batch_size", "status", "prefill_ms", "decode_tok_s",
+                  "decode_tok_s_per_seq", "cache_bytes_analytic", "cache_bytes_measured", "decode_peak_mem_gb", "gpu"]
 
 
 def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str | None = None,
-                    experiments: str | list[str] = "efficiency", part: str | None = "models") -> tuple[pd.DataFrame, str]:
+                    experiments: str | list[str] = "efficiency", part: str | None = "models",
+                    columns: list[str] = EFFICIENCY_COLUMNS) -> tuple[pd.DataFrame, str]:
     """(benchmark rows of one `part` of `pha-lab bench`, where they came from): the CSV if it exists,
     else the latest finished run of the `efficiency` MLflow experiment (its CSV artifact, or failing
     that its `{metric}/{part}/{model}/{mode}/{seq_len}` metrics); empty when there is neither. A
@@ -45,7 +50,14 @@ def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str |
         where = where or f"no CSV at {csv} and no finished run in {names} at {uri}"
     if part and "part" in df:
         df = df[df["part"] == part]
-    return _efficiency_frame(df), where
+    return _efficiency_frame(df, columns), where
+
+
+def load_decode(csv: str | Path | None = DECODE_CSV, tracking_uri: str | None = None,
+                experiments: str | list[str] = "decode") -> tuple[pd.DataFrame, str]:
+    """The decode part's rows (pha_lab.bench.decode: prefill and decode speed, cache bytes by context and batch),
+    found as `load_efficiency` finds the models part's."""
+    return load_efficiency(csv, tracking_uri, experiments, "decode", DECODE_COLUMNS)
 
 
 def _bench_run(experiments, uri: str) -> tuple[pd.DataFrame, str | None]:
@@ -66,9 +78,11 @@ def _bench_run(experiments, uri: str) -> tuple[pd.DataFrame, str | None]:
         parts = str(col).split("/")
         if col.startswith("metrics.") and len(parts) == 5 and pd.notna(value):
             name, part, model, mode, seq_len = parts
+            batch = re.fullmatch(r"decode_b(\d+)", mode)  # a decode row's mode carries its batch
             row = rows.setdefault((part, model, mode, seq_len), {
-                "part": part, "model": model, "mode": mode, "seq_len": int(seq_len), "status": "ok",
-                "gpu": run.get("tags.gpu"), "source": run["run_id"]})
+                "part": part, "model": model, "mode": "decode" if batch else mode, "seq_len": int(seq_len),
+                "status": "ok", "gpu": run.get("tags.gpu"), "source": run["run_id"],
+                **({"batch_size": int(batch.group(1))} if batch else {})})
             row[name[len("metrics."):]] = value
     return pd.DataFrame(list(rows.values())), f"metrics of run {run['run_id']} of {run['experiment']} at {uri}"
 
@@ -79,12 +93,13 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
 
 
-def _efficiency_frame(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.reindex(columns=EFFICIENCY_COLUMNS + ["source"]).copy()
+def _efficiency_frame(df: pd.DataFrame, columns: list[str] = EFFICIENCY_COLUMNS) -> pd.DataFrame:
+    df = df.reindex(columns=columns + ["source"]).copy()
     df["status"] = df["status"].fillna("ok").astype(str)
-    for col in ("n_params", "seq_len", "batch_size", "tokens_per_s", "peak_mem_gb"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    return df.sort_values(["mode", "model", "seq_len"], kind="stable").reset_index(drop=True)
+    for col in columns:
+        if col not in ("model", "mode", "status", "gpu"):
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df.sort_values(["mode", "model", "seq_len", "batch_size"], kind="stable").reset_index(drop=True)
 
 
 def efficiency_table(bench: pd.DataFrame) -> Table:
@@ -100,6 +115,25 @@ def efficiency_table(bench: pd.DataFrame) -> Table:
     return Table("efficiency", "Throughput and peak memory vs context length", bench, columns, notes,
                  {"tokens_per_s": lambda v: "" if pd.isna(v) else f"{v:,.0f}", "peak_mem_gb": fixed(2), "n_params": scale_label,
                   "seq_len": tokens, "batch_size": tokens})
+
+
+def decode_table(decode: pd.DataFrame) -> Table:
+    """The decode part: prefill time, decode tokens/s (all sequences and each), the cache (analytic and measured)."""
+    gpus = ", ".join(sorted(decode["gpu"].dropna().astype(str).unique())) or "not given"
+    columns = {"model": "model", "n_params": "params", "seq_len": "context", "batch_size": "batch",
+               "prefill_ms": "prefill (ms)", "decode_tok_s": "decode tokens/s", "decode_tok_s_per_seq": "per sequence",
+               "cache_bytes_measured": "cache (MB)", "decode_peak_mem_gb": "decode memory (GB)", "status": "status",
+               "source": "source"}
+    off = decode[(decode["status"] == "ok") & (decode["cache_bytes_measured"] != decode["cache_bytes_analytic"])]
+    notes = [f"GPU: {gpus}; pha-lab bench decode: the prompt (context - 40 tokens) prefilled, then 32 timed steps of "
+             "one token per sequence up to the context, medians; cache: the decoding state's tensors, "
+             + ("equal to the analytic count in every row." if off.empty else
+                f"NOT equal to the analytic count in {len(off)} row(s).")]
+    mb = lambda v: "" if pd.isna(v) else f"{v / 1e6:,.1f}"  # noqa: E731
+    return Table("decode", "Decoding: prefill time and tokens/s vs context and batch", decode, columns, notes,
+                 {"prefill_ms": fixed(1), "decode_tok_s": lambda v: "" if pd.isna(v) else f"{v:,.0f}",
+                  "decode_tok_s_per_seq": fixed(1), "cache_bytes_measured": mb, "decode_peak_mem_gb": fixed(2),
+                  "n_params": scale_label, "seq_len": tokens, "batch_size": tokens})
 
 
 def model_pairs(models: Iterable[str]) -> list[tuple[str, str]]:

@@ -237,7 +237,8 @@ PHA_BRANCHES = ("gss", "attn", "ffn")
 FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
                  "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA",
                  "transformer_deep": "Transformer (depth-matched)", "transformer_mha": "Transformer (multi-head)",
-                 }  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse: with its k of L layers
+                 "pha_swa": "PHA, sliding-window attention",
+                 }  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse, pha_swa: with k of L layers
 
 
 def recorded_family(row: dict) -> str | None:
@@ -275,6 +276,9 @@ def model_family(row: dict) -> str:
     k, n_layers = _as_int(row.get("model.n_attn_layers")), _as_int(row.get("model.n_layers"))
     if family == "pha_sparse" and k is not None and n_layers is not None:
         name = f"PHA, attention in {k} of {n_layers} layers"
+    window = _as_int(row.get("model.swa.window"))
+    if family == "pha_swa" and k is not None and n_layers is not None and window is not None:
+        name = f"PHA, attention in {k} of {n_layers} layers, a {window}-token window elsewhere"
     mixer = row.get("model.mixer")
     static = mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer))
     return name if row.get("model.layout") != "parallel" or static else f"{name} ({mixer})"

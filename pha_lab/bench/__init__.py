@@ -12,6 +12,10 @@ Modules, in import order: each imports only from those listed before it (tests/t
   roofline        matmul peak, copy bandwidth, analytic floors, MFU
   report          CSV, header JSON, printed table and comparisons, MLflow run
   overhead        the plain-loop vs Lightning-loop part (the only one importing Lightning)
+  decode          the decode part: prefill, then one token at a time from the model's decoding state, by context x
+                  batch; the state's bytes against the analytic cache
+  profile         a kernel-class table per workload from torch.profiler (`python -m pha_lab.bench.profile`; not a
+                  `pha-lab bench` part)
   efficiency      runs a spec: plan the cells, run each, collect rows (`pha-lab bench`)
   loss            the LM head + loss alone, plain vs chunked (`python -m pha_lab.bench.loss`; not a `pha-lab
                   bench` part)

@@ -8,6 +8,8 @@ One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order
             activations (no embedding or LM head), so the cost of GSS, GQA and FFN is seen separately
   dss       one DSS long convolution (a preset's H, N) in each candidate implementation of
             pha_lab.bench.dss_variants (the FFT path before issue 13, the model's conv_impl fft and chunked)
+  decode    a prompt's prefill, then one token at a time from the decoding state, by context x batch, and the
+            cache that state holds (pha_lab.bench.decode; bench/decode.yaml runs only this part)
 Each cell is timed by pha_lab.bench.timing (CUDA events, `steps` timed steps after `warmup`, median and
 p10/p90; peak memory after a reset; an out-of-memory cell is recorded as OOM and the run goes on).
 Analytic FLOPs give TFLOP/s and MFU, and `floor_ms` is the larger of FLOPs/peak and the minimum
@@ -32,8 +34,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pha_lab.bench import report
-from pha_lab.bench.roofline import Rate, datasheet_flops, device_peaks, utilisation, workload_floors
-from pha_lab.bench.spec import DTYPES, OVERHEAD_PARTS, Cell, load_spec, plan
+from pha_lab.bench.decode import prompt_len, run_decode
+from pha_lab.bench.roofline import Rate, datasheet_flops, decode_floors, device_peaks, utilisation, workload_floors
+from pha_lab.bench.spec import DECODE_PARTS, DTYPES, OVERHEAD_PARTS, Cell, load_spec, plan
 from pha_lab.bench.timing import autocast, free_memory, measure, time_steps
 from pha_lab.bench.workloads import (Workload, build_step, make_optimizer, make_workload, memory_columns, meta_workload,
                                      optimizer_bytes)
@@ -89,6 +92,13 @@ def model_lengths(cells: list[Cell]) -> dict[tuple[str, str], int]:
     return longest
 
 
+def cell_floors(cell: Cell, meta: Workload, peak: float, bandwidth: float, cache_dtype_bytes: int) -> dict:
+    """A cell's analytic floors (pha_lab.bench.roofline): a decode step's and its prompt's prefill, or a step's."""
+    if cell.part in DECODE_PARTS:
+        return decode_floors(meta, cell.seq_len, cell.batch_size, prompt_len(cell), cache_dtype_bytes, peak, bandwidth)
+    return workload_floors(meta, cell.seq_len, cell.batch_size, cell.mode != "prefill", peak, bandwidth)
+
+
 class Rows:
     """The run's rows: each finished cell gets its floors and MFU, is appended, written and printed."""
 
@@ -102,7 +112,7 @@ class Rows:
 
     def add(self, cell: Cell, result: dict) -> None:
         meta = meta_workload(cell.model, self.lengths.get((cell.part, cell.model), cell.seq_len))
-        floors = workload_floors(meta, cell.seq_len, cell.batch_size, cell.mode != "prefill", self.peak, self.bandwidth)
+        floors = cell_floors(cell, meta, self.peak, self.bandwidth, self.cache_dtype_bytes)
         row = {**dataclasses.asdict(cell), "tokens_per_step": cell.seq_len * cell.batch_size, **self.common,
                "n_params": meta.sizes()["n_params"], **floors, **result}
         row.update(memory_columns(meta, cell.batch_size, cell.seq_len, self.cache_dtype_bytes,
@@ -142,6 +152,8 @@ def _run(spec: DictConfig, device: torch.device, opts: BenchOptions) -> tuple[li
 
             for cell, result in measure_loops(spec[part], device, dtype, part):
                 rows.add(cell, result)
+        elif part in DECODE_PARTS:
+            run_decode(spec, part_cells, device, dtype, amp, rows.add, rows.skip, deadline)
         else:
             for model in dict.fromkeys(c.model for c in part_cells):
                 run_model(spec, [c for c in part_cells if c.model == model], device, amp, rows, deadline)
@@ -239,6 +251,10 @@ PLAN_LIGHTNING_START_S = (12.6, 3.0)  # the first Lightning loop of an overhead 
 PLAN_CELL_S = 0.5  # inputs, allocator churn, printing
 PLAN_MODEL_S = 2.0  # building and initialising a model on the device
 PLAN_FIXED_S = 20.0  # imports, peak measurement, MLflow
+# A decode step in eager PyTorch is host-bound below its floor: a 12-layer preset launches ~500 kernels per token
+# (projections, RoPE, cache writes, attention, the GSS recurrence, mixer, norms) at ~15 us each. An assumption, not a
+# measurement: the decode part's own rows will say (docs/perf-notes.md).
+PLAN_DECODE_STEP_MS = 8.0
 
 
 def compile_allowance(workload: Workload) -> float:
@@ -258,6 +274,14 @@ def cell_estimate_s(c: Cell, floor_ms: float, first_of_part: bool, lightning_sta
     return est
 
 
+def decode_estimate_s(c: Cell, fl: dict, d: DictConfig) -> float:
+    """One decode cell's estimated seconds: its prefills at PLAN_EFFICIENCY of their floor, its steps at the larger of
+    that and PLAN_DECODE_STEP_MS, and the fixed per-cell cost."""
+    step_ms = max(fl["floor_ms"] / PLAN_EFFICIENCY, PLAN_DECODE_STEP_MS)
+    prefill_s = (d.prefill_warmup + d.prefill_repeats) * fl["prefill_floor_ms"] / 1e3 / PLAN_EFFICIENCY
+    return prefill_s + (c.warmup + c.steps) * step_ms / 1e3 + PLAN_CELL_S
+
+
 def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs: float | None = None) -> str:
     """Every cell's analytic floor on the target card, and an estimate of the whole run's time."""
     peak = (peak_tflops or spec.peak_tflops) * 1e12
@@ -267,8 +291,11 @@ def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs
     rows, total, parts_seen, lightning_parts = [], PLAN_FIXED_S + PLAN_MODEL_S * len(lengths), set(), set()
     for c in cells:
         meta = meta_workload(c.model, lengths[c.part, c.model])
-        fl = workload_floors(meta, c.seq_len, c.batch_size, c.mode != "prefill", peak, bw)
-        est = cell_estimate_s(c, fl["floor_ms"], c.part not in parts_seen, c.part in lightning_parts, meta)
+        fl = cell_floors(c, meta, peak, bw, DTYPES[spec.dtype].itemsize)
+        if c.part in DECODE_PARTS:
+            est = decode_estimate_s(c, fl, spec[c.part])
+        else:
+            est = cell_estimate_s(c, fl["floor_ms"], c.part not in parts_seen, c.part in lightning_parts, meta)
         parts_seen.add(c.part)
         if c.mode == "loop_lightning":
             lightning_parts.add(c.part)
@@ -276,8 +303,10 @@ def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs
         rows.append({"part": c.part, "model": c.model, "mode": c.mode, "T": c.seq_len, "B": c.batch_size,
                      "compile": c.compile, "GFLOP/step": fl["flops_per_step"] / 1e9, "min GB moved": fl["min_bytes_gb"],
                      "mem floor GB": fl["mem_floor_gb"], "floor ms": fl["floor_ms"], "bound": fl["floor_bound"],
-                     "est s": est})
+                     **({"prefill floor ms": fl["prefill_floor_ms"]} if c.part in DECODE_PARTS else {}), "est s": est})
     df = pd.DataFrame(rows)
+    if "prefill floor ms" in df:  # decode rows only: blank elsewhere, not NaN
+        df["prefill floor ms"] = [f"{v:,.2f}" if v == v else "" for v in df["prefill floor ms"]]
     by_part = df.groupby("part", sort=False)["est s"].sum()
     return (df.to_string(index=False, float_format=lambda v: f"{v:,.2f}") +
             "\n\nestimated seconds by part: " + ", ".join(f"{p} {v:.0f}" for p, v in by_part.items()) +
@@ -285,4 +314,6 @@ def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs
             f"{bw / 1e12:.1f} TB/s, {PLAN_EFFICIENCY:.0%} of the floor, compile {PLAN_COMPILE_BASE_S:.0f} s + "
             f"{PLAN_COMPILE_PER_LINEAR_S} s per Linear, Lightning start {PLAN_LIGHTNING_START_S[0]} s then "
             f"{PLAN_LIGHTNING_START_S[1]} s, {PLAN_CELL_S} s per cell, {PLAN_MODEL_S} s per model build, "
+            f"decode steps >= {PLAN_DECODE_STEP_MS} ms (decode rows: the floors of one step at the context, "
+            f"GFLOP and GB per step; prefill floor ms: the prompt's), "
             f"{PLAN_FIXED_S:.0f} s fixed; max_minutes = {spec.max_minutes}")

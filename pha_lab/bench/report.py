@@ -24,19 +24,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pha_lab import tracking
 from pha_lab.analysis.runs import baseline_pairs
-from pha_lab.bench.spec import MODES, OVERHEAD_PARTS, TARGET_PARTS
+from pha_lab.bench.spec import DECODE_PARTS, MODES, OVERHEAD_PARTS, TARGET_PARTS
 from pha_lab.config import flatten
 
 COLUMNS = [
     "part", "model", "mode", "seq_len", "batch_size", "tokens_per_step", "status", "tokens_per_s", "step_ms_median",
     "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb",
     "weights_gb", "optimizer_gb", "activations_gb", "cache_gb",  # memory parts: workloads.memory_columns
+    "prefill_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_per_seq", "cache_bytes_analytic",  # decode part
+    "cache_bytes_measured", "decode_peak_mem_gb",  # (pha_lab.bench.decode)
     "mem_floor_gb", "flops_per_step", "tflops",
-    "mfu_measured_peak", "mfu_datasheet", "min_bytes_gb", "floor_ms", "floor_bound", "n_params", "gpu", "torch",
-    "compile", "dtype", "git_sha", "note",
+    "mfu_measured_peak", "mfu_datasheet", "min_bytes_gb", "floor_ms", "prefill_floor_ms", "floor_bound", "n_params",
+    "gpu", "torch", "compile", "dtype", "git_sha", "note",
 ]
 TEXT_COLUMNS = ("model", "mode", "part", "status", "note", "git_sha", "gpu", "torch", "dtype", "floor_bound")
-MLFLOW_METRICS = ("tokens_per_s", "step_ms_median", "peak_mem_gb", "tflops", "mfu_measured_peak", "mfu_datasheet")
+MLFLOW_METRICS = ("tokens_per_s", "step_ms_median", "peak_mem_gb", "tflops", "mfu_measured_peak", "mfu_datasheet",
+                  "prefill_ms", "decode_tok_s", "decode_tok_s_per_seq", "cache_bytes_measured", "decode_peak_mem_gb")
 
 
 # --------------------------------------------------------------------------- header
@@ -146,17 +149,42 @@ def progress_line(row: dict, elapsed_s: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """The step-timed and loop parts' table, then the decode part's (its own columns) when it ran."""
+    decode = [r for r in rows if r["part"] in DECODE_PARTS]
+    rest = [r for r in rows if r["part"] not in DECODE_PARTS]
+    return "\n\n".join(t for t in ((_step_table(rest) if rest else ""), (decode_table(decode) if decode else "")) if t)
+
+
+def _formatted(rows: list[dict], cols: dict[str, str], fmt: dict[str, str]) -> str:
+    df = pd.DataFrame(rows).reindex(columns=list(cols)).rename(columns=cols)
+    for col, f in fmt.items():
+        df[col] = [f.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "" for v in df[col]]
+    return df.to_string(index=False)
+
+
+def decode_table(rows: list[dict]) -> str:
+    cols = {"model": "model", "seq_len": "context", "batch_size": "B", "status": "status", "prefill_ms": "prefill ms",
+            "prefill_floor_ms": "prefill floor", "decode_tok_s": "decode tok/s", "decode_tok_s_per_seq": "tok/s/seq",
+            "step_ms_median": "step ms", "floor_ms": "step floor", "cache_bytes_analytic": "cache MB",
+            "cache_bytes_measured": "measured MB", "peak_mem_gb": "mem GB", "decode_peak_mem_gb": "decode mem GB",
+            "note": "note"}
+    rows = [{**r, "cache_bytes_analytic": r.get("cache_bytes_analytic", math.nan) / 1e6,
+             "cache_bytes_measured": r.get("cache_bytes_measured", math.nan) / 1e6} for r in rows]
+    fmt = {"prefill ms": "{:,.1f}", "prefill floor": "{:,.1f}", "decode tok/s": "{:,.0f}", "tok/s/seq": "{:,.1f}",
+           "step ms": "{:.2f}", "step floor": "{:.3f}", "cache MB": "{:.4g}", "measured MB": "{:.4g}",
+           "mem GB": "{:.2f}", "decode mem GB": "{:.2f}"}
+    return _formatted(rows, cols, fmt)
+
+
+def _step_table(rows: list[dict]) -> str:
     cols = {"part": "part", "model": "model", "mode": "mode", "seq_len": "T", "batch_size": "B", "status": "status",
             "tokens_per_s": "tok/s", "step_ms_median": "ms", "peak_mem_gb": "mem GB", "activations_gb": "act GB",
             "cache_gb": "cache GB", "tflops": "TFLOP/s",
             "mfu_measured_peak": "MFU", "floor_ms": "floor ms", "compile": "compile"}
-    df = pd.DataFrame(rows).reindex(columns=list(cols)).rename(columns=cols)
     fmt = {"tok/s": "{:,.0f}", "ms": "{:.2f}", "mem GB": "{:.2f}", "act GB": "{:.2f}", "cache GB": "{:.4f}",
            "TFLOP/s": "{:.1f}", "MFU": "{:.1%}",
            "floor ms": "{:.2f}"}
-    for col, f in fmt.items():
-        df[col] = [f.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "" for v in df[col]]
-    return df.to_string(index=False)
+    return _formatted(rows, cols, fmt)
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -190,6 +218,7 @@ def summary(rows: list[dict]) -> list[str]:
     if any(r["part"] == "models" for r in ok):
         lines.append("(paper: PHA-180M 1.24x tokens/s, <= 0.6x memory at T >= 8k; issue 16: the attention-sparse "
                      "PHA-180M >= 1.40x tokens/s, <= 0.55x peak training memory, cache <= 0.25x)")
+    lines += decode_summary([r for r in ok if r["part"] in DECODE_PARTS])
     for part, twin_part in zip(OVERHEAD_PARTS, TARGET_PARTS):
         loops: dict[str, list[float]] = {}
         for r in ok:
@@ -208,6 +237,27 @@ def summary(rows: list[dict]) -> list[str]:
             lines.append(f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, "
                          f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
                          "(mini target >= 1.0x)")
+    return lines
+
+
+def decode_summary(ok: list[dict]) -> list[str]:
+    """Each PHA model's decode speed and cache over each Transformer baseline's (baseline_pairs), per batch, by context;
+    and whether every measured cache equals its analytic count."""
+    find = {(r["model"], r["batch_size"], r["seq_len"]): r for r in ok}
+    lines = []
+    for model, base in baseline_pairs({r["model"] for r in ok}):
+        for batch in sorted({r["batch_size"] for r in ok}):
+            both = [(r, find[base, batch, t]) for (m, b, t), r in sorted(find.items())
+                    if (m, b) == (model, batch) and (base, batch, t) in find]
+            if both:
+                lines.append(f"{model} / {base} (decode, B={batch}, by context): " + "; ".join(
+                    f"T={r['seq_len']}: {r['decode_tok_s'] / b['decode_tok_s']:.2f}x tok/s, "
+                    f"{r['cache_bytes_measured'] / b['cache_bytes_measured']:.2f}x cache" for r, b in both))
+    if ok:
+        off = [f"{r['model']} T={r['seq_len']} B={r['batch_size']}" for r in ok
+               if r["cache_bytes_measured"] != r["cache_bytes_analytic"]]
+        lines.append("decode: measured cache = analytic in every cell" if not off else
+                     f"decode: measured cache != analytic in {', '.join(off)}")
     return lines
 
 
@@ -233,7 +283,8 @@ def write_table(rows: list[dict], header: dict, out: Path) -> tuple[str, Path]:
 def log_mlflow(rows: list[dict], header: dict, spec: dict, files: list[Path], tracking_uri: str | None,
                runs_dir: str, experiment: str) -> str:
     """One MLflow run: params = settings + header, metrics `{metric}/{part}/{model}/{mode}/{seq_len}` (the
-    overhead rounds as steps), the CSV and header as artifacts. Returns the run id."""
+    overhead rounds as steps; a decode row's mode is `decode_b{batch}`), the CSV and header as artifacts. Returns the
+    run id."""
     # here, not at the top: a GPU run with --no-mlflow (or an image without mlflow) never needs it
     from mlflow.entities import Metric, Param
 
@@ -252,7 +303,8 @@ def log_mlflow(rows: list[dict], header: dict, spec: dict, files: list[Path], tr
     for r in rows:
         if r.get("status") != "ok":
             continue
-        key = f"{r['part']}/{r['model']}/{r['mode']}/{r['seq_len']}"
+        mode = f"{r['mode']}_b{r['batch_size']}" if r["part"] in DECODE_PARTS else r["mode"]  # both batches per context
+        key = f"{r['part']}/{r['model']}/{mode}/{r['seq_len']}"
         step = seen[key] = seen.get(key, -1) + 1
         for name in MLFLOW_METRICS:
             value = r.get(name)

@@ -102,3 +102,34 @@ def utilisation(flops_per_step: float, step_ms: float, peak_flops: float, datash
     achieved = flops_per_step / (step_ms / 1e3)
     return {"tflops": achieved / 1e12, "mfu_measured_peak": achieved / peak_flops,
             "mfu_datasheet": achieved / datasheet}
+
+
+def decode_floors(workload: Workload, context: int, batch: int, prompt: int, cache_dtype_bytes: int,
+                  peak_flops: float, bandwidth: float) -> dict[str, Any]:
+    """The floor of one decode step of a preset (one token for each of `batch` sequences at `context`), and of the
+    prefill of its `prompt` tokens before it (`prefill_floor_ms`).
+
+    decode bytes: the weights once at `cache_dtype_bytes` per parameter (bf16 on a GPU: the decode part runs its
+      steps in one autocast region, whose weight cache casts them once), the inference cache once (analytic,
+      pha_lab.models.memory: every KV cache at `context`, every window, every GSS state), the logits; FLOPs: `batch` x the forward FLOPs per token at `context` (attention against the
+      context or the window: what one new token does), without GSS's FFT part (a step runs the recurrence).
+    prefill: `floors` of a forward over batch x prompt tokens with the LM head on the last token only (prefill's
+      last_only), so neither the per-token logits' bytes nor their FLOPs count."""
+    known = math.isfinite(peak_flops)
+    peak = peak_flops if known else 1.0
+    model, sizes = workload.module, workload.sizes()
+    head = 2.0 * model.lm_head.weight.numel()
+    parts = model.flops_per_token(context, training=False)
+    flops = batch * (parts["total"] - parts["fft"])
+    cache = model.cache_bytes(batch, context, cache_dtype_bytes)
+    moved = cache_dtype_bytes * (sizes["n_params"] + batch * sizes["vocab"]) + cache
+    t_flops, t_bytes = flops / peak, moved / bandwidth
+    pre = floors({**sizes, "vocab": 0}, model.flops_per_token(prompt, training=False)["total"] - head, prompt, batch,
+                 False, peak, bandwidth)
+    pre_ms = pre["floor_ms"] + 1e3 * batch * head / peak
+    out = {"flops_per_step": flops, "min_bytes_gb": moved / 1e9, "mem_floor_gb": (4 * sizes["n_params"] + cache) / 1e9,
+           "floor_ms": 1e3 * max(t_flops, t_bytes), "floor_bound": "compute" if t_flops >= t_bytes else "memory",
+           "prefill_floor_ms": pre_ms}
+    if not known:
+        out.update(floor_ms=float("nan"), floor_bound="", prefill_floor_ms=float("nan"))
+    return out

@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pha_lab.config import BENCH_DIR, ConfigError, load_yaml
 
-PARTS = ("targets", "overhead", "models", "dss", "branches", "targets_mini", "overhead_mini")
+PARTS = ("targets", "overhead", "models", "dss", "branches", "targets_mini", "overhead_mini", "decode")
 TARGET_PARTS = ("targets", "targets_mini")  # suite models beside their plain GPT-2-style twin (gpt2_*), one scale each
 OVERHEAD_PARTS = ("overhead", "overhead_mini")  # one LMModule trained by a plain loop and by Lightning
 MODES = ("prefill", "train")
+DECODE_PARTS = ("decode",)  # a prompt's prefill, then tokens one at a time from the model's state (bench/decode.py)
 OVERHEAD_LOOPS = ("loop_plain", "loop_lightning")  # the overhead part's modes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -62,6 +63,23 @@ class OverheadSpec:
 
 
 @dataclass
+class DecodeSpec:
+    """The decode part: per model x context x batch, the prompt is `context - warmup - steps` tokens, so the decoded
+    tokens end at `context` and the state made for max_len = context is full when the cell ends."""
+
+    models: list[str] = field(default_factory=lambda: ["transformer_180m", "pha_180m", "pha_sparse_180m",
+                                                       "pha_swa_180m", "gss_125m"])
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384, 32768])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
+    prefill_warmup: int = 1  # untimed prefills (each from a fresh state)
+    prefill_repeats: int = 2  # timed prefills: prefill_ms is their median
+    warmup: int = 8  # untimed decode steps (one token per sequence each)
+    steps: int = 32  # timed decode steps
+    max_cache_gb: Optional[float] = None  # a cell whose analytic cache + weights exceed it is a skipped row;
+    # None: the GPU's memory (no limit on a CPU)
+
+
+@dataclass
 class BenchSpec:
     name: str = "efficiency"
     parts: list[str] = field(default_factory=lambda: list(PARTS))
@@ -82,6 +100,7 @@ class BenchSpec:
     targets_mini: TargetsSpec = field(default_factory=lambda: TargetsSpec(
         models=["gpt2_mini", "mini_transformer", "mini_pha"], batch_size=16))
     overhead_mini: OverheadSpec = field(default_factory=lambda: OverheadSpec(model="mini_transformer", batch_size=16))
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
     max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
     peak_tflops: float = 778.0  # bf16 8192^3 matmul on an H100 (issue 6), used unless --measure-peak
     bandwidth_tbs: float = 3.0  # device-to-device copy, read + write (an H100 here, KINDS.md), unless measured
@@ -102,6 +121,14 @@ def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny:
         bad = [v for v in values if v not in valid]
         if bad:
             raise ConfigError(f"bench {key}: unknown {bad}; choose from {', '.join(valid)}")
+    d = spec.decode
+    decoded = d.warmup + d.steps
+    if d.warmup < 0 or d.steps < 1 or d.prefill_warmup < 0 or d.prefill_repeats < 1:
+        raise ConfigError(f"bench decode: need warmup >= 0, steps >= 1, prefill_warmup >= 0, prefill_repeats >= 1 "
+                          f"(got {d.warmup}, {d.steps}, {d.prefill_warmup}, {d.prefill_repeats})")
+    if any(t <= decoded for t in d.contexts) or any(b < 1 for b in d.batch_sizes):
+        raise ConfigError(f"bench decode.contexts={list(d.contexts)} must each exceed decode.warmup + decode.steps = "
+                          f"{decoded} (the prompt is the rest), and decode.batch_sizes={list(d.batch_sizes)} be >= 1")
     return spec
 
 
@@ -126,7 +153,8 @@ def overhead_cells(o: OverheadSpec | DictConfig, part: str = "overhead") -> list
 
 
 def plan(spec: DictConfig) -> list[Cell]:
-    """Every cell of every part in `spec.parts`, in run order. Workload names: `PRESET` (a model),
+    """Every cell of every part in `spec.parts`, in run order (a decode cell: seq_len = the context, batch_size = the
+    sequences decoded together, warmup/steps = decode steps). Workload names: `PRESET` (a model),
     `gpt2_*` (the reference loop), `PRESET:BRANCH` (a branch stack), `PRESET:dss-VARIANT[-CHUNK]` (one DSS)."""
     cells = []
     for part in spec.parts:
@@ -136,6 +164,10 @@ def plan(spec: DictConfig) -> list[Cell]:
                       for m in t.models for mode in t.modes]
         elif part in OVERHEAD_PARTS:
             cells += overhead_cells(spec[part], part)
+        elif part in DECODE_PARTS:
+            d = spec[part]
+            cells += [Cell(part, m, "decode", t, b, False, d.warmup, d.steps)
+                      for m in d.models for t in d.contexts for b in d.batch_sizes]
         else:
             names = {"models": list(spec.models),
                      "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],

@@ -4,7 +4,9 @@ parallel (PHA):  h = norm(x);  x = x + mixer([branch_b(h) for b], h)
 serial:          for b in branches: x = x + branch_b(norm_b(x))   (Transformer = [attn, ffn])
 
 Both support branch knockout (`block.knockout = {"gss"}`: that branch's output is replaced by zeros,
-at eval or anywhere) and record each branch's output RMS when `block.record_stats` is on.
+at eval or anywhere) and record each branch's output RMS when `block.record_stats` is on. `decode` runs the same
+layout with each branch's `prefill` or `step` on its state (pha_lab.models.decoding), so decoding and the forward
+share one description of the layer.
 """
 
 from __future__ import annotations
@@ -40,8 +42,26 @@ class Block(nn.Module):
         self.record_stats = False
         self.branch_rms: dict[str, float] = {}
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, self._run)
+
+    def decode(self, x: torch.Tensor, states: dict, mode: str) -> torch.Tensor:
+        """The layer over new tokens x [B, T, D] with each branch's `mode` ("prefill" | "step") on its entry of
+        `states` (branch name -> state, updated)."""
+        def run(name: str, h: torch.Tensor) -> torch.Tensor:
+            y, states[name] = getattr(self.branches[name], mode)(h, states[name])
+            return self._post(name, y)
+
+        return self.layer(x, run)
+
+    def layer(self, x: torch.Tensor, run) -> torch.Tensor:
+        """The layout: x -> x + ..., with run(name, h) giving branch `name`'s output on its input h."""
+        raise NotImplementedError
+
     def _run(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        y = self.branches[name](h)
+        return self._post(name, self.branches[name](h))
+
+    def _post(self, name: str, y: torch.Tensor) -> torch.Tensor:
         if name in self.knockout:
             y = torch.zeros_like(y)
         if self.record_stats:
@@ -61,9 +81,9 @@ class ParallelBlock(Block):
         self.mixer = MIXER_REGISTRY[mixer](len(self.names), cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def layer(self, x: torch.Tensor, run) -> torch.Tensor:
         h = self.norm(x)
-        return x + self.drop(self.mixer([self._run(b, h) for b in self.names], h))
+        return x + self.drop(self.mixer([run(b, h) for b in self.names], h))
 
     def mixer_weights(self) -> torch.Tensor:
         return self.mixer.weights().detach().float().cpu()
@@ -77,7 +97,7 @@ class SerialBlock(Block):
         self.norms = nn.ModuleDict({b: make_norm(cfg.norm, cfg.d_model) for b in self.names})
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def layer(self, x: torch.Tensor, run) -> torch.Tensor:
         for b in self.names:
-            x = x + self.drop(self._run(b, self.norms[b](x)))
+            x = x + self.drop(run(b, self.norms[b](x)))
         return x

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pha_lab.config import round_to
+from pha_lab.models.decoding import PositionState
 
 
 class FFN(nn.Module):
@@ -29,6 +30,16 @@ class FFN(nn.Module):
             gate, up = self.W_in(h).chunk(2, dim=-1)
             return self.W_out(F.silu(gate) * up)
         return self.W_out(F.gelu(self.W_in(h)))
+
+    def init_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> PositionState:
+        """Decoding (pha_lab.models.decoding): position-wise, so only a position counter."""
+        return PositionState()
+
+    def prefill(self, h: torch.Tensor, state: PositionState) -> tuple[torch.Tensor, PositionState]:
+        state.pos += h.shape[1]
+        return self(h), state
+
+    step = prefill
 
     def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
         """Position-wise: decoding keeps nothing between tokens."""

@@ -39,6 +39,14 @@ s4d_lin_noscale: the kernel this project used first: K[h, l] = Re sum_n C[h, n] 
     init lambda_n = dt_n (-1/2 + i pi n) (Gu et al. 2022, arXiv 2206.11893), dt_n geometric over the modes on
     [dt_min, dt_max], C ~ N(0, 1/(2N)), and no discretisation factor (the DSS reference's "exp-no-scale").
 
+Decoding (pha_lab.models.decoding) runs the same layer as the recurrence of DiscreteDSS on a complex state x[B, H, N]
+(`DSSState`; complex64, complex128 for float64): a step is x = exp(lambda) x + v_t, y_t = Re sum_n coef x + D v_t;
+a prefill of T tokens runs the forward's convolution (either conv_impl) and computes the state after them in
+closed form, x_T = exp(lambda T) x_0 + sum_l exp(lambda (T - 1 - l)) v_l (two [N, T] @ [B, T, H] products of
+mode_powers), adding the earlier state's readout Re sum_n coef exp(lambda (t + 1)) x_0 to its outputs.
+
+(This file is over ~400 lines on purpose: the kernel, both convolutions and the recurrence are one layer's math.)
+
 Numerics: the angle Im(lambda_n) * l reaches ~4e6 rad at l = 65536 for the dss_exp init; formed in fp32 it is
 off by up to half an ulp of that (at 32k: 0.1 rad for dss_exp, 0.03 rad for s4d_lin_noscale). So the modes are
 discretised and the angle reduced mod 2 pi in float64 (O(N L) elementwise, cheap): the fp32 angle is within
@@ -51,6 +59,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -230,6 +239,26 @@ def chunked_conv(v: torch.Tensor, modes: DiscreteDSS, skip: torch.Tensor, chunk:
     return y.reshape(b, nc * q, h)[:, :length].to(v.dtype)
 
 
+@dataclass
+class DSSState:
+    """Decoding state of one DSS layer: x [B, H, N] complex after `pos` tokens, and the per-step decay exp(lambda) [N]
+    and coefficients coef [H, N] (complex, from DiscreteDSS: constants of the weights, computed once per state and
+    not part of the cache)."""
+
+    x: torch.Tensor
+    decay: torch.Tensor
+    coef: torch.Tensor
+    pos: int = 0
+
+    def cache_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.x,)
+
+
+def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The complex dtype of a DSS state for activations of `dtype`: complex64 at least, as the FFTs are fp32."""
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 class DSS(nn.Module):
     """Diagonal state space layer: H channels sharing N complex modes, kernel `dss_exp` or `s4d_lin_noscale`."""
 
@@ -291,6 +320,42 @@ class DSS(nn.Module):
             work = torch.promote_types(self.skip.dtype, torch.float32)
             return causal_fft_conv(v, dss_kernel(modes, v.shape[1], work, skip=self.skip))
 
+    # ---------------------------------------------------------------- decoding (see the module docstring)
+    def init_state(self, batch: int, device=None, dtype=None) -> DSSState:
+        cdtype = state_dtype(dtype)
+        with torch.no_grad():
+            modes = self.discretised()
+            decay, coef = modes.decay().to(device, cdtype), modes.coef().to(device, cdtype)
+        return DSSState(torch.zeros(batch, *coef.shape, device=device, dtype=cdtype), decay, coef)
+
+    def prefill(self, v: torch.Tensor, state: DSSState) -> torch.Tensor:
+        """y of T new tokens v [B, T, H] after the state's tokens; the state advanced to the last of them."""
+        t = v.shape[1]
+        y = self.forward(v)
+        with fp32_region(v.device):
+            work = state.x.real.dtype
+            modes = self.discretised()
+            p_re, p_im = mode_powers(modes.lam_re, modes.lam_im, t + 1, work)  # exp(lambda l), l = 0..T: [N, T + 1]
+            x = v.to(work)
+            w_re, w_im = p_re[:, :t].flip(-1), p_im[:, :t].flip(-1)  # exp(lambda (T - 1 - l))
+            fresh = torch.complex(torch.einsum("nl,blh->bhn", w_re, x), torch.einsum("nl,blh->bhn", w_im, x))
+            if state.pos:  # what the earlier tokens' state adds: to the outputs, and decayed T steps to the new state
+                r = state.coef * state.x
+                y = (y.to(work) + torch.einsum("bhn,nt->bth", r.real, p_re[:, 1:])
+                     - torch.einsum("bhn,nt->bth", r.imag, p_im[:, 1:])).to(v.dtype)
+                fresh = fresh + torch.complex(p_re[:, t], p_im[:, t]) * state.x
+        state.x, state.pos = fresh.to(state.x.dtype), state.pos + t
+        return y
+
+    def step(self, v: torch.Tensor, state: DSSState) -> torch.Tensor:
+        """y of one token v [B, 1, H]: x = exp(lambda) x + v, y = Re sum_n coef x + D v."""
+        with fp32_region(v.device):
+            x = v[:, 0].to(state.x.real.dtype)
+            state.x = state.decay * state.x + x[..., None]
+            y = (state.coef * state.x).real.sum(-1) + self.skip.to(x.dtype) * x
+        state.pos += 1
+        return y[:, None].to(v.dtype)
+
 
 class GSS(nn.Module):
     flops_part = "fft"  # its part of pha_lab.models.flops.flops_per_token: the long convolution
@@ -313,10 +378,24 @@ class GSS(nn.Module):
                    cfg.chunk)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._gated(h, self.dss)
+
+    def _gated(self, h: torch.Tensor, dss) -> torch.Tensor:
         u = F.gelu(self.W_u(h))
         v = F.gelu(self.W_v(h))
-        y = self.dss(v)
+        y = dss(v)
         return self.W_o(self.W_g(y) * u)
+
+    # ---------------------------------------------------------------- decoding (pha_lab.models.decoding)
+    def init_state(self, batch: int, max_len: int, *, device=None, dtype=None) -> DSSState:
+        """The DSS state of `batch` sequences (any length: it does not grow; `max_len` is not needed)."""
+        return self.dss.init_state(batch, device, dtype)
+
+    def prefill(self, h: torch.Tensor, state: DSSState) -> tuple[torch.Tensor, DSSState]:
+        return self._gated(h, lambda v: self.dss.prefill(v, state)), state
+
+    def step(self, h: torch.Tensor, state: DSSState) -> tuple[torch.Tensor, DSSState]:
+        return self._gated(h, lambda v: self.dss.step(v, state)), state
 
     def cache_bytes(self, batch: int, seq_len: int, dtype_bytes: int) -> int:
         """Bytes of the recurrent state that decoding `batch` sequences holds, whatever the context `seq_len`: the

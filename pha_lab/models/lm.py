@@ -1,4 +1,4 @@
-"""The language model: token embedding -> N blocks -> final norm -> (tied) LM head."""
+"""The language model: token embedding -> N blocks -> final norm -> (tied) LM head; decoding in decoding.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pha_lab.config import layer_specs
+from pha_lab.models import decoding
 from pha_lab.models.blocks import Block, ParallelBlock, SerialBlock, make_norm
 from pha_lab.models.flops import flops_per_token
 from pha_lab.models.memory import cache_bytes_by_branch, training_bytes
@@ -81,6 +82,25 @@ class LanguageModel(nn.Module):
             x = block(x)
         h = self.norm_f(x)
         return h if return_hidden else self.lm_head(h)
+
+    # ---------------------------------------------------------------- decoding (the contract: models/decoding.py)
+    def init_state(self, batch: int, max_len: int, device=None, dtype=None) -> decoding.DecodeState:
+        """An empty decoding state for `batch` sequences of up to `max_len` tokens (default: the embedding's device
+        and dtype, or the autocast dtype when called inside autocast: the KV cache holds what attention computes)."""
+        return decoding.init_state(self, batch, max_len, device, dtype)
+
+    def prefill(self, ids: torch.Tensor, state: decoding.DecodeState, last_only: bool = False):
+        """ids [B, T] -> (logits [B, T, V], or [B, V] of the last token with last_only; state advanced by T)."""
+        return decoding.prefill(self, ids, state, last_only)
+
+    def step(self, ids: torch.Tensor, state: decoding.DecodeState):
+        """ids [B] or [B, 1] -> (logits [B, V], state advanced by one)."""
+        return decoding.step(self, ids, state)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """ids [B, T] followed by up to max_new_tokens sampled tokens, [B, T + n] (temperature 0: greedy)."""
+        return decoding.generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
 
     # ---------------------------------------------------------------- introspection
     def n_params(self, non_embedding: bool = False) -> int:

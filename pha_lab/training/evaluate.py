@@ -32,6 +32,10 @@ def locate(target: str, overrides: list[str], which: str = "last") -> tuple[Path
     base = load_config(None, [o for o in overrides if o.startswith("tracking.")])
     from pha_lab.training.run import checkpoint_dir, resume_config
 
+    saved = checkpoint_dir(base, target) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{target} is neither a checkpoint file nor a run id with a saved config ({saved} is "
+                          f"missing): check the id, or point --runs-dir (tracking.runs_dir) at the runs the run used")
     cfg = resume_config(target, base)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     validate(cfg)
