@@ -35,7 +35,7 @@ refuse to go past `max_len` (before touching any layer, so a refused call leaves
 (`with model.knockout("gss")`) works as in the forward: the branch still advances its state, its output is zeroed.
 Decoding is inference: call `model.eval()` first (generate does, and restores the mode) or dropout differs.
 
-Numerics: step-by-step logits equal the parallel forward's to ~1e-12 in float64 (tests/test_decoding.py, 1e-9 for
+Numerics: step-by-step logits equal the parallel forward's to ~1e-15 in float64 (tests/test_decoding.py: 1e-9 for
 every family, layout and mixer). In fp32 a GSS step accumulates its complex64 state over the tokens, where the
 forward's FFT convolution sees the kernel afresh at every length: the two agree to fp32 rounding times the number
 of steps a mode remembers.
