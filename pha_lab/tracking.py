@@ -85,23 +85,26 @@ def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
 def git_info(root: Path = PROJECT_ROOT) -> dict[str, str]:
     """The commit (40 hex digits) and dirty flag of the code that runs.
 
-    From git when `root` is the top of a git checkout; else from $PHA_GIT_SHA / $PHA_GIT_DIRTY, which a
-    copied tree without .git (the GPU machine's) is given by whoever copied it; else "unknown". Never
-    "HEAD": `git rev-parse HEAD` prints that word, and fails, outside a repository."""
+    $PHA_GIT_SHA / $PHA_GIT_DIRTY first, when set: whoever copies a tree to another machine states what it is. (The
+    GPU machine's copy of a checkout carries a .git frozen at the commit the session started from, with the later
+    commits as uncommitted changes: git there reads an old commit and "dirty", which is how three H200 calls of
+    2026-12-02 were first recorded; docs/benchmarks.md says which commits they ran.) Else from git when `root` is
+    the top of a git checkout; else "unknown". Never "HEAD": `git rev-parse HEAD` prints that word, and fails,
+    outside a repository."""
+    sha = os.environ.get("PHA_GIT_SHA", "").strip().lower()
+    if sha:
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise ValueError(f"PHA_GIT_SHA={sha!r} is not a full commit id; set it to the output of `git rev-parse HEAD`")
+        dirty = os.environ.get("PHA_GIT_DIRTY", "unknown").strip().lower()
+        if dirty not in ("true", "false", "unknown"):
+            raise ValueError(f"PHA_GIT_DIRTY={dirty!r}: use true, false or unknown")
+        return {"git_sha": sha, "git_dirty": dirty}
     top = _git(root, "rev-parse", "--show-toplevel")
     sha = _git(root, "rev-parse", "--verify", "HEAD^{commit}") if top and Path(top).resolve() == Path(root).resolve() else None
     if sha is not None:
         status = _git(root, "status", "--porcelain", "--untracked-files=no")
         return {"git_sha": sha, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
-    sha = os.environ.get("PHA_GIT_SHA", "").strip().lower()
-    if not sha:
-        return {"git_sha": "unknown", "git_dirty": "unknown"}
-    if not re.fullmatch(r"[0-9a-f]{40}", sha):
-        raise ValueError(f"PHA_GIT_SHA={sha!r} is not a full commit id; set it to the output of `git rev-parse HEAD`")
-    dirty = os.environ.get("PHA_GIT_DIRTY", "unknown").strip().lower()
-    if dirty not in ("true", "false", "unknown"):
-        raise ValueError(f"PHA_GIT_DIRTY={dirty!r}: use true, false or unknown")
-    return {"git_sha": sha, "git_dirty": dirty}
+    return {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
 def _git(root: Path, *args: str) -> str | None:

@@ -17,7 +17,8 @@ def git(repo, *args):
 
 
 def test_git_info_records_the_commit_and_the_dirty_flag_of_a_checkout(tmp_path, monkeypatch):
-    monkeypatch.setenv("PHA_GIT_SHA", "f" * 40)  # ignored where git knows better
+    monkeypatch.delenv("PHA_GIT_SHA", raising=False)
+    monkeypatch.delenv("PHA_GIT_DIRTY", raising=False)
     git(tmp_path, "init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
     git(tmp_path, "add", "code.py")
@@ -26,6 +27,10 @@ def test_git_info_records_the_commit_and_the_dirty_flag_of_a_checkout(tmp_path, 
     assert tracking.git_info(tmp_path) == {"git_sha": sha, "git_dirty": "false"}
     (tmp_path / "code.py").write_text("x = 2\n")
     assert tracking.git_info(tmp_path) == {"git_sha": sha, "git_dirty": "true"}
+    # a copied checkout whose .git is stale (the GPU machine's): the stated commit wins over what git reads
+    monkeypatch.setenv("PHA_GIT_SHA", "f" * 40)
+    monkeypatch.setenv("PHA_GIT_DIRTY", "false")
+    assert tracking.git_info(tmp_path) == {"git_sha": "f" * 40, "git_dirty": "false"}
 
 
 def test_git_info_without_git_uses_the_environment_else_unknown_never_head(tmp_path, monkeypatch):
