@@ -655,3 +655,14 @@ def test_srun_ranks_train_one_run(tmp_path):
     assert not (runs / "ranks" / "4242.0.0").exists()  # rank 0 removed its message: both ranks formed the group
     assert f"run      {run.info.run_id}" in ranks[0].stdout and "run      " not in ranks[1].stdout  # rank 0's summary
     assert client.get_metric_history(run.info.run_id, "test/loss")
+
+
+def test_the_final_weights_are_validated_at_the_last_step(tmp_path):
+    # max_steps not a multiple of val_every_n_steps: without a last validation the run's val metrics would be those
+    # of step 4, not of the weights it ends with (the H200 reference run of 2026-12-02 stopped at 2289, last val 2000)
+    result = train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=4"))
+    history = mlflow.tracking.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
+    assert len(history) == 2 and history[1].step == 6  # the periodic one (Lightning logs it at step 3), the last
+    result = train(tiny(tmp_path / "b", "tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4"))
+    history = mlflow.tracking.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
+    assert len(history) == 2  # already validated at the last step: not twice

@@ -319,6 +319,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None, on_start=None) -
         if resume_from is None:
             run.log_setup(module, trainer.precision)
         fit(trainer, module, datamodule, resume_from)
+        if trainer.global_step % cfg.trainer.val_every_n_steps:  # the final weights' val metrics, at the last step
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.save_checkpoint(run.last_ckpt)  # the final state, for `pha-lab eval RUN_ID`
         best = trainer.checkpoint_callback.best_model_path
         test_ckpt = best if cfg.trainer.test_ckpt == "best" and best else None
