@@ -5,7 +5,7 @@
 What was wrong: until the fix, `tracking.git_info()` ignored git's exit code. On the GPU machine the
 project is a copy without `.git`, where `git rev-parse HEAD` fails after printing the word "HEAD" and
 `git status` fails with no output, so every run in results/mlflow.db recorded git_sha="HEAD" and
-git_dirty="false", and so did the benchmark (docs/benchmarks/efficiency.header.json and the CSV's
+git_dirty="false", and so did the benchmark (docs/benchmarks/h100/efficiency.header.json, then docs/benchmarks/efficiency.header.json, and the CSV's
 git_sha column). Neither value says anything.
 
 What is known instead (so this is what the tags now say):
@@ -87,5 +87,5 @@ def repair_bench(csv_path: Path) -> None:
 
 if __name__ == "__main__":
     n = repair_mlflow(ROOT / "results" / "mlflow.db")
-    repair_bench(ROOT / "docs" / "benchmarks" / "efficiency.csv")
+    repair_bench(ROOT / "docs" / "benchmarks" / "h100" / "efficiency.csv")
     print(f"repaired provenance tags of {n} runs in results/mlflow.db and the benchmark CSV/header in docs/benchmarks/")

@@ -29,7 +29,7 @@ MODE_TITLES = {"train": "training step (forward + backward + AdamW)", "prefill":
 EFFICIENCY_COLUMNS = ["model", "n_params", "mode", "seq_len", "batch_size", "tokens_per_s", "peak_mem_gb", "status", "gpu"]
 DECODE_CSV = "docs/benchmarks/decode.csv"  # `pha-lab bench decode` (its MLflow experiment: `decode`)
 DECODE_COLUMNS = ["model", "n_params", "mode", "seq_len", "batch_size", "status", "prefill_ms", "decode_tok_s",
-                  "decode_tok_s_per_seq", "cache_bytes_analytic", "cache_bytes_measured", "decode_peak_mem_gb", "gpu"]
+                  "decode_tok_s_per_seq", "cache_bytes_analytic", "cache_bytes_measured", "cache_gb", "decode_peak_mem_gb", "gpu"]
 
 
 def load_efficiency(csv: str | Path | None = EFFICIENCY_CSV, tracking_uri: str | None = None,
@@ -190,3 +190,19 @@ def plot_ratios(ratios: pd.DataFrame, out: str | Path) -> dict[str, object]:
                               titles=MODE_TITLES, sharey=True, path=Path(out) / f"efficiency-{y.replace(' ', '-')}.png",
                               xlabel="context length (tokens)", ylabel=f"PHA / Transformer {y}", logx=2)
             for y, ref in refs.items()}
+
+
+def plot_decode(decode: pd.DataFrame, out: str | Path) -> dict[str, object]:
+    """`decode-tokens_per_s.png` (decode tokens/s over the batch), `decode-prefill_ms.png` and `decode-cache.png`
+    (the inference cache, MB, log scale: analytic, so cells the run skipped are drawn too; the measured bytes equal
+    it wherever a cell ran, as decode_table says) against context length, one panel per batch size."""
+    ok = decode[decode["status"] == "ok"]
+    cache = decode.dropna(subset=["cache_gb"]).assign(cache_mb=lambda d: d["cache_gb"] * 1e3)  # every row has it
+    titles = {b: f"batch {int(b)}" for b in decode["batch_size"].dropna().unique()}
+    specs = (("tokens_per_s", ok, "decode_tok_s", "decode tokens/s (all sequences)", False),
+             ("prefill_ms", ok, "prefill_ms", "prefill of the prompt (ms)", True),
+             ("cache", cache, "cache_mb", "KV cache + state (MB)", True))
+    return {name: figures.curves(frame, x="seq_len", y=y, line=["model"], panel=["batch_size"], titles=titles,
+                                 path=Path(out) / f"decode-{name}.png", xlabel="context length (tokens)", ylabel=label,
+                                 logx=2, logy=logy)
+            for name, frame, y, label, logy in specs}

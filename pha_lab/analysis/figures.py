@@ -178,11 +178,13 @@ def per_layer_lines(frame: pd.DataFrame, branches: list[str], path: Path, ylabel
 
 def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str], path: Path, xlabel: str,
            ylabel: str, logx: int | None = None, reference: dict[str, float] | None = None,
-           titles: dict | None = None, note: str | None = None, sharey: bool = False, pdf: bool = True):
+           titles: dict | None = None, note: str | None = None, sharey: bool = False, pdf: bool = True,
+           logy: bool = False):
     """Panels of y vs x, one per `panel` group (titled by `titles[key]`, else `name=key`), one line per `line`
     group (± `{y} std` when present) with the same colour in every panel; `reference` draws labelled horizontal
     lines (the paper's claims; red dashed, then black dotted); `logx` is the log base of the x axis (base 2: ticks at the data, as 512, 1k, ...);
-    `note` goes above the panels. One legend, outside the panels."""
+    `note` goes above the panels; `logy`: a log y axis (values spanning decades, as cache bytes). One legend,
+    outside the panels."""
     groups = [] if frame.empty else list(frame.groupby(panel, sort=True, dropna=False)) if panel else [((), frame)]
     name = lambda key: " ".join(str(n) for n in (key if isinstance(key, tuple) else (key,)))  # noqa: E731
     colours = _colours(sorted(name(k) for k, _ in frame.groupby(line, sort=True, dropna=False))) if groups else {}
@@ -207,7 +209,9 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
                 ticks = sorted(set(g[x].dropna().astype(float)))
                 ax.set_xticks(ticks, [_short(t) for t in ticks])
                 ax.minorticks_off()
-        if groups and frame[y].abs().max() >= 1e4:
+        if logy:
+            ax.set_yscale("log")
+        if groups and frame[y].abs().max() >= 1e4 and not logy:
             ax.yaxis.set_major_formatter(EngFormatter(sep=""))
         for (label, value), (colour, style) in zip((reference or {}).items(), [("r", "--"), ("k", ":"), ("gray", "-.")] * 9):
             ax.axhline(value, color=colour, ls=style, lw=1, label=label)

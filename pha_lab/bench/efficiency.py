@@ -240,7 +240,7 @@ def log_csv(path: Path, opts: BenchOptions) -> str:
 
 # --------------------------------------------------------------------------- planning (no device)
 # A cell's estimate: its warm-up and timed steps at PLAN_EFFICIENCY of the floor, a fixed cost, and for a compiled
-# cell a compile allowance fit to the compiled cells of the 2026-11-27 H100 run (docs/benchmarks/efficiency.csv,
+# cell a compile allowance fit to the compiled cells of the 2026-11-27 H100 run (docs/benchmarks/h100/efficiency.csv,
 # `warmup_s` = compile + warm-up steps): gpt2_reference 27.0 s (49 Linear layers), transformer_125m 29.3 s (61),
 # pha_125m 45.0 s (109), the overhead part's pha_125m again 46.7 s (its LMModule graph is not the bench's: no cache
 # hit): ~12 s + 0.3 s per Linear. The same run's Lightning loops started in 12.6 s the first time, 3.0 s after.
