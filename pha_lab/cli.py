@@ -174,7 +174,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     """Execute the analysis notebooks (papermill) against a tracking URI into --out; 1 if a cell failed."""
     from pha_lab.analysis.runs import resolve_uri
-    from pha_lab.analysis.tables import NOTEBOOKS, render_notebooks
+    from pha_lab.analysis.notebooks import NOTEBOOKS, render_notebooks
 
     sweeps = {}
     for item in args.sweeps:
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis/out", help="executed notebooks, .md/.tex/.csv tables, .png/.pdf figures")
     p.add_argument("--sweeps", nargs="*", default=[], metavar="NOTEBOOK=SWEEP,...",
                    help="sweeps (MLflow experiments) per notebook, e.g. perplexity=baselines,scale ablation=ablation "
-                   "(defaults: pha_lab.analysis.tables.DEFAULT_SWEEPS)")
+                   "(defaults: pha_lab.analysis.notebooks.DEFAULT_SWEEPS)")
     p.add_argument("--notebooks", nargs="*",
                    choices=["perplexity", "ablation", "mixing", "mqar", "efficiency", "long_context"],
                    help="only these notebooks (default: all)")

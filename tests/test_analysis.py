@@ -19,7 +19,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from pha_lab.analysis import efficiency, figures, tables
+from pha_lab.analysis import efficiency, figures, notebooks, tables
 from pha_lab.analysis import runs as R
 from pha_lab.cli import main
 
@@ -421,7 +421,7 @@ def test_a_failing_cell_fails_pha_lab_tables(tmp_path, monkeypatch, capsys):
     book = new_notebook(cells=[params, new_code_cell("raise RuntimeError('boom')")],
                         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(book, tmp_path / "mqar.ipynb")
-    monkeypatch.setattr(tables, "NOTEBOOK_DIR", tmp_path)
+    monkeypatch.setattr(notebooks, "NOTEBOOK_DIR", tmp_path)
     assert main(["tables", "--notebooks", "mqar", "--tracking-uri", "sqlite:///unused.db", "--out", str(tmp_path / "out")]) == 1
     assert "1 notebook(s) failed: mqar" in capsys.readouterr().err
     assert "boom" in (tmp_path / "out" / "mqar.ipynb").read_text()
@@ -430,8 +430,8 @@ def test_a_failing_cell_fails_pha_lab_tables(tmp_path, monkeypatch, capsys):
 def test_notebooks_are_committed_clean():
     import nbformat
 
-    for name in tables.NOTEBOOKS:
-        book = nbformat.read(tables.NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    for name in notebooks.NOTEBOOKS:
+        book = nbformat.read(notebooks.NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
         nbformat.validate(book)
         code = [c for c in book.cells if c.cell_type == "code"]
         assert book.metadata.kernelspec.name == "python3", name
@@ -515,7 +515,7 @@ def test_identical_configs_pool_across_sweeps(pooled):
     assert frame.loc["none", "reading"].tolist() == ["reference", "reference"]
     # rows come from the named sweeps, their statistics from the whole store
     only_b = tables.ablation_table(runs, sweeps=["sweep_b"]).frame
-    assert list(only_b["n"]) == [5] and tables.status_line(runs, ["sweep_b"], uri).endswith(
+    assert list(only_b["n"]) == [5] and notebooks.status_line(runs, ["sweep_b"], uri).endswith(
         "pooled with 3 run(s) of the same configurations in sweep_a.")
     mix = tables.mixer_table(runs, ["sweep_b"]).frame
     assert list(mix["n"]) == [5] and mix["gss"].item() == pytest.approx((0.4 + 0.5 + 0.6 + 0.4 + 0.5) / 5)

@@ -210,7 +210,7 @@ def test_token_bytes_add_up_to_the_split_bytes():
 def test_tiny_long_context_sweep_evaluates_every_trial_and_renders(tmp_path):
     """sweeps/long_context.yaml at the tiny scale: 4 models trained 8 steps at context 64, each evaluated at 64 and
     128 by `post_eval`, then the long_context notebook over that store."""
-    from pha_lab.analysis.tables import render_notebooks
+    from pha_lab.analysis.notebooks import render_notebooks
     from pha_lab.sweep.runner import run_sweep
 
     spec = {"extends": "long_context", "name": "lc_tiny", "experiment": "tiny_pha", "seeds": [0],

@@ -14,8 +14,9 @@ from typing import Iterable
 import pandas as pd
 
 from pha_lab.analysis import figures
+from pha_lab.analysis.families import baseline_pairs, scale_label
 from pha_lab.analysis.render import Table, fixed, tokens
-from pha_lab.analysis.runs import baseline_pairs, finished, resolve_uri, scale_label, search_runs
+from pha_lab.analysis.runs import finished, resolve_uri, search_runs
 from pha_lab.config import PROJECT_ROOT
 
 EFFICIENCY_CSV = "docs/benchmarks/efficiency.csv"
@@ -104,7 +105,7 @@ def efficiency_table(bench: pd.DataFrame) -> Table:
 
 def model_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
     """(PHA, Transformer) pairs by name: every PHA preset with every Transformer baseline of its scale
-    (runs.baseline_pairs: pha_sparse_180m with transformer_180m, transformer_deep_180m, transformer_mha_180m)."""
+    (families.baseline_pairs: pha_sparse_180m with transformer_180m, transformer_deep_180m, transformer_mha_180m)."""
     return baseline_pairs(models)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pha_lab.analysis.runs import scale_label
+from pha_lab.analysis.families import scale_label
 
 
 @dataclass
