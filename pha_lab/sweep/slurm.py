@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
+from omegaconf import DictConfig
+
 from pha_lab import tracking
 from pha_lab.config import ConfigError, load_config
 from pha_lab.sweep.spec import SweepSpec, load_sweep
@@ -207,7 +209,7 @@ class SweepWorker(submitit.helpers.Checkpointable):
             return follow_rank_zero(tracking_cfg)
         return self._work(env, tracking_cfg)
 
-    def _work(self, env, tracking_cfg) -> str:
+    def _work(self, env, tracking_cfg: DictConfig) -> str:
         from pha_lab.sweep.runner import finish, open_study, progress, worker_loop, worker_seed
         from pha_lab.training.callbacks import RunInterrupted
 
@@ -234,7 +236,7 @@ class SweepWorker(submitit.helpers.Checkpointable):
         return progress(study, spec)
 
 
-def follow_rank_zero(tracking_cfg) -> str:
+def follow_rank_zero(tracking_cfg: DictConfig) -> str:
     """DDP rank > 0 of a multi-GPU worker: train each trial rank 0 shares, in its MLflow run, until it is done."""
     from pha_lab.training.callbacks import RunInterrupted
     from pha_lab.training.run import train

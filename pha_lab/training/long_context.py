@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
 from pha_lab import tracking
 from pha_lab.config import ConfigError
@@ -70,7 +71,7 @@ class LongContextSpec:
         if self.ckpt not in ("last", "best"):
             raise ConfigError(f"{key('ckpt')}={self.ckpt}: use last or best")
 
-    def contexts_for(self, cfg: Any) -> list[int]:
+    def contexts_for(self, cfg: DictConfig) -> list[int]:
         """The contexts to score `cfg`'s run at (the training context by default), checked against it."""
         if cfg.data.source == "mqar":
             raise ConfigError("the long-context evaluation scores books: an MQAR run (data.source=mqar) has none")
@@ -215,8 +216,8 @@ def evaluate_long_context(target: str, overrides: list[str] = (), spec: LongCont
     return pd.concat(frames, ignore_index=True)
 
 
-def _protocol(spec: LongContextSpec, cfg, split: TokenSplit, docs: Documents, tok, ckpt, context: int, stride: int,
-              precision: str) -> dict[str, Any]:
+def _protocol(spec: LongContextSpec, cfg: DictConfig, split: TokenSplit, docs: Documents, tok, ckpt, context: int,
+              stride: int, precision: str) -> dict[str, Any]:
     scored = docs.lengths if spec.max_book_tokens is None else np.minimum(docs.lengths, spec.max_book_tokens)
     books = "; ".join(docs.name(k) for k in range(len(docs.starts)))
     return {
@@ -230,7 +231,7 @@ def _protocol(spec: LongContextSpec, cfg, split: TokenSplit, docs: Documents, to
     }
 
 
-def _log(cfg, run_id: str, split: str, table: pd.DataFrame, protocol: dict[str, Any]) -> None:
+def _log(cfg: DictConfig, run_id: str, split: str, table: pd.DataFrame, protocol: dict[str, Any]) -> None:
     """Metrics, the CSV artifact and the protocol tags of one context, on the run."""
     from mlflow.entities import Metric, RunTag
 
