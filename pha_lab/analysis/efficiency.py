@@ -14,8 +14,8 @@ from typing import Iterable
 import pandas as pd
 
 from pha_lab.analysis import figures
-from pha_lab.analysis.families import baseline_pairs, scale_label
-from pha_lab.analysis.render import Table, fixed, tokens
+from pha_lab.analysis.families import baseline_pairs
+from pha_lab.analysis.render import Table, fixed, scale_label, tokens
 from pha_lab.analysis.runs import finished, resolve_uri, search_runs
 from pha_lab.config import PROJECT_ROOT
 

@@ -1,6 +1,6 @@
 """What a run is, read from its logged params and tags: its branches and overrides, its model family (the `family`
 tag that training records from `model.family`, else a guess from the layout and branches), the label the tables
-print for it, its scale, and which PHA / Transformer presets the efficiency comparisons pair. Row-level helpers:
+print for it, and which PHA / Transformer presets the efficiency comparisons pair. Row-level helpers:
 no MLflow, no pooling (pha_lab.analysis.runs reads the runs, pha_lab.analysis.stats pools them).
 """
 
@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 
 from pha_lab.branches import BRANCH_REGISTRY
 
@@ -121,11 +120,4 @@ def _as_int(value) -> int | None:
         return None
     return int(number) if np.isfinite(number) else None
 
-
-def scale_label(n_params) -> str:
-    """125,155,620 -> '125M'; 247,328 -> '0.25M'."""
-    if n_params is None or pd.isna(n_params):
-        return ""
-    m = float(n_params) / 1e6
-    return f"{m:.0f}M" if m >= 10 else f"{m:.2g}M"
 

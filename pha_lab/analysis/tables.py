@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pha_lab.analysis.families import PHA_BRANCHES, branch_order, branches_of, scale_label
-from pha_lab.analysis.render import FORMATS, Table, fixed, tokens
+from pha_lab.analysis.families import PHA_BRANCHES, branch_order, branches_of
+from pha_lab.analysis.render import FORMATS, Table, fixed, scale_label, tokens
 from pha_lab.analysis.rows import (HEADERS, INTERVAL_NOTE, PARAMS, POOLING_NOTE, compare, family_note, family_rank,
                                    in_scope, rows_where, shown_columns, table_notes, with_model)
 from pha_lab.analysis.runs import config_key, finished, layer_metrics, longctx_metrics
