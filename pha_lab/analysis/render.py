@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 
-
 @dataclass
 class Table:
     """A table with its provenance: `frame` is what the CSV holds (numbers, full run ids); `columns`

@@ -1,5 +1,6 @@
 """The paper's tables rebuilt from runs (perplexity, ablation, mixer weights, knockout, MQAR, long context) as
-`render.Table`s; the notebooks in analysis/ render them (pha_lab.analysis.notebooks runs those).
+`render.Table`s; the notebooks in analysis/ render them (pha_lab.analysis.notebooks runs those). The MQAR and
+long-context tables live in mqar_tables.py and long_context_tables.py and are re-exported here.
 
 Runs are pooled by configuration, not by sweep: a row is one `config_id` (the resolved config minus seed and
 bookkeeping keys) over every run of it in the store, and `sweeps` says where its runs came from. A table's
@@ -18,10 +19,13 @@ import numpy as np
 import pandas as pd
 
 from pha_lab.analysis.families import PHA_BRANCHES, branch_order, branches_of
-from pha_lab.analysis.render import FORMATS, Table, fixed, scale_label, tokens
+from pha_lab.analysis.long_context_tables import (  # (`x as x`: re-exported, so every paper table is tables.<name>)
+    long_context_buckets as long_context_buckets, long_context_table as long_context_table)
+from pha_lab.analysis.mqar_tables import mqar_lr_table as mqar_lr_table, mqar_table as mqar_table
+from pha_lab.analysis.render import FORMATS, Table, fixed, scale_label
 from pha_lab.analysis.rows import (HEADERS, INTERVAL_NOTE, PARAMS, POOLING_NOTE, compare, family_note, family_rank,
                                    in_scope, rows_where, shown_columns, table_notes, with_model)
-from pha_lab.analysis.runs import config_key, finished, layer_metrics, longctx_metrics
+from pha_lab.analysis.runs import finished, layer_metrics
 from pha_lab.analysis.stats import aggregate
 from pha_lab.branches import BRANCH_REGISTRY
 
@@ -206,129 +210,3 @@ def heatmap_frames(table: Table) -> dict[str, pd.DataFrame]:
         title = f"{first['model']}, {scale_label(first.get('n_params'))} (n={int(group['n'].max())})\n{first['config']}"
         out[title] = group.set_index("layer")[branches].astype(float)
     return out
-
-
-# --------------------------------------------------------------------------- MQAR
-_MQAR_FORMATS = {**FORMATS, "optim.lr": lambda v: "" if pd.isna(v) else f"{v:g}"}
-_MQAR_TASK = ["model", *PARAMS, "model.d_model", "data.seq_len", "data.mqar.num_kv_pairs"]
-
-
-def mqar_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    return with_model(rows_where(runs, "data.source", lambda v: v == "mqar"))
-
-
-def mqar_by_lr(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> pd.DataFrame:
-    """Validation and test accuracy per configuration (one learning rate each), mean ± std over the pooled runs;
-    `task_id` groups the configurations that differ only in the learning rate (the LR curves)."""
-    done, _ = finished(in_scope(mqar_runs(runs), sweeps))
-    done = done.assign(task_id=[config_key(i, drop=("optim.lr",)) for i in done["identity"]])
-    return aggregate(done, ["val/accuracy", "test/accuracy"], keep=["task_id", *_MQAR_TASK, "optim.lr"])
-
-
-def mqar_lr_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
-    """The learning-rate sensitivity behind `mqar_table`: every learning rate, mean ± std over the pooled runs."""
-    frame = mqar_by_lr(runs, sweeps)
-    if len(frame):
-        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "task_id", "optim.lr"]).reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr", "n": "seeds", "val/accuracy": "val accuracy",
-             "test/accuracy": "test accuracy", "runs": "runs"}
-    done, _ = finished(in_scope(mqar_runs(runs), sweeps))
-    return Table("mqar-lr", "MQAR: accuracy per learning rate", frame, shown_columns(frame, shown),
-                 table_notes(pd.DataFrame(), None, frame, POOLING_NOTE, family_note(done)), _MQAR_FORMATS)
-
-
-def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
-    """Per task (model x width x sequence length x kv pairs): the learning rate with the best seed-mean
-    validation accuracy, and the test accuracy at it (selection never looks at test)."""
-    done, excluded = finished(in_scope(mqar_runs(runs), sweeps))
-    by_lr = mqar_by_lr(runs, sweeps)
-    rows, unscored = [], 0
-    for _, group in by_lr.groupby("task_id", sort=False) if len(by_lr) else []:
-        group = group.sort_values("optim.lr")
-        scored = group[group["val/accuracy"].notna()]
-        if len(scored):
-            best = scored.loc[scored["val/accuracy"].idxmax()].copy()
-        else:
-            best, unscored = group.iloc[0].copy(), unscored + 1
-            best[["optim.lr", "val/accuracy", "test/accuracy", "test/accuracy std"]] = np.nan
-        best["learning rates"] = ", ".join(f"{lr:g}" for lr in group["optim.lr"].dropna())
-        rows.append(best)
-    frame = pd.DataFrame(rows, columns=list(by_lr.columns) + ["learning rates"])
-    if len(frame):
-        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "data.mqar.num_kv_pairs"], kind="stable")
-        frame = frame.reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr (best val)", "learning rates": "lrs tried",
-             "n": "seeds", "val/accuracy": "val accuracy", "test/accuracy": "test accuracy", "runs": "runs"}
-    notes = table_notes(done, excluded, frame, POOLING_NOTE,
-                   "The learning rate is picked on the seed-mean validation accuracy (ties: the smallest); the test "
-                   "accuracy is reported at it, so test never enters the selection. The runs column names the runs "
-                   "at that learning rate.",
-                   f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "",
-                   family_note(done))
-    return Table("mqar", "MQAR: recall accuracy at the learning rate picked on validation", frame, shown_columns(frame, shown),
-                 notes, _MQAR_FORMATS)
-
-
-# --------------------------------------------------------------------------- long context
-LONGCTX_BY = ["config_id", "context", "stride", "max_book_tokens"]  # runs pool only under one protocol
-
-
-def _longctx_long(runs: pd.DataFrame, sweeps: Iterable[str] | None, split: str) -> tuple[pd.DataFrame, str | None]:
-    """(one row per finished run, context and bucket with the run's model and sizes, the excluded-runs note)."""
-    done, excluded = finished(in_scope(runs, sweeps))
-    done = with_model(done)
-    info = ["run_id", "experiment", "config_id", "config", "seed", "start_time", "model", *PARAMS, "data.seq_len"]
-    return longctx_metrics(done, split).merge(done.reindex(columns=info), on="run_id"), excluded
-
-
-def _longctx_labels(frame: pd.DataFrame) -> pd.Series:
-    """A line label per row: the model and its training context, the stride where it is not the context, the
-    per-book cap where there is one, and the configuration id where two configurations would share a label."""
-    if frame.empty:
-        return pd.Series([], dtype=object)
-    base = [f"{r['model']} (train {int(r['data.seq_len'])})" if pd.notna(r.get("data.seq_len")) else str(r["model"])
-            for _, r in frame.iterrows()]
-    base = pd.Series(base, index=frame.index)
-    clash = frame.groupby(base)["config_id"].transform("nunique") > 1
-    base = base.where(~clash, base + " " + frame["config_id"].astype(str).str[:6])
-    stride = [("" if pd.isna(s) or s == c else f", stride {int(s)}") for s, c in zip(frame["stride"], frame["context"])]
-    cap = ["" if pd.isna(m) else f", first {int(m):,} tokens/book" for m in frame["max_book_tokens"]]
-    return base + pd.Series(stride, index=frame.index) + pd.Series(cap, index=frame.index)
-
-
-def long_context_buckets(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, kind: str = "all",
-                         split: str = "test") -> pd.DataFrame:
-    """PPL and bits per byte per configuration, evaluation context and bucket of `kind` (all: whole books; window:
-    position in the window; position: in the book), mean ± std over the pooled runs, with a line `label`."""
-    long, _ = _longctx_long(runs, sweeps, split)
-    long = long[long["kind"] == kind]
-    keep = ["model", *PARAMS, "data.seq_len", "books"]
-    frame = aggregate(long, ["ppl", "bpb"], by=[*LONGCTX_BY, "lo", "hi"], keep=keep)
-    if len(frame):
-        frame = (frame.assign(_r=frame["model"].map(family_rank))
-                 .sort_values(["_r", "model", "config", "context", "lo"], kind="stable").drop(columns="_r")
-                 .reset_index(drop=True))
-    frame.insert(0, "label", _longctx_labels(frame).to_numpy() if len(frame) else [])
-    return frame
-
-
-def long_context_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, split: str = "test") -> Table:
-    """Whole-book PPL and bits per byte against the evaluation context, one row per configuration and context
-    (`pha-lab eval RUN --contexts ...`, or a sweep's `post_eval.long_context`)."""
-    frame = long_context_buckets(runs, sweeps, "all", split)
-    long, excluded = _longctx_long(runs, sweeps, split)
-    books = sorted({str(b) for b in long.get("books", pd.Series(dtype=object)).dropna()})
-    columns = {"sweeps": "sweeps (runs)", "label": "model", "config": "config", **PARAMS, "data.seq_len": "train ctx",
-               "context": "eval ctx", "stride": "stride", "n": "seeds", "ppl": f"{split} PPL", "bpb": "bits/byte",
-               "runs": "runs"}
-    notes = [POOLING_NOTE,
-             f"Protocol (docs/data.md, section 9): the {split} books ({' | '.join(books) or 'none yet'}), each "
-             "scored on its own from its first token at evaluation context C with the stride shown (= C: "
-             "non-overlapping windows); no window crosses a book, the <|endoftext|> between books is not scored, a "
-             "book shorter than C is one window; bits per byte over the UTF-8 bytes of the scored tokens.",
-             family_note(long.drop_duplicates("run_id")) if len(long) else "", excluded or ""]
-    formats = {**FORMATS, "ppl": fixed(2), "bpb": fixed(3), "context": tokens, "stride": tokens, "data.seq_len": tokens}
-    return Table(f"long_context-{split}", f"Long context: {split} PPL against the evaluation context", frame,
-                 shown_columns(frame, columns), [n for n in notes if n], formats)
