@@ -210,7 +210,9 @@ class SweepWorker(submitit.helpers.Checkpointable):
         return self._work(env, tracking_cfg)
 
     def _work(self, env, tracking_cfg: DictConfig) -> str:
-        from pha_lab.sweep.runner import finish, open_study, progress, worker_loop, worker_seed
+        from pha_lab.sweep.report import finish, progress
+        from pha_lab.sweep.runner import worker_loop
+        from pha_lab.sweep.study import open_study, worker_seed
         from pha_lab.training.callbacks import RunInterrupted
 
         signals = _StopOnSignals()
