@@ -246,7 +246,7 @@ def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, trackin
                 print(progress(study, spec), flush=True)
                 last = time.monotonic()
     finally:
-        for p, log in procs:
+        for p, _ in procs:
             if p.poll() is None:
                 p.terminate()
         for p, log in procs:
