@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="throughput/memory/MFU vs context length: pha-lab bench [CONFIG] [key=value ...]")
     p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a bench spec in bench/ or a YAML path (default bench/efficiency.yaml), then overrides, e.g. models=[pha_125m] seq_lens=[8192]")
+                   help="a bench spec in bench/ or a YAML path (default bench/efficiency.yaml), then overrides, "
+                   "e.g. models=[pha_125m] seq_lens=[8192]")
     p.add_argument("--measure-peak", action="store_true", help="time a bf16 8192^3 matmul and a device copy for MFU and floors")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile in every part (default: as the config says)")
