@@ -30,8 +30,8 @@ dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are 
     (Lambda_init="hippo_skew_pos_imag"); log dt uniform on [log dt_min, log dt_max], dt_min = 1e-3, dt_max = 1e-1;
     Re W, Im W ~ N(0, 1). Two deliberate differences: (1) dt is one per mode, shared by the H channels (the
     reference has one dt per channel, separate ones for the real and imaginary part, equal at init, which needs an
-    [H, N, L] Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what GSS does
-    (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
+    [H, N, L] Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what
+    GSS does (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
     formula, with Im Lambda = exp(.) and N = 512, H = 256, as reproduced in lucidrains/gated-state-spaces-pytorch,
     gss.py; the GSS authors' slides say a random init works well for language modelling); (2) the
     skip D starts at 1 (reference: N(0, 1)). The reference trains these parameters without weight decay, as does
