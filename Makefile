@@ -41,9 +41,10 @@ lint: $(STAMP)  ## ruff check + ruff format --check over the whole tree (config:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-format: $(STAMP)  ## apply ruff's safe fixes and its formatting to the whole tree (what `make lint` checks)
-	$(PY) -m ruff check --fix .
+format: $(STAMP)  ## apply ruff's safe fixes and its formatting to the whole tree, then list what needs a hand
+	$(PY) -m ruff check --fix --silent --exit-zero .
 	$(PY) -m ruff format .
+	$(PY) -m ruff check .
 
 test: $(STAMP)  ## fast tests (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q $(ARGS)
