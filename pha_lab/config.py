@@ -252,6 +252,7 @@ def load_config(experiment: str | os.PathLike | None = None, overrides: list[str
 
 
 def round_to(x: float, multiple: int = 64) -> int:
+    """`x` to the nearest multiple of `multiple`, at least one (the branches' derived widths)."""
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
