@@ -19,9 +19,13 @@ else
 PHA := $(VENV)/bin/pha-lab
 endif
 
-.PHONY: setup test test-slow test-cluster sweep train bench tables tables-results ui clean
+.PHONY: help setup lint format test test-slow test-cluster sweep train bench tables tables-results ui clean
+.DEFAULT_GOAL := help
 
-setup: $(STAMP)
+help:  ## this list (every target with its one-line description)
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-zA-Z][a-zA-Z_-]*:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP)  ## create .venv from requirements.lock (every other target does it on first use)
 
 ifndef SYSTEM_PYTHON
 $(STAMP): requirements.lock pyproject.toml
@@ -32,6 +36,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 endif
+
+lint: $(STAMP)  ## ruff check + ruff format --check over the whole tree (config: pyproject.toml [tool.ruff])
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)  ## apply ruff's safe fixes and its formatting to the whole tree, then list what needs a hand
+	$(PY) -m ruff check --fix --silent --exit-zero .
+	$(PY) -m ruff format .
+	$(PY) -m ruff check .
 
 test: $(STAMP)  ## fast tests (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q $(ARGS)
@@ -48,10 +61,10 @@ sweep: $(STAMP)  ## make sweep NAME=smoke|ablation|baselines|hpo|mqar|scale ...
 train: $(STAMP)  ## make train EXP=pha_125m ARGS="trainer.max_steps=100"
 	$(PHA) train $(EXP) $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  ## make bench ARGS="efficiency --plan": throughput and memory vs context (bench/*.yaml)
 	$(PHA) bench $(ARGS)
 
-tables: $(STAMP)
+tables: $(STAMP)  ## execute the analysis notebooks into analysis/out (ARGS="--tracking-uri ...")
 	$(PHA) tables $(ARGS)
 
 tables-results: $(STAMP)  ## regenerate analysis/out from the committed results/ (no GPU needed)

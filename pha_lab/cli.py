@@ -187,7 +187,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     """Execute the analysis notebooks (papermill) against a tracking URI into --out; 1 if a cell failed."""
     from pha_lab.analysis.runs import resolve_uri
-    from pha_lab.analysis.tables import NOTEBOOKS, render_notebooks
+    from pha_lab.analysis.notebooks import NOTEBOOKS, render_notebooks
 
     sweeps = {}
     for item in args.sweeps:
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis/out", help="executed notebooks, .md/.tex/.csv tables, .png/.pdf figures")
     p.add_argument("--sweeps", nargs="*", default=[], metavar="NOTEBOOK=SWEEP,...",
                    help="sweeps (MLflow experiments) per notebook, e.g. perplexity=baselines,scale ablation=ablation "
-                   "(defaults: pha_lab.analysis.tables.DEFAULT_SWEEPS)")
+                   "(defaults: pha_lab.analysis.notebooks.DEFAULT_SWEEPS)")
     p.add_argument("--notebooks", nargs="*",
                    choices=["perplexity", "ablation", "mixing", "mqar", "efficiency", "long_context"],
                    help="only these notebooks (default: all)")
@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="throughput/memory/MFU vs context length: pha-lab bench [CONFIG] [key=value ...]")
     p.add_argument("words", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a bench spec in bench/ or a YAML path (default bench/efficiency.yaml), then overrides, e.g. models=[pha_125m] seq_lens=[8192]")
+                   help="a bench spec in bench/ or a YAML path (default bench/efficiency.yaml), then overrides, "
+                   "e.g. models=[pha_125m] seq_lens=[8192]")
     p.add_argument("--measure-peak", action="store_true", help="time a bf16 8192^3 matmul and a device copy for MFU and floors")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile in every part (default: as the config says)")

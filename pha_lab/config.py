@@ -4,34 +4,33 @@
 `extends:` chain) <- dotlist overrides, then validates everything that can be checked before a
 tensor is built. Every failure is a `ConfigError` whose message names the key and the fix.
 Each registered branch contributes its own section `model.<name>` and validates it (pha_lab.branches).
-`load_yaml` is the loader for any dataclass schema: sweeps (sweep/spec.py) and bench specs (bench/spec.py)
-load through it too. This module deliberately imports no torch/lightning so that light commands stay fast.
+Beside it: pha_lab.loading (`load_yaml`, the loader every YAML of the suite goes through: experiments, sweeps,
+bench specs) and pha_lab.layers (`layer_specs`, each layer's layout, branches and mixer after model.n_attn_layers
+and model.overrides); their public names are re-exported here, where callers import them. This module deliberately
+imports no torch/lightning so that light commands stay fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
 from pha_lab import PROJECT_ROOT
 from pha_lab.branches import BRANCH_REGISTRY
 from pha_lab.errors import ConfigError, check_choice as _choice
+from pha_lab.layers import LAYOUTS, MIXERS, attention_layers as attention_layers, check_branches, layer_specs
+from pha_lab.loading import load_yaml, resolve_yaml as resolve_yaml, yaml_names
+
+# (pha_lab.layers and pha_lab.loading hold those names; callers import them from here: `x as x` marks a re-export)
 
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 BENCH_DIR = PROJECT_ROOT / "bench"  # `pha-lab bench` specs (not sweeps: nothing is trained)
 
-# Names the model code registers; a test checks that the registries agree with these tuples (branches: see
-# pha_lab.branches, whose registry is the only list of them).
-MIXERS = ("static", "scalar", "channel", "concat", "gate", "mean")
-LAYOUTS = ("parallel", "serial")
 NORMS = ("rmsnorm", "layernorm")
 DATA_SOURCES = ("novels", "wikitext103", "wikitext2", "openwebtext", "text", "mqar")
 PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -192,7 +191,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- the schema with the branches' sections
 def schema() -> DictConfig:
     """The defaults, with one `model.<name>` section per registered branch (its config dataclass) and, in every
     `model.overrides` entry, an optional per-layer section of the same keys, so a branch registered after this
@@ -202,7 +201,7 @@ def schema() -> DictConfig:
         if name in taken:
             raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name} or "
                               f"model.overrides[i].{name}: register it under another name")
-    override = _schema_class("LayerOverrideSchema", [(name, Optional[_partial(name, b.config)], None)
+    override = _schema_class("LayerOverrideSchema", [(name, _partial(name, b.config) | None, None)
                                                      for name, b in BRANCH_REGISTRY.items()], LayerOverride)
     override._where = "a model.overrides entry (LayerOverride)"
     model = _schema_class("ModelConfigSchema", [
@@ -217,7 +216,7 @@ def schema() -> DictConfig:
 def _partial(name: str, config: type) -> type:
     """A branch section in which every key is optional and unset (None): what an override changes."""
     hints = typing.get_type_hints(config)
-    cls = _schema_class(f"LayerOverride_{name}", [(f.name, Optional[hints[f.name]], None)
+    cls = _schema_class(f"LayerOverride_{name}", [(f.name, hints[f.name] | None, None)
                                                   for f in dataclasses.fields(config)])
     cls._where = f"a model.overrides[i].{name} section"
     return cls
@@ -240,154 +239,9 @@ def __getattr__(name: str) -> Any:  # PEP 562: unpickling a config in a process 
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --------------------------------------------------------------------------- loading (every YAML of the suite)
-# Experiments (Config, experiments/), sweeps (SweepSpec, sweeps/) and bench specs (BenchSpec, bench/) all load
-# through `load_yaml`: one structured schema, `extends:` chains, did-you-mean errors naming the file and the key.
-def yaml_names(directory: Path) -> list[str]:
-    return sorted(p.stem for p in directory.glob("*.yaml"))
-
-
+# --------------------------------------------------------------------------- loading (pha_lab.loading) and validation
 def experiment_names() -> list[str]:
     return yaml_names(EXPERIMENTS_DIR)
-
-
-def resolve_yaml(name_or_path: str | os.PathLike, directory: Path, kind: str, relative_to: Path | None = None) -> Path:
-    """A YAML path, or a bare name looked up in `directory` (`kind` names what is looked for in the error)."""
-    raw = str(name_or_path)
-    candidates = [Path(raw)]
-    if relative_to is not None:
-        candidates.insert(0, relative_to / raw)
-    if not raw.endswith((".yaml", ".yml")):
-        candidates.append(directory / f"{raw}.yaml")
-    for path in candidates:
-        if path.is_file():
-            return path
-    names = yaml_names(directory)
-    near = difflib.get_close_matches(Path(raw).stem, names, n=3, cutoff=0.4)
-    hint = f" Did you mean: {', '.join(near)}?" if near else ""
-    raise ConfigError(
-        f"unknown {kind} '{raw}': not found (looked for a file and for {directory}/{Path(raw).stem}.yaml).{hint} "
-        f"Available: {', '.join(names)}"
-    )
-
-
-def _read_yaml_chain(path: Path, directory: Path, kind: str, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
-    """The YAML at `path` preceded by the files its `extends:` key names (recursively): a name is looked up
-    beside the file, then in `directory`."""
-    if path.resolve() in [p.resolve() for p in seen]:
-        raise ConfigError(f"'extends' cycle: {' -> '.join(str(p) for p in (*seen, path))}")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as exc:  # yaml syntax errors etc.
-        raise ConfigError(f"cannot parse {kind} file {path}: {exc}") from exc
-    if not isinstance(node, DictConfig):
-        raise ConfigError(f"{kind} file {path} must hold a mapping at top level")
-    parent = node.pop("extends", None)
-    if parent is None:
-        return [(path, node)]
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: extends must name one {kind} (a name or a path), got {parent!r}")
-    try:
-        parent_path = resolve_yaml(parent, directory, kind, path.parent)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: 'extends: {parent}': {exc}") from None
-    return [*_read_yaml_chain(parent_path, directory, kind, (*seen, path)), (path, node)]
-
-
-def _keys_at(cfg: DictConfig, dotted: str) -> list[str]:
-    node: Any = cfg
-    for part in [p for p in dotted.split(".") if p]:
-        if isinstance(node, DictConfig) and part in node:
-            node = node[part]
-        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return []
-    return list(node.keys()) if isinstance(node, DictConfig) else []
-
-
-def _merge(base: DictConfig, overlay: DictConfig | dict, origin: str) -> DictConfig:
-    """OmegaConf.merge with errors rewritten to name the key, its origin and the nearest valid keys."""
-    try:
-        return OmegaConf.merge(base, overlay)
-    except ConfigKeyError as exc:
-        full = str(exc.full_key or exc.key)
-        parent, _, leaf = full.rpartition(".")
-        valid = [k for k in _keys_at(base, parent) if not k.startswith("_")]
-        where = f"'{parent}'" if parent else "the top level"
-        if dataclasses.is_dataclass(exc.object_type) and exc.object_type is not OmegaConf.get_type(base) and (
-            not parent or not valid
-        ):
-            # a key inside a list entry (model.overrides[i]: OmegaConf reports no path) or below a key with a dot
-            # in its name (a sweep's search.optim.lr): name the entry's schema instead of a path
-            valid = [f.name for f in dataclasses.fields(exc.object_type)]
-            where = getattr(exc.object_type, "_where", f"a {exc.object_type.__name__} entry")
-        near = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
-        hint = f" Nearest valid keys: {', '.join((parent + '.' if parent else '') + k for k in near)}." if near else ""
-        raise ConfigError(
-            f"unknown config key '{full}' (from {origin}).{hint} Valid keys under {where}: {', '.join(valid)}"
-        ) from None
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).split("\n")[0]
-        raise ConfigError(f"bad value for config key '{key}' (from {origin}): {msg}") from None
-
-
-def load_yaml(
-    schema: type | DictConfig,
-    name_or_path: str | os.PathLike | None,
-    directory: Path,
-    kind: str,
-    overrides: list[str] | tuple[str, ...] = (),
-    sections: dict[str, bool] | None = None,
-    replace: tuple[str, ...] = (),
-    own: tuple[str, ...] = (),
-) -> DictConfig:
-    """The dataclass `schema`'s defaults <- the YAML's `extends:` chain, base first <- the YAML's `sections` that are
-    switched on <- `key=value` overrides. Every step type-checks against the schema and fails naming the file (or
-    the override), the key and the nearest valid keys; a required key (MISSING in the schema) left unset fails too.
-
-    sections: keys holding an optional overlay of the file itself ({"cpu": True}: bench's tiny CPU version); they
-        are always taken out of the result, and merged only when switched on.
-    replace: mappings whose entries a later file replaces whole rather than merges into (a sweep's grid axes and
-        search spaces), keeping the entry's position.
-    own: keys that a file which extends another must set itself (a sweep's `name`, which keys its study).
-    """
-    cfg = schema.copy() if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
-    origin = "defaults"
-    if name_or_path is not None:
-        path = resolve_yaml(name_or_path, directory, kind)
-        chain = _read_yaml_chain(path, directory, kind)
-        for origin_path, node in chain:
-            for key in replace:  # (the schema types these entries Optional)
-                entries = node.get(key)
-                for entry in entries if isinstance(entries, DictConfig) and cfg[key] is not None else ():
-                    if entry in cfg[key]:
-                        cfg[key][entry] = None  # then the merge puts the file's entry in its place
-            cfg = _merge(cfg, node, str(origin_path))
-        missing = [key for key in own if len(chain) > 1 and key not in chain[-1][1]]
-        if missing:
-            raise ConfigError(f"{path} extends {chain[-2][0]} but does not set its own {', '.join(missing)}: set it "
-                              f"in {path} (an inherited value would make two {kind}s share it)")
-        origin = str(path)
-    for key, switched_on in (sections or {}).items():
-        section = OmegaConf.to_container(cfg[key]) if cfg[key] is not None else None
-        cfg[key] = None
-        if switched_on and section:
-            cfg = _merge(cfg, section, f"{origin}, its {key}: section")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-    for override in overrides:
-        try:
-            node = OmegaConf.from_dotlist([override])
-        except Exception as exc:
-            raise ConfigError(f"cannot parse override '{override}' (YAML after '='): {str(exc).splitlines()[0]}") from None
-        cfg = _merge(cfg, node, "command-line overrides")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{origin}: missing required key{'s' * (len(missing) > 1)} {', '.join(missing)}")
-    return cfg
 
 
 def load_config(experiment: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -397,95 +251,9 @@ def load_config(experiment: str | os.PathLike | None = None, overrides: list[str
     return cfg
 
 
-# --------------------------------------------------------------------------- validation
-def _branches(key: str, branches: Any) -> list[str]:
-    names, registered = list(branches), tuple(BRANCH_REGISTRY)
-    for b in names:
-        _choice(key, b, registered, prep="in")
-    if not names:
-        raise ConfigError(f"{key} is empty: a layer needs at least one of {', '.join(registered)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{key}={names} repeats a branch")
-    return names
-
-
 def round_to(x: float, multiple: int = 64) -> int:
+    """`x` to the nearest multiple of `multiple`, at least one (the branches' derived widths)."""
     return max(multiple, int(round(x / multiple)) * multiple)
-
-
-def attention_layers(n_layers: int, k: int) -> list[int]:
-    """Where model.n_attn_layers=k puts attention: the middle layer of each of k equal groups of layers,
-    floor((2j + 1) L / 2k) for j < k. 12 layers: k=1 -> [6], 2 -> [3, 9], 3 -> [2, 6, 10], 4 -> [1, 4, 7, 10];
-    32 layers, k=4 -> [4, 12, 20, 28] (Jamba's 1-in-8 with offset 4). Never the first layer, nor the last
-    while k < L/2: the ends are where PHA's paper saw GSS dominate its mixer weights."""
-    return [(2 * j + 1) * n_layers // (2 * k) for j in range(k)]
-
-
-def _override_layers(ov: Any, specs: list[dict[str, Any]], key: str) -> list[int]:
-    """The layers (0-based, ascending) an override applies to: its `layers`, or those lacking `without`."""
-    n, without = len(specs), ov.get("without")  # (get: a config saved before the key existed has none)
-    if without is not None:
-        _choice(f"{key}.without", without, tuple(BRANCH_REGISTRY))
-        if ov.layers:
-            raise ConfigError(f"{key} sets both layers={list(ov.layers)} and without={without}: pick the layers "
-                              f"one way")
-        return [i for i, spec in enumerate(specs) if without not in spec["branches"]]
-    if not ov.layers:
-        raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to (or pick the "
-                          f"layers lacking a branch with {key}.without)")
-    for layer in ov.layers:
-        if not -n <= layer < n:
-            raise ConfigError(
-                f"{key}.layers contains {layer}, out of range for model.n_layers={n} (valid: 0..{n - 1}, or -{n}..-1)"
-            )
-    return sorted({layer % n for layer in ov.layers})
-
-
-def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
-    """Every layer's resolved layout, branches, mixer and branch sections, after model.n_attn_layers and then
-    model.overrides in order. `sections[b]` is model.<b> with the overrides' per-layer values for b on top;
-    `keys[b]` names where it was last changed (model.<b> or model.overrides[i].<b>), for error messages.
-    Validates the structure as it goes (the sections' values: `validate`)."""
-    n = model.n_layers
-    if n < 1:
-        raise ConfigError(f"model.n_layers={n} must be >= 1")
-    branches = list(model.branches)
-    keep_attn = range(n)
-    k = model.get("n_attn_layers")
-    if k is not None:
-        if "attn" not in branches:
-            raise ConfigError(f"model.n_attn_layers={k} keeps the attention branch in {k} layers, but "
-                              f"model.branches={branches} has no attn: add it, or set model.n_attn_layers=null")
-        if not 0 <= k <= n:
-            raise ConfigError(f"model.n_attn_layers={k} must be in 0..model.n_layers ({n})")
-        keep_attn = attention_layers(n, k)
-    specs = [{"layout": model.layout, "mixer": model.mixer, "patches": {},
-              "branches": branches if i in keep_attn else [b for b in branches if b != "attn"]} for i in range(n)]
-    for i, ov in enumerate(model.overrides):
-        key = f"model.overrides[{i}]"
-        changes = {b: {field: value for field, value in ov[b].items() if value is not None}
-                   for b in BRANCH_REGISTRY if ov.get(b) is not None}
-        for layer in _override_layers(ov, specs, key):
-            spec = specs[layer]
-            for name in ("layout", "branches", "mixer"):
-                if ov[name] is not None:
-                    spec[name] = list(ov[name]) if name == "branches" else ov[name]
-            for b, values in changes.items():
-                if b not in spec["branches"]:
-                    raise ConfigError(f"{key}.{b} sets {', '.join(values) or 'nothing'} for layer {layer}, which has "
-                                      f"no '{b}' branch (its branches: {spec['branches']})")
-                spec["patches"].setdefault(b, []).append((key, values))
-    for idx, spec in enumerate(specs):
-        where = f"layer {idx} (model.layout/branches/mixer after model.n_attn_layers and model.overrides)"
-        _choice(f"{where}: layout", spec["layout"], LAYOUTS)
-        _branches(f"{where}: branches", spec["branches"])
-        _choice(f"{where}: mixer", spec["mixer"], MIXERS)
-        patches = spec.pop("patches")
-        spec["sections"] = {b: OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[b].config), model[b],
-                                               *[values for _, values in patches.get(b, [])])
-                            for b in spec["branches"]}
-        spec["keys"] = {b: f"{patches[b][-1][0]}.{b}" if b in patches else f"model.{b}" for b in spec["branches"]}
-    return specs
 
 
 def validate(cfg: DictConfig) -> None:
@@ -493,7 +261,7 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     _choice("model.layout", m.layout, LAYOUTS)
     _choice("model.mixer", m.mixer, MIXERS)
-    _branches("model.branches", m.branches)
+    check_branches("model.branches", m.branches)
     _choice("model.norm", m.norm, NORMS)
     for key in ("vocab_size", "d_model"):
         if m[key] < 1:

@@ -16,8 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pha_lab.config import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # The user's MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() (called by Lightning's logger)
 # rewrites the variable in-process, which must not redirect this process's later runs.
@@ -25,12 +29,12 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy store, no server
 
 
-def runs_dir(tracking_cfg) -> Path:
+def runs_dir(tracking_cfg: DictConfig) -> Path:
     path = Path(tracking_cfg.runs_dir)
     return (path if path.is_absolute() else Path.cwd() / path).resolve()
 
 
-def tracking_uri(tracking_cfg) -> str:
+def tracking_uri(tracking_cfg: DictConfig) -> str:
     """The configured URI, else $MLFLOW_TRACKING_URI, else the project's SQLite database."""
     uri = tracking_cfg.tracking_uri or _USER_TRACKING_URI
     if uri:
@@ -53,7 +57,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 UI_QUERY = "?workflowType=machine_learning"  # append to an MLflow 3 UI address to open on the runs table
 
 
-def ensure_experiment(mlflow_client, name: str, tracking_cfg) -> str:
+def ensure_experiment(mlflow_client, name: str, tracking_cfg: DictConfig) -> str:
     """Experiment id for `name`, created on first use with the model-training kind: once, also when several
     workers start together (a loser of the creation race reads the winner's); an existing experiment without
     a kind gets it, one with a kind keeps its own. A database URI (MLflow without a server) keeps artifacts

@@ -19,7 +19,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from pha_lab.analysis import efficiency, figures, tables
+from pha_lab.analysis import efficiency, figures, notebooks, tables
 from pha_lab.analysis import runs as R
 from pha_lab.cli import main
 
@@ -269,7 +269,8 @@ def test_ablation_deltas_by_hand(synth):
     assert "2 run(s) excluded because they did not finish (1 FAILED, 1 KILLED)." in md  # both are PHA runs
     # Welch interval of 15.5 - 12 (n 2 vs 3, variances 0.5 and 4), checked in test_welch_interval_by_hand
     low, high = frame.loc[("-gss", "static"), ["delta lo", "delta hi"]]
-    assert f"| synth (2) | -gss | static | 0.7M | 0.3M | -50% | 2 | 15.50 ± 0.71 | 1.500 ± 0.000 | +3.50 [{low:+.2f}, {high:+.2f}] |" in md
+    assert (f"| synth (2) | -gss | static | 0.7M | 0.3M | -50% | 2 | 15.50 ± 0.71 | 1.500 ± 0.000 "
+            f"| +3.50 [{low:+.2f}, {high:+.2f}] |") in md
     assert frame.loc[("none", "gate"), "reading"] == "within noise" and frame.loc[("none", "static"), "reading"] == "reference"
     assert "Protocol: text / test, tokenizer bpe64, context 32, stride 32, 4,096 scored tokens (9,000 bytes)" in md
 
@@ -357,7 +358,8 @@ def test_tables_render_markdown_and_latex(tmp_path):
     table = tables.Table("t", "A & B", frame, {"experiment": "sweep", "model": "model", "test/ppl": "test PPL",
                                               "n": "seeds", "runs": "runs"}, ["50% of runs_dir"], tables.FORMATS)
     md = table.to_markdown()
-    assert "| sweep | model | test PPL | seeds | runs |\n|---|---|---|---|---|\n| s_1 | PHA | 12.00 ± 2.00 | 3 | aaaaaaaa, bbbbbbbb |" in md
+    assert ("| sweep | model | test PPL | seeds | runs |\n|---|---|---|---|---|\n"
+            "| s_1 | PHA | 12.00 ± 2.00 | 3 | aaaaaaaa, bbbbbbbb |") in md
     tex = table.to_latex()
     assert r"\caption{A \& B}" in tex and r"s\_1 & PHA & 12.00 $\pm$ 2.00 & 3 & aaaaaaaa, bbbbbbbb \\" in tex
     assert r"\toprule" in tex and r"50\% of runs\_dir" in tex and tex.count("&") == 2 * 4 + 1
@@ -421,7 +423,7 @@ def test_a_failing_cell_fails_pha_lab_tables(tmp_path, monkeypatch, capsys):
     book = new_notebook(cells=[params, new_code_cell("raise RuntimeError('boom')")],
                         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(book, tmp_path / "mqar.ipynb")
-    monkeypatch.setattr(tables, "NOTEBOOK_DIR", tmp_path)
+    monkeypatch.setattr(notebooks, "NOTEBOOK_DIR", tmp_path)
     assert main(["tables", "--notebooks", "mqar", "--tracking-uri", "sqlite:///unused.db", "--out", str(tmp_path / "out")]) == 1
     assert "1 notebook(s) failed: mqar" in capsys.readouterr().err
     assert "boom" in (tmp_path / "out" / "mqar.ipynb").read_text()
@@ -430,8 +432,8 @@ def test_a_failing_cell_fails_pha_lab_tables(tmp_path, monkeypatch, capsys):
 def test_notebooks_are_committed_clean():
     import nbformat
 
-    for name in tables.NOTEBOOKS:
-        book = nbformat.read(tables.NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    for name in notebooks.NOTEBOOKS:
+        book = nbformat.read(notebooks.NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
         nbformat.validate(book)
         code = [c for c in book.cells if c.cell_type == "code"]
         assert book.metadata.kernelspec.name == "python3", name
@@ -509,13 +511,14 @@ def test_identical_configs_pool_across_sweeps(pooled):
     assert frame.loc["-ffn", "reading"] == "within noise" and frame.loc["-gss", "reading"] == "higher"
     assert frame.loc["-ffn", "delta params"] == pytest.approx(-0.5)
     md = table.to_markdown()
-    assert f"| sweep_a (2) | -ffn | static | 1M | 0.3M | -50% | 2 | 13.00 ± 0.71 |  | +1.00 [{low:+.2f}, {high:+.2f}] | within noise |" in md
+    assert (f"| sweep_a (2) | -ffn | static | 1M | 0.3M | -50% | 2 | 13.00 ± 0.71 |  "
+            f"| +1.00 [{low:+.2f}, {high:+.2f}] | within noise |") in md
     assert "95% Welch t interval" in md and "within noise" in md
     # two full PHAs share recipe and width (static, and the other learning rate has another recipe): one reference
     assert frame.loc["none", "reading"].tolist() == ["reference", "reference"]
     # rows come from the named sweeps, their statistics from the whole store
     only_b = tables.ablation_table(runs, sweeps=["sweep_b"]).frame
-    assert list(only_b["n"]) == [5] and tables.status_line(runs, ["sweep_b"], uri).endswith(
+    assert list(only_b["n"]) == [5] and notebooks.status_line(runs, ["sweep_b"], uri).endswith(
         "pooled with 3 run(s) of the same configurations in sweep_a.")
     mix = tables.mixer_table(runs, ["sweep_b"]).frame
     assert list(mix["n"]) == [5] and mix["gss"].item() == pytest.approx((0.4 + 0.5 + 0.6 + 0.4 + 0.5) / 5)

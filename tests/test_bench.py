@@ -61,7 +61,7 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     # memory parts: fp32 weights; the inference cache of tiny_pha counted by hand (2 layers: K and V of 2 KV heads x 16
     # at fp32 per position, a complex fp32 state of H=32 x N=8); AdamW's two fp32 moments once the first training
     # cell has run (prefill ran first); no peak on a CPU, so no activations
-    for (model, mode, t), r in models.items():
+    for (_, mode, _), r in models.items():
         assert r["weights_gb"] == pytest.approx(4 * r["n_params"] / 1e9, rel=1e-5)
         assert r["optimizer_gb"] == (0 if mode == "prefill" else pytest.approx(2 * r["weights_gb"], rel=0.01))
         assert math.isnan(r["activations_gb"]) and r["cache_gb"] > 0
@@ -174,8 +174,8 @@ def test_bench_flops_match_torch_flop_counter(name, seq_len):
     batch = wl.batch(1, seq_len, torch.device("meta"), None)
     fft = sum(m.flops_per_token(seq_len) for m in wl.module.modules() if isinstance(m, GSS))
     for training in (True, False):
-        measured = measure_flops(wl.module, lambda: wl.loss(wl.module, batch) if training else wl.forward(wl.module, batch),
-                                 (lambda y: y) if training else None) / seq_len
+        measured = measure_flops(wl.module, lambda training=training: wl.loss(wl.module, batch) if training
+                                 else wl.forward(wl.module, batch), (lambda y: y) if training else None) / seq_len
         est = wl.flops_per_token(seq_len, training) - (3 if training else 1) * fft
         assert abs(est / measured - 1) < 0.10, (name, training, est, measured)
 
@@ -232,7 +232,7 @@ def test_lightning_and_plain_loops_are_both_timed():
                                           compile=False))
     rows = list(measure_loops(o, torch.device("cpu"), torch.float32))
     assert [c.mode for c, _ in rows] == ["loop_plain", "loop_lightning"]
-    for cell, result in rows:
+    for _, result in rows:
         assert result["status"] == "ok", result
         assert result["tokens_per_s"] > 0 and result["step_ms_p10"] <= result["step_ms_median"]
 

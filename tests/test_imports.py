@@ -180,6 +180,9 @@ def test_pha_lab_has_no_import_circle_even_through_functions():
     ("pha_lab.config", ["torch", "lightning", "pha_lab.data", "mlflow"]),
     ("pha_lab.sweep.spec", ["torch", "lightning", "optuna", "mlflow"]),
     ("pha_lab.analysis.runs", ["torch", "lightning", "mlflow"]),
+    ("pha_lab.analysis.stats", ["torch", "lightning", "mlflow", "scipy"]),
+    ("pha_lab.loading", ["torch", "lightning", "pha_lab.config"]),
+    ("pha_lab.sweep.study", ["torch", "lightning", "optuna", "mlflow"]),
     ("pha_lab.data", ["torch", "lightning", "datasets"]),
 ])
 def test_light_modules_import_nothing_heavy(module, heavy):

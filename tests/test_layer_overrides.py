@@ -98,7 +98,8 @@ def test_attention_sparse_presets_stay_matched_for_any_k(name, base):
     (["model.overrides=[{without: atn, ffn: {hidden: 8}}]"], "invalid value 'atn' for model.overrides[0].without "
      "(did you mean 'attn'?)"),
     (["model.overrides=[{layers: [2], branches: [gss, ffn], attn: {n_kv_heads: 2}}]"],
-     "model.overrides[0].attn sets n_kv_heads for layer 2, which has no 'attn' branch (its branches: ['gss', 'ffn'])"),
+     "model.overrides[0].attn sets n_kv_heads for layer 2, which has no 'attn' branch "
+     "(its branches: ['gss', 'ffn'])"),
     (["model.overrides=[{layers: [1], ffn: {kind: relu}}]"], "invalid value 'relu' for model.overrides[0].ffn.kind"),
     (["model.overrides=[{layers: [4], attn: {n_kv_heads: 5}}]"],
      "model.overrides[0].attn.n_heads=12 is not a multiple of model.overrides[0].attn.n_kv_heads=5"),

@@ -83,7 +83,7 @@ def test_each_book_token_is_scored_once_with_the_right_context(tmp_path, model64
     stream = np.asarray(split.tokens, dtype=np.int64)
     for row in scored.itertuples():
         start, p = docs.starts[row.book], row.position + 1  # the target's index in its book's stream `EOT book`
-        begin = max(0, math.ceil((p - context) / stride)) * stride  # the first window that reaches p (data.md §6)
+        begin = max(0, math.ceil((p - context) / stride)) * stride  # the first window that reaches p (docs/data.md §6)
         assert row.target == stream[start + p] and row.window == p - 1 - begin
         assert row.nll == pytest.approx(naive_nll(model64, stream, start, begin, p), rel=1e-10)
         if begin > 0:  # after a book's first window, at least C - S + 1 tokens of context
@@ -210,7 +210,7 @@ def test_token_bytes_add_up_to_the_split_bytes():
 def test_tiny_long_context_sweep_evaluates_every_trial_and_renders(tmp_path):
     """sweeps/long_context.yaml at the tiny scale: 4 models trained 8 steps at context 64, each evaluated at 64 and
     128 by `post_eval`, then the long_context notebook over that store."""
-    from pha_lab.analysis.tables import render_notebooks
+    from pha_lab.analysis.notebooks import render_notebooks
     from pha_lab.sweep.runner import run_sweep
 
     spec = {"extends": "long_context", "name": "lc_tiny", "experiment": "tiny_pha", "seeds": [0],

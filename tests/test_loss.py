@@ -160,7 +160,7 @@ def test_the_loss_peak_memory_drops_from_the_logits_to_one_chunk():
 
     peaks, saved = {}, {}
     for name, fn in (("plain", plain), ("chunked", chunked)):
-        def step():
+        def step(fn=fn):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = fn()
             loss.backward()

@@ -90,7 +90,8 @@ def test_sliding_window_layers_keep_at_most_the_window():
 
 
 def test_attention_sparse_pha_cache_against_the_transformer_baselines_at_32k():
-    """What issue 16's cache target (<= 0.25x) asks, analytically: 2 of 12 attention layers plus the GSS state."""
+    """What the long-context cache target (<= 0.25x transformer_180m's at 32k) asks, analytically: 2 of 12 attention
+    layers plus the GSS state."""
     sparse = meta_model("pha_sparse_180m").cache_bytes(1, 32768, 2)
     ratios = {base: sparse / meta_model(base).cache_bytes(1, 32768, 2)
               for base in ("transformer_180m", "transformer_deep_180m", "transformer_mha_180m")}

@@ -114,7 +114,8 @@ def test_fft_dss_matches_naive_recurrence(kernel, length):
 @pytest.mark.parametrize("kernel", DSS_KERNELS)
 def test_fp32_dss_matches_float64_naive_convolution(kernel):
     """The model's fp32 path (kernel build + FFT of size 2L) against an O(L^2) float64 convolution, at the presets'
-    N = 64 and with one slow mode (|exp(lambda)| ~ 1 - 1e-4, as training can make it) that the kernel keeps to the end."""
+    N = 64 and with one slow mode (|exp(lambda)| ~ 1 - 1e-4, as training can make it) that the kernel keeps to the
+    end."""
     torch.manual_seed(0)
     dss = DSS(d_hidden=4, n_modes=64, kernel=kernel)
     with torch.no_grad():
@@ -152,7 +153,10 @@ def test_mode_powers_phase_accuracy(kernel):
     length = 65536
     re, im = mode_powers(torch.zeros_like(lam_im), lam_im, length, torch.float32)  # unit magnitude: the angle only
     exact = torch.exp(1j * lam_im[:, None] * torch.arange(length, dtype=torch.float64))
-    angle_error = lambda z: torch.angle(z * exact[:, : z.shape[1]].conj()).abs().max().item()
+
+    def angle_error(z):
+        return torch.angle(z * exact[:, : z.shape[1]].conj()).abs().max().item()
+
     assert angle_error(torch.complex(re.double(), im.double())) < 1e-6
     fp32_angle = lam_im.float()[:, None] * torch.arange(length, dtype=torch.float32)  # the naive fp32 phase
     naive = torch.complex(torch.cos(fp32_angle).double(), torch.sin(fp32_angle).double())
@@ -415,7 +419,10 @@ def test_rope_is_relative():
     hd = 8
     cos, sin = rope_cos_sin(20, hd, 10000.0, "cpu", torch.float64)
     q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
-    rot = lambda x, p: apply_rope(x.view(1, 1, 1, hd), cos[p : p + 1], sin[p : p + 1]).view(hd)
+
+    def rot(x, p):
+        return apply_rope(x.view(1, 1, 1, hd), cos[p : p + 1], sin[p : p + 1]).view(hd)
+
     assert torch.allclose(rot(q, 5) @ rot(k, 2), rot(q, 15) @ rot(k, 12))
 
 

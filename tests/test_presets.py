@@ -107,7 +107,7 @@ def test_every_preset_records_its_model_family(name):
 ARCHITECTURE = ("model.family", "model.layout", "model.branches", "model.overrides")
 
 
-@pytest.mark.slow  # ~15 s: load_sweep validates every cell (tests/test_sweep.py::test_shipped_sweeps_validate too)
+@pytest.mark.slow  # ~15 s: load_sweep validates every cell (tests/test_sweeps.py::test_shipped_sweeps_validate too)
 @pytest.mark.parametrize("sweep", sweep_names())
 def test_every_sweep_cell_records_its_model_family(sweep):
     """A cell that changes the architecture (a branch removed, a preset's layout changed by overrides) records the

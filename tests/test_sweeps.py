@@ -181,7 +181,7 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
     """`n_workers` processes released at one instant on one study of 16 cells, of which `n_dead`
     hold RUNNING trials of a worker that died long ago. Checks that every cell ran exactly once:
     each dead trial failed and re-queued once, no cell queued twice, no trial claimed twice.
-    (Any RDB URL: issue 15 runs it against PostgreSQL.)"""
+    (Any RDB URL: tests/cluster runs it against PostgreSQL.)"""
     import sqlalchemy as sa
     from optuna.storages._rdb.models import TrialHeartbeatModel
 

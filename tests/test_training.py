@@ -196,7 +196,10 @@ def test_deterministic_mode_gives_identical_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen_at_start = []
     a, b, probe = LossRecorder(), LossRecorder(), DeterminismProbe()
-    on_start = lambda run_id, ckpt_dir: seen_at_start.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+    def on_start(run_id, ckpt_dir):
+        seen_at_start.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
     train(tiny(tmp_path / "a", "tiny_pha", "trainer.max_steps=8", "trainer.deterministic=true"), [a, probe], on_start)
     assert seen_at_start == [":4096:8"] and probe.enabled
     assert not torch.are_deterministic_algorithms_enabled()
@@ -223,7 +226,7 @@ def test_lightning_matches_plain_pytorch_loop(tmp_path):
     opt = build_optimizer(model, o, torch.device("cpu"), "32-true")
     sched = build_schedule(opt, o, steps)
     plain = []
-    for step, batch in zip(range(steps), dm.train_dataloader()):
+    for _, batch in zip(range(steps), dm.train_dataloader()):
         logits = model(batch["input_ids"])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         opt.zero_grad()
@@ -634,8 +637,8 @@ def test_ddp_ranks_stop_together_when_one_rank_gets_the_signal(tmp_path):
 
 @pytest.mark.slow
 def test_srun_ranks_train_one_run(tmp_path):
-    """`pha-lab train` as srun starts it with 2 tasks (srun's environment, without slurmd: issue 15's cluster
-    test has the real one): Lightning's SLURMEnvironment joins them into one DDP job, rank 1 takes rank 0's run
+    """`pha-lab train` as srun starts it with 2 tasks (srun's environment, without slurmd: tests/cluster
+    has the real one): Lightning's SLURMEnvironment joins them into one DDP job, rank 1 takes rank 0's run
     from its message (training/handoff.py) and opens none of its own."""
     runs = tmp_path / "runs"
     with socket.socket() as s:

@@ -15,8 +15,9 @@ from typing import Iterable
 import pandas as pd
 
 from pha_lab.analysis import figures
-from pha_lab.analysis.render import Table, fixed, tokens
-from pha_lab.analysis.runs import baseline_pairs, finished, resolve_uri, scale_label, search_runs
+from pha_lab.analysis.families import baseline_pairs
+from pha_lab.analysis.render import Table, fixed, scale_label, tokens
+from pha_lab.analysis.runs import finished, resolve_uri, search_runs
 from pha_lab.config import PROJECT_ROOT
 
 EFFICIENCY_CSV = "docs/benchmarks/efficiency.csv"
@@ -138,7 +139,7 @@ def decode_table(decode: pd.DataFrame) -> Table:
 
 def model_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
     """(PHA, Transformer) pairs by name: every PHA preset with every Transformer baseline of its scale
-    (runs.baseline_pairs: pha_sparse_180m with transformer_180m, transformer_deep_180m, transformer_mha_180m)."""
+    (families.baseline_pairs: pha_sparse_180m with transformer_180m, transformer_deep_180m, transformer_mha_180m)."""
     return baseline_pairs(models)
 
 

@@ -182,9 +182,9 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
            logy: bool = False):
     """Panels of y vs x, one per `panel` group (titled by `titles[key]`, else `name=key`), one line per `line`
     group (± `{y} std` when present) with the same colour in every panel; `reference` draws labelled horizontal
-    lines (the paper's claims; red dashed, then black dotted); `logx` is the log base of the x axis (base 2: ticks at the data, as 512, 1k, ...);
-    `note` goes above the panels; `logy`: a log y axis (values spanning decades, as cache bytes). One legend,
-    outside the panels."""
+    lines (the paper's claims; red dashed, then black dotted); `logx` is the log base of the x axis (base 2: ticks
+    at the data, as 512, 1k, ...); `note` goes above the panels; `logy`: a log y axis (values spanning decades, as
+    cache bytes). One legend, outside the panels."""
     groups = [] if frame.empty else list(frame.groupby(panel, sort=True, dropna=False)) if panel else [((), frame)]
     name = lambda key: " ".join(str(n) for n in (key if isinstance(key, tuple) else (key,)))  # noqa: E731
     colours = _colours(sorted(name(k) for k, _ in frame.groupby(line, sort=True, dropna=False))) if groups else {}

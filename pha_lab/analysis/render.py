@@ -14,8 +14,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from pha_lab.analysis.runs import scale_label
-
 
 @dataclass
 class Table:
@@ -132,12 +130,18 @@ def tokens(value) -> str:
     return "" if value is None or pd.isna(value) else f"{int(value):,}"
 
 
-def millions(value) -> str:
-    """12,001,152 -> '12.0M', 6,428,048 -> '6.43M': non-embedding counts differ by a few %, so 3 digits."""
+def millions(value, digits: int = 3) -> str:
+    """A count in millions: `digits` significant digits below 10M, `digits - 2` decimals from there: 12,001,152 ->
+    '12.0M', 6,428,048 -> '6.43M' (3: non-embedding counts differ by a few %); blank for a missing value."""
     if value is None or pd.isna(value):
         return ""
     m = float(value) / 1e6
-    return f"{m:.1f}M" if m >= 10 else f"{m:.3g}M"
+    return f"{m:.{digits - 2}f}M" if m >= 10 else f"{m:.{digits}g}M"
+
+
+def scale_label(n_params) -> str:
+    """A model's scale: 125,155,620 -> '125M'; 247,328 -> '0.25M'."""
+    return millions(n_params, 2)
 
 
 def percent(value) -> str:

@@ -11,25 +11,31 @@ data, budget, optimizer), `seed`, `start_time`, `identity` (the hashed key/value
 (`model.mixer`, ...), final metrics (`test/ppl`, `mixer/L0/gss`, ...) and tags (`n_params`, `protocol.dataset`,
 ...) under their own names. Values that are numbers become numbers. Importing this module does not import
 torch or lightning.
+
+What a single run is (its family, label, scale) lives in pha_lab.analysis.families, the pooling into rows in
+pha_lab.analysis.stats; the names the notebooks and tests use are re-exported here.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
 
-from pha_lab.branches import BRANCH_REGISTRY
+from pha_lab.analysis.families import (  # (`x as x`: re-exported, the notebooks, tests and bench use them from here)
+    FAMILY_LABELS as FAMILY_LABELS, baseline_pairs as baseline_pairs, guessed_family, model_family as model_family,
+    recorded_family)
+from pha_lab.analysis.stats import (
+    DuplicateRunsWarning as DuplicateRunsWarning, aggregate as aggregate, difference as difference, reading as reading)
 from pha_lab.config import PROJECT_ROOT
 
 BASE_COLUMNS = ["run_id", "experiment", "status", "config", "family", "family_source", "config_id", "recipe_id", "seed",
@@ -203,218 +209,8 @@ def finished(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return done, note
 
 
-# --------------------------------------------------------------------------- describing runs
-def branches_of(value) -> list[str]:
-    """`model.branches` as logged ("['gss', 'attn']") -> a list."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    try:
-        parsed = ast.literal_eval(str(value))
-    except (ValueError, SyntaxError):
-        return []
-    return [str(b) for b in parsed] if isinstance(parsed, (list, tuple)) else []
 
-
-def overrides_of(row: dict) -> list[dict]:
-    """`model.overrides` as logged ("[{'layers': [1, 6], 'branches': ['attn', 'ffn'], ...}]") -> a list of dicts."""
-    value = row.get("model.overrides")
-    try:
-        parsed = value if isinstance(value, (list, tuple)) else ast.literal_eval(str(value))
-    except (ValueError, SyntaxError):
-        return []
-    return [o for o in parsed if isinstance(o, dict)] if isinstance(parsed, (list, tuple)) else []
-
-
-def branch_order(names: Iterable[str]) -> list[str]:
-    """Branch names in the registry's order (pha_lab.branches), then any unregistered ones alphabetically."""
-    names = set(names)
-    return [b for b in BRANCH_REGISTRY if b in names] + sorted(names - set(BRANCH_REGISTRY))
-
-
-# The PHA family's branches (the paper's GSS + GQA + FFN): what the ablation's "branches removed" counts from, and
-# what `guessed_family` takes a PHA to be. Not the list of branches there are (that is BRANCH_REGISTRY).
-PHA_BRANCHES = ("gss", "attn", "ffn")
-FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
-                 "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA",
-                 "transformer_deep": "Transformer (depth-matched)", "transformer_mha": "Transformer (multi-head)",
-                 "pha_swa": "PHA, sliding-window attention",
-                 }  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse, pha_swa: with k of L layers
-
-
-def recorded_family(row: dict) -> str | None:
-    """The run's `family` tag (what training logs from `model.family`), None where it has none."""
-    family = row.get("family")
-    return family if isinstance(family, str) and family else None
-
-
-def guessed_family(row: dict) -> str:
-    """For runs without a recorded family (logged before the `family` tag existed, or with `model.family` unset):
-    the family as the tables used to guess it from model.layout, model.branches and model.overrides. Only a guess:
-    `tidy` marks it `family_source = "guessed"` and the tables say how many rows rest on it."""
-    layout, branches = row.get("model.layout"), branches_of(row.get("model.branches"))
-    if layout == "parallel" and "attn" not in branches and "attn" in str(row.get("model.overrides") or ""):
-        return "pha_sparse"  # attention in only some layers (the overrides)
-    if layout == "parallel":
-        missing = [b for b in PHA_BRANCHES if b not in branches]
-        return "pha" if not missing else "pha_no_" + "+".join(missing)
-    if branches == ["attn", "ffn"]:
-        return "transformer"
-    if "gss" in branches and "attn" not in branches:
-        return "gss_hybrid" if any("attn" in branches_of(o.get("branches")) for o in overrides_of(row)) else "gss"
-    if branches == ["gss", "attn", "ffn"]:
-        return "sequential_pha"
-    return "+".join(branches) + f" ({layout})"
-
-
-def model_family(row: dict) -> str:
-    """The table label of a run's family (recorded, else guessed): PHA, Transformer, GSS, GSS-Hybrid, sequential
-    PHA, PHA without gss, ..., with the mixer of a parallel model that does not use the static one: PHA (gate)."""
-    family = recorded_family(row) or guessed_family(row)
-    name = FAMILY_LABELS.get(family, family)
-    if family.startswith("pha_no_"):
-        name = "PHA without " + family.removeprefix("pha_no_")
-    k, n_layers = _as_int(row.get("model.n_attn_layers")), _as_int(row.get("model.n_layers"))
-    if family == "pha_sparse" and k is not None and n_layers is not None:
-        name = f"PHA, attention in {k} of {n_layers} layers"
-    window = _as_int(row.get("model.swa.window"))
-    if family == "pha_swa" and k is not None and n_layers is not None and window is not None:
-        name = f"PHA, attention in {k} of {n_layers} layers, a {window}-token window elsewhere"
-    mixer = row.get("model.mixer")
-    static = mixer in (None, "static") or (isinstance(mixer, float) and np.isnan(mixer))
-    return name if row.get("model.layout") != "parallel" or static else f"{name} ({mixer})"
-
-
-def _scale_and_core(name: str) -> tuple[str, str]:
-    """A preset name split into its scale and the rest: pha_sparse_180m -> ("180m", "pha_sparse"), tiny_pha ->
-    ("tiny", "pha"), pha -> ("", "pha")."""
-    if match := re.fullmatch(r"(.+)_(\d+m)", name):
-        return match.group(2), match.group(1)
-    if match := re.fullmatch(r"(tiny|mini)_(.+)", name):
-        return match.group(1), match.group(2)
-    return "", name
-
-
-def baseline_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
-    """(PHA model, Transformer baseline) pairs among preset names: every PHA (pha*, pha_sparse*) with every
-    Transformer of its scale (the `_NNNm` suffix, or the tiny_/mini_ prefix): pha_sparse_180m with transformer_180m,
-    transformer_deep_180m and transformer_mha_180m; tiny_pha with tiny_transformer. The bench's printed comparisons
-    and the efficiency ratio table pair models by this rule."""
-    parts = {str(m): _scale_and_core(str(m)) for m in sorted({str(m) for m in models})}
-    return [(m, b) for m, (scale, core) in parts.items() if core == "pha" or core.startswith("pha_")
-            for b, (b_scale, b_core) in parts.items()
-            if b_scale == scale and (b_core == "transformer" or b_core.startswith("transformer_"))]
-
-
-def _as_int(value) -> int | None:
-    """A logged integer (an MLflow param is a string, a DataFrame cell may be a float or NaN), None if there is none."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(number) if np.isfinite(number) else None
-
-
-def scale_label(n_params) -> str:
-    """125,155,620 -> '125M'; 247,328 -> '0.25M'."""
-    if n_params is None or pd.isna(n_params):
-        return ""
-    m = float(n_params) / 1e6
-    return f"{m:.0f}M" if m >= 10 else f"{m:.2g}M"
-
-
-# --------------------------------------------------------------------------- aggregation
-def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = None,
-              keep: list[str] = ()) -> pd.DataFrame:
-    """One row per configuration (default: `config_id`, pooled over every sweep that ran it), over seeds.
-
-    Each metric m gives columns `m` (mean over the runs that logged it), `m std` (sample std, ddof=1; NaN for
-    one run) and `m n`; `n` counts the runs, `sweeps` says how many came from each sweep and `runs` lists their
-    ids (ordered by seed), the provenance of every number in the row. `keep` columns are copied from the first
-    run. Two runs of one configuration and seed in one sweep are a bookkeeping duplicate (a grid cell run
-    twice), not two replicates: the first started is kept, the others are left out of the statistics and named
-    in the `duplicates` column, with a warning."""
-    by = list(by or ["config_id"])
-    columns = by + [c for c in ("config", *keep) if c not in by] + [
-        x for m in metrics for x in (m, f"{m} std", f"{m} n")] + ["n", "sweeps", "runs", "duplicates"]
-    if runs.empty:
-        return pd.DataFrame(columns=columns)
-    runs, left_out = drop_duplicates(runs, by)
-    rows = []
-    for key, group in runs.groupby(by, sort=False, dropna=False):
-        group = group.sort_values([c for c in ("seed", "experiment", "start_time", "run_id") if c in group])
-        first = group.iloc[0]
-        row = {c: first.get(c) for c in columns if c in group}
-        row["config"] = "; ".join(dict.fromkeys(group["config"].astype(str))) if "config" in group else None
-        for m in metrics:
-            values = pd.to_numeric(group[m], errors="coerce").dropna() if m in group else pd.Series(dtype=float)
-            row[m] = values.mean() if len(values) else np.nan
-            row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
-            row[f"{m} n"] = len(values)
-        row["n"] = len(group)
-        row["sweeps"] = ", ".join(f"{e} ({k})" for e, k in sorted(group["experiment"].astype(str).value_counts().items()))
-        row["runs"] = ",".join(group["run_id"])
-        row["duplicates"] = left_out.get(key if isinstance(key, tuple) else (key,), "")
-        rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
-
-
-def drop_duplicates(runs: pd.DataFrame, by: list[str] = ("config_id",)) -> tuple[pd.DataFrame, dict[tuple, str]]:
-    """(runs without bookkeeping duplicates, {group key of `by`: what was left out}): of several runs with one
-    sweep, configuration and seed (and `by` key), only the first started counts; a warning names the others."""
-    key = list(dict.fromkeys(["experiment", "config_id", "seed", *by]))
-    order = [c for c in ("start_time", "run_id") if c in runs]
-    runs = runs.sort_values(order, kind="stable") if order else runs
-    dup = runs.duplicated(key, keep="first")
-    if not dup.any():
-        return runs, {}
-    messages: dict[tuple, list[str]] = {}
-    for _, group in runs[runs.duplicated(key, keep=False)].groupby(key, sort=False, dropna=False):
-        kept, extra = group["run_id"].iloc[0], list(group["run_id"].iloc[1:])
-        first = group.iloc[0]
-        text = (f"{first['experiment']} seed {_seed(first['seed'])}: {len(group)} runs, kept {kept[:8]}, "
-                f"left out {', '.join(r[:8] for r in extra)}")
-        messages.setdefault(tuple(first[c] for c in by), []).append(text)
-    joined = {k: "; ".join(v) for k, v in messages.items()}
-    warnings.warn("bookkeeping duplicates (one sweep ran one configuration and seed more than once; only the first "
-                  "started run counts): " + "; ".join(joined.values()), DuplicateRunsWarning, stacklevel=3)
-    return runs[~dup], joined
-
-
-class DuplicateRunsWarning(UserWarning):
-    """A sweep ran one configuration and seed more than once (e.g. a grid cell claimed by two workers)."""
-
-
-def _seed(value) -> str:
-    return str(int(value)) if isinstance(value, (int, float, np.number)) and not pd.isna(value) else str(value)
-
-
-def difference(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean(a) - mean(b), low, high): the Welch t interval (unequal variances) on the difference of means at
-    `level`; NaN bounds when either side has fewer than 2 runs (no spread to judge the noise by)."""
-    from scipy import stats  # start-up time: ~1.5 s, only for tables with intervals
-
-    a = pd.to_numeric(pd.Series(list(a), dtype=object), errors="coerce").dropna().to_numpy(float)
-    b = pd.to_numeric(pd.Series(list(b), dtype=object), errors="coerce").dropna().to_numpy(float)
-    if not len(a) or not len(b):
-        return np.nan, np.nan, np.nan
-    delta = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
-        return delta, np.nan, np.nan
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
-    return delta, float(ci.low), float(ci.high)
-
-
-def reading(delta: float, low: float, high: float) -> str:
-    """How a difference reads: 'within noise' when its interval covers 0, else 'higher' or 'lower'."""
-    if pd.isna(delta):
-        return ""
-    if pd.isna(low) or pd.isna(high):
-        return "no interval (a side has < 2 runs)"
-    if low <= 0 <= high:
-        return "within noise"
-    return "higher" if delta > 0 else "lower"
-
-
+# --------------------------------------------------------------------------- per-layer and long-context metrics
 def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataFrame:
     """Long frame (run_id, layer, branch, value) of per-layer metrics: `{prefix}/L{i}/{branch}` (mixer,
     rms) without a suffix, `{prefix}/{branch}/L{i}{suffix}` or `{prefix}/{branch}/all{suffix}` with one

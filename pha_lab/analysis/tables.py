@@ -1,46 +1,33 @@
-"""The paper's tables rebuilt from runs (perplexity, ablation, mixer weights, knockout, MQAR) as `render.Table`s,
-plus `render_notebooks` (what `pha-lab tables` runs).
+"""The paper's tables rebuilt from runs (perplexity, ablation, mixer weights, knockout, MQAR, long context) as
+`render.Table`s; the notebooks in analysis/ render them (pha_lab.analysis.notebooks runs those). The MQAR and
+long-context tables live in mqar_tables.py and long_context_tables.py and are re-exported here.
 
 Runs are pooled by configuration, not by sweep: a row is one `config_id` (the resolved config minus seed and
 bookkeeping keys) over every run of it in the store, and `sweeps` says where its runs came from. A table's
 `sweeps` argument picks which configurations get a row. Differences carry a 95% Welch t interval and read
 "within noise" when it covers 0; every row shows total and non-embedding parameters and keeps the ids of its
 runs (`runs` column; shortened in Markdown/LaTeX, full in the CSV); the notes print the evaluation protocol and
-how many runs were left out because they did not finish. The paper's reported perplexities live here, in
-`PAPER_PPL`, only (its efficiency claim: `efficiency.PAPER_EFFICIENCY`).
+how many runs were left out because they did not finish (what the rows share: pha_lab.analysis.rows). The
+paper's reported perplexities live here, in `PAPER_PPL`, only (its efficiency claim: `efficiency.PAPER_EFFICIENCY`).
 """
 
 from __future__ import annotations
 
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
-from pha_lab.analysis.efficiency import EFFICIENCY_CSV, resolve_path
-from pha_lab.analysis.render import FORMATS, Table, fixed, tokens
-from pha_lab.analysis.runs import (PHA_BRANCHES, aggregate, branch_order, branches_of, config_key, difference, finished,
-                                   layer_metrics, load_runs, longctx_metrics, model_family, reading, scale_label)
+from pha_lab.analysis.families import PHA_BRANCHES, branch_order, branches_of
+from pha_lab.analysis.long_context_tables import (  # (`x as x`: re-exported, so every paper table is tables.<name>)
+    long_context_buckets as long_context_buckets, long_context_table as long_context_table)
+from pha_lab.analysis.mqar_tables import mqar_lr_table as mqar_lr_table, mqar_table as mqar_table
+from pha_lab.analysis.render import FORMATS, Table, fixed, scale_label
+from pha_lab.analysis.rows import (HEADERS, INTERVAL_NOTE, PARAMS, POOLING_NOTE, compare, family_note, family_rank,
+                                   in_scope, rows_where, shown_columns, table_notes, with_model)
+from pha_lab.analysis.runs import finished, layer_metrics
+from pha_lab.analysis.stats import aggregate
 from pha_lab.branches import BRANCH_REGISTRY
-from pha_lab.config import PROJECT_ROOT
-
-OUT_DIR = PROJECT_ROOT / "analysis" / "out"
-NOTEBOOK_DIR = PROJECT_ROOT / "analysis"
-NOTEBOOKS = ("perplexity", "ablation", "mixing", "mqar", "efficiency", "long_context")
-# Which sweeps (MLflow experiments) give each notebook its rows unless told otherwise (a row's statistics pool every
-# run of its configuration in the store); `smoke` last, so that `make sweep NAME=smoke && make tables` fills the
-# tables on a CPU machine.
-DEFAULT_SWEEPS = {
-    "perplexity": ["baselines", "scale", "repro_baselines", "smoke"],
-    "ablation": ["ablation", "repro_ablation", "smoke"],
-    "mixing": ["ablation", "baselines", "scale", "repro_ablation", "repro_baselines", "smoke"],
-    "mqar": ["mqar", "repro_mqar"],
-    "efficiency": ["efficiency"],
-    "long_context": ["long_context", "repro_baselines"],
-}
 
 # --------------------------------------------------------------------------- the paper's numbers
 # Reported test perplexities (arXiv 2606.16093 and the tables it cites). `regime` says how the model was
@@ -64,110 +51,7 @@ PAPER_PPL = [
 # PHA-180M versus a pure-attention baseline at long context: +24% throughput, up to -40% memory.
 
 
-HEADERS = {"test/ppl": "test PPL", "test/bpb": "bits/byte", "test/accuracy": "test accuracy", "val/accuracy": "val accuracy"}
-PARAMS = {"n_params": "params", "n_params_non_embedding": "non-emb params"}
-POOLING_NOTE = ("Pooled by configuration (`config_id`: the resolved config minus seed and bookkeeping keys) over every "
-                "sweep that ran it, `sweeps` giving each one's count; runs of one seed in two sweeps count as two "
-                "replicates (on a GPU they differ by its non-determinism). Mean ± sample std over the pooled runs.")
-INTERVAL_NOTE = ("Δ [low, high]: difference of means with its 95% Welch t interval (unequal variances; per comparison, "
-                 "not corrected for the several comparisons of a table); `reading` is 'within noise' when the interval "
-                 "covers 0, else higher or lower; no interval where a side has a single run.")
-
-
-# --------------------------------------------------------------------------- protocol notes
-def protocol_notes(runs: pd.DataFrame) -> list[str]:
-    """One line per distinct evaluation protocol among `runs` (the columns a reader needs to compare)."""
-    keys = ["protocol.dataset", "protocol.split", "protocol.tokenizer", "protocol.context", "protocol.stride",
-            "protocol.n_tokens", "protocol.n_bytes", "protocol.metric"]
-    if runs.empty or "protocol.dataset" not in runs:
-        return []
-    lines = []
-    table = runs.reindex(columns=keys + ["train/tokens_seen"]).astype(object).where(lambda d: d.notna(), None)
-    for values, group in table.groupby(keys, dropna=False, sort=False):
-        p = dict(zip([k.split(".", 1)[1] for k in keys], values))
-        seen = sorted({int(t) for t in group["train/tokens_seen"] if t is not None})
-        if p["metric"] == "ppl":
-            scored = f"{tokens(p['n_tokens'])} scored tokens" + (f" ({tokens(p['n_bytes'])} bytes)" if p["n_bytes"] else "")
-            metric = "token-level PPL and bits per byte"
-        else:
-            scored, metric = f"{tokens(p['n_tokens'])} scored answers", str(p["metric"])
-        lines.append(f"Protocol: {p['dataset']} / {p['split']}, tokenizer {p['tokenizer']}, context {p['context']}, "
-                     f"stride {p['stride']}, {scored}, {metric}; training tokens per run: "
-                     f"{', '.join(f'{t:,}' for t in seen) or 'not logged'}; regime: scratch (trained here).")
-    return lines
-
-
-def _notes(runs: pd.DataFrame, excluded: str | None, frame: pd.DataFrame, *extra: str) -> list[str]:
-    notes = protocol_notes(runs) + [e for e in extra if e]
-    flagged = frame["duplicates"][frame["duplicates"].astype(bool)] if "duplicates" in frame else []
-    if len(flagged):
-        notes.append("⚠ Bookkeeping duplicates (a sweep ran one configuration and seed twice; only the first started run "
-                     "counts): " + "; ".join(dict.fromkeys("; ".join(flagged).split("; "))) + ".")
-    return notes + ([excluded] if excluded else [])
-
-
-def _shown(frame: pd.DataFrame, columns: dict[str, str]) -> dict[str, str]:
-    """`columns`, plus the duplicates flag where a row has one."""
-    if "duplicates" in frame and frame["duplicates"].astype(bool).any():
-        columns = {**columns, "duplicates": "⚠ duplicate runs left out"}
-    return columns
-
-
-def _with_model(runs: pd.DataFrame) -> pd.DataFrame:
-    runs = runs.copy()
-    runs["model"] = [model_family(r) for r in runs.to_dict("records")] if len(runs) else []
-    return runs
-
-
-def family_note(runs: pd.DataFrame) -> str:
-    """Says how many of `runs` have a guessed model family (runs.guessed_family), or nothing when none has."""
-    guessed = int((runs["family_source"] == "guessed").sum()) if "family_source" in runs else 0
-    if not guessed:
-        return ""
-    return (f"Model family guessed from model.layout, model.branches and model.overrides for {guessed} of {len(runs)} "
-            "runs: they carry no `family` tag (logged before training recorded `model.family`, or with it unset); "
-            "setting the tag on a run records it.")
-
-
-def _where(runs: pd.DataFrame, column: str, test) -> pd.DataFrame:
-    return runs[runs[column].map(test)] if column in runs and len(runs) else runs.iloc[0:0]
-
-
-def _scope(runs: pd.DataFrame, sweeps: Iterable[str] | None) -> pd.DataFrame:
-    """The runs of every configuration that `sweeps` ran (None: all runs): what rows for those sweeps pool."""
-    if sweeps is None or runs.empty:
-        return runs
-    ids = set(runs.loc[runs["experiment"].isin(list(sweeps)), "config_id"])
-    return runs[runs["config_id"].isin(ids)]
-
-
-def compare(frame: pd.DataFrame, runs: pd.DataFrame, metric: str, is_reference: pd.Series, match: list[str]) -> pd.DataFrame:
-    """`frame` (rows of `aggregate`) with each row's difference from its reference: the one row where
-    `is_reference` holds with equal `match` columns. Adds `delta` (mean − reference mean), `delta lo`/`delta hi`
-    (95% Welch t interval, from the runs' own values), `reading`, `delta params` (non-embedding, relative) and
-    `reference runs`; blank where there is no reference, and 'ambiguous reference' where there are several."""
-    frame = frame.assign(**{"delta": np.nan, "delta lo": np.nan, "delta hi": np.nan, "reading": "", "delta params": np.nan,
-                            "reference runs": ""})
-    values = runs.set_index("run_id")[metric] if metric in runs else pd.Series(dtype=float)
-    for i, row in frame.iterrows():
-        same = is_reference.copy()
-        for c in match:
-            same &= frame[c].eq(row[c]) | (frame[c].isna() & pd.isna(row[c])) if c in frame else True
-        refs = frame[same]
-        if len(refs) != 1:
-            frame.loc[i, "reading"] = "ambiguous reference" if len(refs) else ""
-            continue
-        ref = refs.iloc[0]
-        delta, low, high = (0.0, np.nan, np.nan) if ref.name == i else difference(
-            values.reindex(row["runs"].split(",")), values.reindex(ref["runs"].split(",")))
-        params = pd.to_numeric(pd.Series([row.get("n_params_non_embedding"), ref.get("n_params_non_embedding")]), errors="coerce")
-        frame.loc[i, ["delta", "delta lo", "delta hi", "delta params"]] = [delta, low, high, params[0] / params[1] - 1]
-        frame.loc[i, ["reading", "reference runs"]] = ["reference" if ref.name == i else reading(delta, low, high), ref["runs"]]
-    return frame
-
-
 # --------------------------------------------------------------------------- perplexity
-FAMILIES = ("PHA", "Transformer", "GSS-Hybrid", "GSS", "sequential PHA")  # table order (by scale first)
 SCALE = ["recipe_id", "model.d_model", "model.n_layers"]  # what a comparison holds equal: data, budget, optimizer, shape
 
 
@@ -192,24 +76,24 @@ def perplexity_table(runs: pd.DataFrame, dataset: str | None = None, sweeps: Ite
     if dataset and len(lm):
         lm = lm[np.logical_or.reduce([lm[c] == dataset for c in ("data.source", "protocol.dataset") if c in lm]
                                      + [np.zeros(len(lm), bool)])]
-    done, excluded = finished(_scope(lm, sweeps))
-    done = _with_model(done)
+    done, excluded = finished(in_scope(lm, sweeps))
+    done = with_model(done)
     keep = ["model", *PARAMS, "recipe_id", "model.d_model", "model.n_layers", "train/tokens_seen"]
     frame = aggregate(done, ["test/ppl", "test/bpb"], keep=keep)
     if len(frame):
-        rank = frame["model"].map(lambda m: next((i for i, f in enumerate(FAMILIES) if m.startswith(f)), len(FAMILIES)))
-        frame = (frame.assign(_r=rank).sort_values(["model.d_model", "_r", "model", "config"], kind="stable")
+        frame = (frame.assign(_r=frame["model"].map(family_rank))
+                 .sort_values(["model.d_model", "_r", "model", "config"], kind="stable")
                  .drop(columns="_r").reset_index(drop=True))
         frame = compare(frame, done, "test/ppl", frame["model"] == "PHA", SCALE)
     columns = {"sweeps": "sweeps (runs)", "model": "model", "config": "config", **PARAMS, "train/tokens_seen": "train tokens",
                "n": "seeds", "test/ppl": "test PPL", "test/bpb": "bits/byte", "delta": "Δ test PPL vs PHA [95% CI]",
                "reading": "reading", "runs": "runs"}
-    notes = _notes(done, excluded, frame, POOLING_NOTE, INTERVAL_NOTE,
+    notes = table_notes(done, excluded, frame, POOLING_NOTE, INTERVAL_NOTE,
                    "Δ against the PHA (parallel GSS+GQA+FFN, static mixer) with the same recipe (data, budget, optimizer: "
                    "`recipe_id`) and width/depth; blank where there is none. Every row trained from scratch.",
                    family_note(done))
     return Table(f"perplexity-{dataset or 'all'}", f"Language modelling, {dataset or 'all datasets'}: our runs",
-                 frame, _shown(frame, columns), notes, FORMATS)
+                 frame, shown_columns(frame, columns), notes, FORMATS)
 
 
 def reference_key(dataset: str | None) -> str | None:
@@ -247,8 +131,8 @@ def ablation_table(runs: pd.DataFrame, metric: str | None = None, sweeps: Iterab
     """PHA (parallel layout) with branches removed and with each mixer, mean ± std over the pooled runs, and
     Δ = mean − mean of the full PHA (all branches, static mixer) with the same recipe and width/depth, with its
     interval. The variants are not parameter-matched: the Δ params column says by how much."""
-    par = _where(runs, "model.layout", lambda v: v == "parallel")
-    done, excluded = finished(_scope(par, sweeps))
+    par = rows_where(runs, "model.layout", lambda v: v == "parallel")
+    done, excluded = finished(in_scope(par, sweeps))
     metric = metric or ("test/ppl" if "test/ppl" in done and done["test/ppl"].notna().any() else
                         "test/accuracy" if "test/accuracy" in done else "test/ppl")
     done = done.assign(removed=[removed_label(b) for b in done.get("model.branches", [])])
@@ -268,11 +152,11 @@ def ablation_table(runs: pd.DataFrame, metric: str | None = None, sweeps: Iterab
         shown["test/bpb"] = "bits/byte"
     shown.update({"delta": f"Δ {header} vs full PHA [95% CI]", "reading": "reading", "runs": "runs",
                   "reference runs": "Δ reference runs"})
-    notes = _notes(done, excluded, frame, POOLING_NOTE, INTERVAL_NOTE,
+    notes = table_notes(done, excluded, frame, POOLING_NOTE, INTERVAL_NOTE,
                    "Δ against the full PHA (all branches, static mixer) with the same recipe (`recipe_id`) and "
                    "width/depth; blank where there is none. Not parameter-matched: removing a branch removes its "
                    "weights, and the concat mixer adds a k·D x D projection (Δ non-emb params).")
-    return Table("ablation", "Ablation: branch removal and mixer type", frame, _shown(frame, shown), notes, FORMATS)
+    return Table("ablation", "Ablation: branch removal and mixer type", frame, shown_columns(frame, shown), notes, FORMATS)
 
 
 # --------------------------------------------------------------------------- per-layer tables (mixer, knockout)
@@ -280,7 +164,7 @@ def _per_layer(runs: pd.DataFrame, long: pd.DataFrame, name: str, title: str, no
     """Long (run_id, layer, branch, value) -> mean ± std per (configuration, layer), one column per branch."""
     branches = branch_order(long["branch"]) or list(BRANCH_REGISTRY)
     wide = long.pivot_table(index=["run_id", "layer"], columns="branch", values="value", aggfunc="first").reset_index()
-    info = _with_model(runs).reindex(columns=["run_id", "experiment", "config_id", "config", "seed", "start_time", "model",
+    info = with_model(runs).reindex(columns=["run_id", "experiment", "config_id", "config", "seed", "start_time", "model",
                                               *PARAMS] if len(runs) else ["run_id"])
     wide = wide.merge(info, on="run_id") if len(runs) else wide.iloc[0:0]
     frame = aggregate(wide, branches, by=["config_id", "layer"], keep=["model", *PARAMS])
@@ -290,13 +174,13 @@ def _per_layer(runs: pd.DataFrame, long: pd.DataFrame, name: str, title: str, no
     columns = {"model": "model", "config": "config", **PARAMS, "layer": "layer", **{b: b for b in branches},
                "n": "seeds", "sweeps": "sweeps (runs)", "runs": "runs"}
     notes = [*notes, family_note(runs[runs["run_id"].isin(wide["run_id"])] if len(runs) else runs)]
-    return Table(name, title, frame, _shown(frame, columns), _notes(pd.DataFrame(), None, frame, *notes),
+    return Table(name, title, frame, shown_columns(frame, columns), table_notes(pd.DataFrame(), None, frame, *notes),
                  {**FORMATS, **{b: fixed(3) for b in branches}})
 
 
 def mixer_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
     """Learned mixer weight of each branch in each layer (last validation), mean ± std over the pooled runs."""
-    done, excluded = finished(_scope(runs, sweeps))
+    done, excluded = finished(in_scope(runs, sweeps))
     long = layer_metrics(done, "mixer")
     notes = [POOLING_NOTE, "Weights as each mixer reports them at the last validation (`mixer/L{i}/{branch}`; static: "
              "softmax, gate: mean gate, concat: share of the projection's squared norm); layers counted from 0; "
@@ -307,7 +191,7 @@ def mixer_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Tabl
 def knockout_table(runs: pd.DataFrame, metric: str = "delta_ppl", sweeps: Iterable[str] | None = None) -> Table:
     """Change in test PPL (or accuracy) when one branch is zeroed in one layer (`pha-lab eval --knockout
     ... --per-layer`; layer `all`: in every layer), mean ± std over the pooled runs."""
-    done, excluded = finished(_scope(runs, sweeps))
+    done, excluded = finished(in_scope(runs, sweeps))
     long = layer_metrics(done, "knockout", suffix=f"/{metric}")
     notes = [POOLING_NOTE, f"`{metric}` = knocked-out minus intact, logged by `pha-lab eval RUN_ID --knockout gss attn "
              "ffn --per-layer`; runs never evaluated so are absent.", excluded]
@@ -326,200 +210,3 @@ def heatmap_frames(table: Table) -> dict[str, pd.DataFrame]:
         title = f"{first['model']}, {scale_label(first.get('n_params'))} (n={int(group['n'].max())})\n{first['config']}"
         out[title] = group.set_index("layer")[branches].astype(float)
     return out
-
-
-# --------------------------------------------------------------------------- MQAR
-_MQAR_FORMATS = {**FORMATS, "optim.lr": lambda v: "" if pd.isna(v) else f"{v:g}"}
-_MQAR_TASK = ["model", *PARAMS, "model.d_model", "data.seq_len", "data.mqar.num_kv_pairs"]
-
-
-def mqar_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    return _with_model(_where(runs, "data.source", lambda v: v == "mqar"))
-
-
-def mqar_by_lr(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> pd.DataFrame:
-    """Validation and test accuracy per configuration (one learning rate each), mean ± std over the pooled runs;
-    `task_id` groups the configurations that differ only in the learning rate (the LR curves)."""
-    done, _ = finished(_scope(mqar_runs(runs), sweeps))
-    done = done.assign(task_id=[config_key(i, drop=("optim.lr",)) for i in done["identity"]])
-    return aggregate(done, ["val/accuracy", "test/accuracy"], keep=["task_id", *_MQAR_TASK, "optim.lr"])
-
-
-def mqar_lr_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
-    """The learning-rate sensitivity behind `mqar_table`: every learning rate, mean ± std over the pooled runs."""
-    frame = mqar_by_lr(runs, sweeps)
-    if len(frame):
-        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "task_id", "optim.lr"]).reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr", "n": "seeds", "val/accuracy": "val accuracy",
-             "test/accuracy": "test accuracy", "runs": "runs"}
-    done, _ = finished(_scope(mqar_runs(runs), sweeps))
-    return Table("mqar-lr", "MQAR: accuracy per learning rate", frame, _shown(frame, shown),
-                 _notes(pd.DataFrame(), None, frame, POOLING_NOTE, family_note(done)), _MQAR_FORMATS)
-
-
-def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
-    """Per task (model x width x sequence length x kv pairs): the learning rate with the best seed-mean
-    validation accuracy, and the test accuracy at it (selection never looks at test)."""
-    done, excluded = finished(_scope(mqar_runs(runs), sweeps))
-    by_lr = mqar_by_lr(runs, sweeps)
-    rows, unscored = [], 0
-    for _, group in by_lr.groupby("task_id", sort=False) if len(by_lr) else []:
-        group = group.sort_values("optim.lr")
-        scored = group[group["val/accuracy"].notna()]
-        if len(scored):
-            best = scored.loc[scored["val/accuracy"].idxmax()].copy()
-        else:
-            best, unscored = group.iloc[0].copy(), unscored + 1
-            best[["optim.lr", "val/accuracy", "test/accuracy", "test/accuracy std"]] = np.nan
-        best["learning rates"] = ", ".join(f"{lr:g}" for lr in group["optim.lr"].dropna())
-        rows.append(best)
-    frame = pd.DataFrame(rows, columns=list(by_lr.columns) + ["learning rates"])
-    if len(frame):
-        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "data.mqar.num_kv_pairs"], kind="stable")
-        frame = frame.reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr (best val)", "learning rates": "lrs tried",
-             "n": "seeds", "val/accuracy": "val accuracy", "test/accuracy": "test accuracy", "runs": "runs"}
-    notes = _notes(done, excluded, frame, POOLING_NOTE,
-                   "The learning rate is picked on the seed-mean validation accuracy (ties: the smallest); the test "
-                   "accuracy is reported at it, so test never enters the selection. The runs column names the runs "
-                   "at that learning rate.",
-                   f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "",
-                   family_note(done))
-    return Table("mqar", "MQAR: recall accuracy at the learning rate picked on validation", frame, _shown(frame, shown),
-                 notes, _MQAR_FORMATS)
-
-
-# --------------------------------------------------------------------------- long context
-LONGCTX_BY = ["config_id", "context", "stride", "max_book_tokens"]  # runs pool only under one protocol
-
-
-def _family_rank(model: str) -> int:
-    return next((i for i, f in enumerate(FAMILIES) if model.startswith(f)), len(FAMILIES))
-
-
-def _longctx_long(runs: pd.DataFrame, sweeps: Iterable[str] | None, split: str) -> tuple[pd.DataFrame, str | None]:
-    """(one row per finished run, context and bucket with the run's model and sizes, the excluded-runs note)."""
-    done, excluded = finished(_scope(runs, sweeps))
-    done = _with_model(done)
-    info = ["run_id", "experiment", "config_id", "config", "seed", "start_time", "model", *PARAMS, "data.seq_len"]
-    return longctx_metrics(done, split).merge(done.reindex(columns=info), on="run_id"), excluded
-
-
-def _longctx_labels(frame: pd.DataFrame) -> pd.Series:
-    """A line label per row: the model and its training context, the stride where it is not the context, the
-    per-book cap where there is one, and the configuration id where two configurations would share a label."""
-    if frame.empty:
-        return pd.Series([], dtype=object)
-    base = [f"{r['model']} (train {int(r['data.seq_len'])})" if pd.notna(r.get("data.seq_len")) else str(r["model"])
-            for _, r in frame.iterrows()]
-    base = pd.Series(base, index=frame.index)
-    clash = frame.groupby(base)["config_id"].transform("nunique") > 1
-    base = base.where(~clash, base + " " + frame["config_id"].astype(str).str[:6])
-    stride = [("" if pd.isna(s) or s == c else f", stride {int(s)}") for s, c in zip(frame["stride"], frame["context"])]
-    cap = ["" if pd.isna(m) else f", first {int(m):,} tokens/book" for m in frame["max_book_tokens"]]
-    return base + pd.Series(stride, index=frame.index) + pd.Series(cap, index=frame.index)
-
-
-def long_context_buckets(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, kind: str = "all",
-                         split: str = "test") -> pd.DataFrame:
-    """PPL and bits per byte per configuration, evaluation context and bucket of `kind` (all: whole books; window:
-    position in the window; position: in the book), mean ± std over the pooled runs, with a line `label`."""
-    long, _ = _longctx_long(runs, sweeps, split)
-    long = long[long["kind"] == kind]
-    keep = ["model", *PARAMS, "data.seq_len", "books"]
-    frame = aggregate(long, ["ppl", "bpb"], by=[*LONGCTX_BY, "lo", "hi"], keep=keep)
-    if len(frame):
-        frame = (frame.assign(_r=frame["model"].map(_family_rank))
-                 .sort_values(["_r", "model", "config", "context", "lo"], kind="stable").drop(columns="_r")
-                 .reset_index(drop=True))
-    frame.insert(0, "label", _longctx_labels(frame).to_numpy() if len(frame) else [])
-    return frame
-
-
-def long_context_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, split: str = "test") -> Table:
-    """Whole-book PPL and bits per byte against the evaluation context, one row per configuration and context
-    (`pha-lab eval RUN --contexts ...`, or a sweep's `post_eval.long_context`)."""
-    frame = long_context_buckets(runs, sweeps, "all", split)
-    long, excluded = _longctx_long(runs, sweeps, split)
-    books = sorted({str(b) for b in long.get("books", pd.Series(dtype=object)).dropna()})
-    columns = {"sweeps": "sweeps (runs)", "label": "model", "config": "config", **PARAMS, "data.seq_len": "train ctx",
-               "context": "eval ctx", "stride": "stride", "n": "seeds", "ppl": f"{split} PPL", "bpb": "bits/byte",
-               "runs": "runs"}
-    notes = [POOLING_NOTE,
-             f"Protocol (docs/data.md, section 9): the {split} books ({' | '.join(books) or 'none yet'}), each "
-             "scored on its own from its first token at evaluation context C with the stride shown (= C: "
-             "non-overlapping windows); no window crosses a book, the <|endoftext|> between books is not scored, a "
-             "book shorter than C is one window; bits per byte over the UTF-8 bytes of the scored tokens.",
-             family_note(long.drop_duplicates("run_id")) if len(long) else "", excluded or ""]
-    formats = {**FORMATS, "ppl": fixed(2), "bpb": fixed(3), "context": tokens, "stride": tokens, "data.seq_len": tokens}
-    return Table(f"long_context-{split}", f"Long context: {split} PPL against the evaluation context", frame,
-                 _shown(frame, columns), [n for n in notes if n], formats)
-
-
-# --------------------------------------------------------------------------- notebooks
-def status_line(runs: pd.DataFrame, sweeps: list[str], uri: str) -> str:
-    """The one line a notebook prints about what it found: the runs of `sweeps`, and how many runs of the same
-    configurations other sweeps add to the pool."""
-    scope = _scope(runs, sweeps)
-    mine = scope[scope["experiment"].isin(sweeps)] if len(scope) else scope
-    if mine.empty:
-        return f"No runs yet in sweep(s) {', '.join(sweeps)} at {uri}: rendering the empty table skeleton."
-    counts = mine["status"].value_counts()
-    others = scope[~scope["experiment"].isin(sweeps)]
-    pooled = (f"; pooled with {len(others)} run(s) of the same configurations in "
-              f"{', '.join(sorted(others['experiment'].unique()))}" if len(others) else "")
-    return (f"{len(mine)} run(s) in {', '.join(sorted(mine['experiment'].unique()))} at {uri} "
-            f"({', '.join(f'{n} {s}' for s, n in counts.items())}){pooled}.")
-
-
-def sweeps_for(notebook: str, sweeps: list[str] | str | None = None) -> list[str]:
-    if sweeps is None:
-        return list(DEFAULT_SWEEPS[notebook])
-    return [sweeps] if isinstance(sweeps, str) else list(sweeps)
-
-
-def out_dir(path: str | Path | None = None) -> Path:
-    return Path(path) if path else OUT_DIR
-
-
-def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[str, list[str]] | None = None,
-                     notebooks: Iterable[str] = NOTEBOOKS, efficiency_csv: str | None = EFFICIENCY_CSV,
-                     datasets: list[str] | None = None, jobs_at_once: int = 2, log=print) -> list[str]:
-    """Execute the analysis notebooks headlessly (papermill) into `out`; return the failures.
-
-    The perplexity notebook runs once per dataset that has runs (or once for WikiText-103, showing
-    the paper's numbers beside an empty table)."""
-    import papermill as pm  # start-up time: ~1 s (and a Jupyter stack), only to render the notebooks
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    sweeps = {nb: sweeps_for(nb, (sweeps or {}).get(nb)) for nb in NOTEBOOKS}
-    jobs = []
-    for nb in notebooks:  # (perplexity: one notebook per dataset)
-        params = {"tracking_uri": tracking_uri, "sweeps": sweeps[nb], "out_dir": str(out)}
-        if nb == "perplexity":
-            found = datasets or datasets_with_runs(load_runs(sweeps[nb], tracking_uri)) or ["wikitext103"]
-            jobs += [(nb, f"perplexity-{d}", {**params, "dataset": d}) for d in found]
-        elif nb == "efficiency":
-            csv = str(resolve_path(efficiency_csv)) if efficiency_csv else None
-            jobs.append((nb, nb, {**params, "csv": csv}))
-        else:
-            jobs.append((nb, nb, params))
-
-    def execute(job) -> str | None:
-        nb, name, params = job
-        target = out / f"{name}.ipynb"
-        log(f"[tables] {nb}.ipynb -> {target}")
-        try:
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(target), parameters=params, kernel_name="python3",
-                                progress_bar=False, cwd=str(PROJECT_ROOT))
-        except Exception as exc:  # PapermillExecutionError names the failing cell; a dead kernel lands here too
-            print(f"[tables] FAILED {name} (executed notebook: {target}):\n{exc}", file=sys.stderr)
-            return f"{name}: {type(exc).__name__}"
-        return None
-
-    # Each notebook is its own kernel process, mostly importing: run `jobs_at_once` of them at a time.
-    with ThreadPoolExecutor(max(1, jobs_at_once)) as pool:
-        return [f for f in pool.map(execute, jobs) if f]

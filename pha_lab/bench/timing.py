@@ -18,7 +18,8 @@ import itertools
 import sys
 import time
 import traceback
-from typing import Any, Callable, ContextManager, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def percentiles(times_ms: Sequence[float]) -> tuple[float, float, float]:
     return float(p10), float(p50), float(p90)
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
     """Autocast to `dtype` on a GPU; fp32 (no autocast) on a CPU or for dtype fp32."""
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
@@ -73,7 +74,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
 
 
 def train_step(loss_of: Callable[[Any], torch.Tensor], batches: Sequence, optimizer: torch.optim.Optimizer,
-               amp: ContextManager) -> Callable[[], torch.Tensor]:
+               amp: AbstractContextManager) -> Callable[[], torch.Tensor]:
     """A function doing one training step per call on the next of `batches` (in turn): forward and loss
     under `amp`, backward, optimizer step, gradients set to None. It returns the (detached) loss."""
     batch_iter = itertools.cycle(batches)
@@ -89,7 +90,7 @@ def train_step(loss_of: Callable[[Any], torch.Tensor], batches: Sequence, optimi
     return step
 
 
-def prefill_step(forward: Callable[[Any], Any], batches: Sequence, amp: ContextManager) -> Callable[[], None]:
+def prefill_step(forward: Callable[[Any], Any], batches: Sequence, amp: AbstractContextManager) -> Callable[[], None]:
     """A function running the inference forward of the next of `batches` per call (every position, as
     perplexity evaluation runs it) under inference_mode and `amp`."""
     batch_iter = itertools.cycle(batches)

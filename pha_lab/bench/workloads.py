@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from contextlib import AbstractContextManager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -163,7 +164,7 @@ def make_optimizer(module: nn.Module, device: torch.device) -> torch.optim.Optim
 
 
 def build_step(mode: str, workload: Workload, fwd: Callable, optimizer: torch.optim.Optimizer | None,
-               batches: list, amp: ContextManager) -> Callable[[], object]:
+               batches: list, amp: AbstractContextManager) -> Callable[[], object]:
     """The function one timed step calls: train = forward, loss, backward, optimizer step; prefill = the
     inference forward of every position under inference_mode."""
     if mode == "train":

@@ -1,28 +1,27 @@
 """Corpora: one registry of data sources, each a small function from the data config to its splits.
 
-A source returns `{split: SplitSource}`. A `SplitSource` only *describes* a split (local files, or a hub dataset id
-and revision, plus how the files become documents), so the token cache key can be computed without reading the
-text or importing `datasets`; `SplitSource.load()` reads the documents through `datasets` when a cache is built.
+A source returns `{split: SplitSource}`. A `SplitSource` (pha_lab.data.split_source) only *describes* a split (local
+files, or a hub dataset id and revision, plus how the files become documents), so the token cache key can be
+computed without reading the text or importing `datasets`; `SplitSource.load()` reads the documents when a cache
+is built.
 Local files always come first (under `data.data_dir`, `$PHA_DATA_DIR` or `../shared/data`); the Hugging Face hub is
 the fallback (`data.hub`). Every failure is a `DataError` naming the path, the config key and a fix.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
-from urllib.parse import urlparse
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Optional
 
 from pha_lab import PROJECT_ROOT
 from pha_lab.data.mqar import MQARSplit
+from pha_lab.data.split_source import SplitSource, seeded_split
 from pha_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 SPLITS = ("train", "valid", "test")
 WIKITEXT_REPO = "Salesforce/wikitext"  # the hub's canonical id of `load_dataset("wikitext", ...)`
@@ -41,7 +40,7 @@ NOVELS_TEST_BOOKS = (
 
 
 # --------------------------------------------------------------------------- locations
-def data_root(d: Any, required: bool = False) -> Optional[Path]:
+def data_root(d: DictConfig, required: bool = False) -> Optional[Path]:
     """Local data root: `data.data_dir`, else `$PHA_DATA_DIR`, else `../shared/data` beside the project if present."""
     for value, key in ((d.data_dir, "data.data_dir"), (os.environ.get("PHA_DATA_DIR"), "$PHA_DATA_DIR")):
         if value:
@@ -59,175 +58,12 @@ def data_root(d: Any, required: bool = False) -> Optional[Path]:
     return None
 
 
-def cache_root(d: Any) -> Path:
+def cache_root(d: DictConfig) -> Path:
     """`data.cache_dir`; a relative path is taken from the project root in a source checkout, else from the cwd."""
     path = Path(d.cache_dir).expanduser()
     if not path.is_absolute():
         path = (PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()) / path
     return path
-
-
-def hub_unreachable() -> Optional[str]:
-    """Why the hub cannot be used right now (offline flag or no DNS), else None; saves datasets' 25 s of retries."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # behind a proxy, local DNS says nothing about reachability
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as exc:
-        return f"cannot resolve {host} ({exc})"
-    return None
-
-
-# --------------------------------------------------------------------------- file digests
-def file_digests(paths: list[Path], cache: Path) -> list[str]:
-    """sha256 of each file, memoised by (size, mtime) in `<cache>/file-digests.json` so warm runs skip re-reading."""
-    memo_path = cache / "file-digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    out, changed = [], False
-    for p in paths:
-        st = p.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        hit = memo.get(str(p))
-        if hit and hit[:2] == stamp:
-            out.append(hit[2])
-            continue
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        memo[str(p)] = [*stamp, digest]
-        out.append(digest)
-        changed = True
-    if changed:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    return out
-
-
-# --------------------------------------------------------------------------- splitting
-def seeded_split(n: int, valid_fraction: float, test_fraction: float, seed: int, what: str) -> dict[str, np.ndarray]:
-    """Documents 0..n-1 -> train/valid/test index arrays (sorted), by a seeded permutation.
-
-    A positive fraction takes at least one document, so a 7-book corpus still gets a valid and a test book."""
-    fractions = {"valid": valid_fraction, "test": test_fraction}
-    counts = {s: (max(1, round(f * n)) if f > 0 else 0) for s, f in fractions.items()}
-    if n - counts["valid"] - counts["test"] < 1:
-        raise DataError(
-            f"{what} has {n} document(s): too few to leave one for train after taking {counts['valid']} for valid "
-            f"(data.valid_fraction) and {counts['test']} for test (data.test_fraction); add documents or lower the "
-            f"fractions"
-        )
-    perm = np.random.default_rng(seed).permutation(n)
-    nv, nt = counts["valid"], counts["test"]
-    return {"valid": np.sort(perm[:nv]), "test": np.sort(perm[nv : nv + nt]), "train": np.sort(perm[nv + nt :])}
-
-
-# --------------------------------------------------------------------------- a split's description
-@dataclass(frozen=True)
-class SplitSource:
-    """Where one split's documents come from. `documents`: file (one per file), blank_line (datasets' paragraphs),
-    or wikitext (rows are lines; the split is one document, "\\n\\n".join(rows), as in HF's perplexity guide)."""
-
-    dataset: str  # the protocol name, e.g. "novels", "wikitext-103-raw-v1", "openwebtext-sample"
-    split: str
-    files: tuple[Path, ...] = ()
-    documents: str = "file"
-    hub: Optional[tuple[str, Optional[str], str]] = None  # (repo, config, hub split), used when `files` is empty
-    revision: str = "main"
-    carve: Optional[tuple[int, float, float]] = None  # (seed, valid_fraction, test_fraction) over loaded documents
-    missing: Optional[str] = None  # why the split cannot be loaded (raised on first use)
-    data_dir: Optional[Path] = field(default=None, compare=False)
-
-    def check(self) -> None:
-        if self.missing:
-            raise DataError(self.missing)
-
-    def describe(self) -> str:
-        if self.files:
-            names = [_rel(p, self.data_dir) for p in self.files]
-            shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
-            return f"local: {shown}"
-        repo, config, split = self.hub or ("?", None, "?")
-        return f"hub: {repo}{'/' + config if config else ''} split={split} revision={self.revision}"
-
-    def fingerprint(self, cache: Path) -> dict[str, Any]:
-        """Everything that determines the split's text: file names + sha256, or the hub id + revision."""
-        self.check()
-        fp: dict[str, Any] = {"dataset": self.dataset, "split": self.split, "documents": self.documents}
-        if self.files:
-            fp["files"] = [[p.name, h] for p, h in zip(self.files, file_digests(list(self.files), cache))]
-        else:
-            fp["hub"] = [*self.hub, self.revision]
-        if self.carve:
-            fp["carve"] = list(self.carve)
-        return fp
-
-    def load(self, tmp_cache: Path):
-        """The split's documents as a `datasets.Dataset` with one column, "text" (imports `datasets`)."""
-        self.check()
-        import datasets  # here, not at the top: importing `datasets` takes ~3 s and only a cache build needs it
-
-        datasets.logging.set_verbosity_error()
-        if self.files:
-            sample_by = {"file": "document", "blank_line": "paragraph", "wikitext": "line"}[self.documents]
-            try:
-                ds = datasets.load_dataset(
-                    "text",
-                    data_files=[str(p) for p in self.files],
-                    sample_by=sample_by,
-                    keep_linebreaks=True,
-                    split="train",
-                    cache_dir=str(tmp_cache),
-                )
-            except Exception as exc:  # typically a file that is not UTF-8 text
-                cause = exc.__cause__ or exc
-                raise DataError(
-                    f"cannot read the {self.dataset} {self.split} files ({self.describe()}): "
-                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; the files must be "
-                    f"UTF-8 text"
-                ) from None
-        else:
-            ds = _load_hub(*self.hub, revision=self.revision, what=f"{self.dataset} {self.split}")
-        if self.documents == "wikitext":  # rows exactly as the hub's (blank line " " -> ""), joined as HF's guide
-            rows = [r if r.strip() else "" for r in ds["text"]]
-            ds = datasets.Dataset.from_dict({"text": ["\n\n".join(rows)]})
-        if self.carve:
-            seed, fv, ft = self.carve
-            ds = ds.select(seeded_split(len(ds), fv, ft, seed, f"{self.dataset} ({self.describe()})")[self.split])
-        if len(ds) == 0:
-            raise DataError(f"{self.dataset} split '{self.split}' is empty ({self.describe()}); check the files")
-        return ds
-
-
-def _rel(p: Path, root: Optional[Path]) -> str:
-    try:
-        return str(p.relative_to(root)) if root else str(p)
-    except ValueError:
-        return str(p)
-
-
-def _load_hub(repo: str, config: Optional[str], split: str, revision: str, what: str):
-    import datasets  # start-up time: see SplitSource.load
-
-    why = hub_unreachable()
-    if why is None:
-        try:
-            return datasets.load_dataset(repo, config, split=split, revision=revision)
-        except Exception as exc:  # network, missing revision, script-based repo ...
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    raise DataError(
-        f"cannot load {what} from the Hugging Face hub ({repo}{'/' + config if config else ''}, split {split}, "
-        f"revision {revision}): {why}. Either go online, or put the files under the local data root "
-        f"(data.data_dir or $PHA_DATA_DIR; layout in docs/data.md), or use data.source=text with data.train_files. "
-        f"(A hub repo that still ships a loading script may need data.hub_revision=refs/convert/parquet.)"
-    )
 
 
 # --------------------------------------------------------------------------- path helpers
@@ -259,21 +95,21 @@ def _expand(entries: list[str], key: str, root: Optional[Path]) -> list[Path]:
     return out
 
 
-def _fraction(d: Any, split: str) -> float:
+def _fraction(d: DictConfig, split: str) -> float:
     value = d[f"{split}_fraction"]
     return DEFAULT_FRACTION.get(d.source, 0.05) if value is None else float(value)
 
 
-def _hub_allowed(d: Any) -> bool:
+def _hub_allowed(d: DictConfig) -> bool:
     return d.hub != "never"
 
 
-def _local_allowed(d: Any) -> bool:
+def _local_allowed(d: DictConfig) -> bool:
     return d.hub != "always"
 
 
 # --------------------------------------------------------------------------- the sources
-def novels(d: Any) -> dict[str, SplitSource]:
+def novels(d: DictConfig) -> dict[str, SplitSource]:
     """pd-english-novels: train/valid by book as shipped; test = NOVELS_TEST_BOOKS taken out of train."""
     root = data_root(d, required=True)
     base = root / "pd-english-novels"
@@ -292,7 +128,7 @@ def novels(d: Any) -> dict[str, SplitSource]:
     return {s: SplitSource("novels", s, tuple(files[s]), "file", data_dir=root) for s in SPLITS}
 
 
-def text(d: Any) -> dict[str, SplitSource]:
+def text(d: DictConfig) -> dict[str, SplitSource]:
     """Any local files or folders. Splits given as data.{valid,test}_files, else carved from data.train_files by
     document with data.split_seed: whole files in `file` mode (before reading), documents in `blank_line` mode."""
     root = data_root(d)
@@ -327,7 +163,7 @@ def text(d: Any) -> dict[str, SplitSource]:
     return out
 
 
-def _wikitext(d: Any, size: str) -> dict[str, SplitSource]:
+def _wikitext(d: DictConfig, size: str) -> dict[str, SplitSource]:
     """WikiText (raw or tokenized variant): local `wiki.{split}.{raw,tokens}` files, else the hub."""
     raw = d.wikitext_variant == "raw"
     config = f"wikitext-{size}-raw-v1" if raw else f"wikitext-{size}-v1"
@@ -354,15 +190,15 @@ def _wikitext(d: Any, size: str) -> dict[str, SplitSource]:
     return out
 
 
-def wikitext103(d: Any) -> dict[str, SplitSource]:
+def wikitext103(d: DictConfig) -> dict[str, SplitSource]:
     return _wikitext(d, "103")
 
 
-def wikitext2(d: Any) -> dict[str, SplitSource]:
+def wikitext2(d: DictConfig) -> dict[str, SplitSource]:
     return _wikitext(d, "2")
 
 
-def openwebtext(d: Any) -> dict[str, SplitSource]:
+def openwebtext(d: DictConfig) -> dict[str, SplitSource]:
     """OpenWebText: local *.txt (blank-line separated documents) under openwebtext/ or the 100-document
     openwebtext-sample/ (named so in the protocol), else the hub; valid/test are seeded 0.05% carves of train."""
     root = data_root(d) if _local_allowed(d) else None
@@ -384,7 +220,7 @@ def openwebtext(d: Any) -> dict[str, SplitSource]:
     }
 
 
-def mqar(d: Any) -> dict[str, Any]:
+def mqar(d: DictConfig) -> dict[str, Any]:
     """Synthetic multi-query associative recall: generated from the seed, no files (see pha_lab.data.mqar)."""
     q = d.mqar
     n = {"train": q.num_train_examples, "valid": q.num_test_examples, "test": q.num_test_examples}
@@ -401,16 +237,18 @@ SOURCES: dict[str, Callable[[Any], dict[str, Any]]] = {
 }
 
 
-def splits(d: Any) -> dict[str, Any]:
+def splits(d: DictConfig) -> dict[str, Any]:
     """The configured source's splits (only those that exist: a `text` corpus may have no test split)."""
     try:
         fn = SOURCES[d.source]
     except KeyError:
-        raise DataError(f"data.source='{d.source}' is not a registered source; choose one of: {', '.join(SOURCES)}")
+        raise DataError(
+            f"data.source='{d.source}' is not a registered source; choose one of: {', '.join(SOURCES)}"
+        ) from None
     return fn(d)
 
 
-def split_names(d: Any) -> tuple[str, ...]:
+def split_names(d: DictConfig) -> tuple[str, ...]:
     """The splits the configured source has, from the config alone (no file access)."""
     if d.source != "text":
         return SPLITS
@@ -418,7 +256,7 @@ def split_names(d: Any) -> tuple[str, ...]:
     return ("train", *(s for s in ("valid", "test") if has[s]))
 
 
-def recipe(d: Any, split: str) -> dict[str, Any]:
+def recipe(d: DictConfig, split: str) -> dict[str, Any]:
     """What defines a split in config terms, without reading files: the fallback key for a prebuilt token cache
     used where the source files are absent (e.g. a GPU machine that received only the cache)."""
     keys = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
@@ -21,6 +21,9 @@ from pha_lab.data.mqar import MQARDataset
 from pha_lab.data.tokenizer import Tokenizer, build_tokenizer
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, load_split
 from pha_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -90,7 +93,7 @@ class TrainLoader(DataLoader):
 class _DataModule(L.LightningDataModule):
     """What both modules share: the train loader's start position and the eval loaders."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg, self.d = cfg, cfg.data
         self._eval_sets: dict[str, Any] = {}
@@ -164,7 +167,7 @@ class _DataModule(L.LightningDataModule):
 class LMDataModule(_DataModule):
     """Language modelling over a cached token stream of the configured source."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self._tokenizer: Optional[Tokenizer] = None
         self._tokens: dict[str, TokenSplit] = {}
@@ -303,6 +306,6 @@ class MQARDataModule(_DataModule):
         }
 
 
-def build_datamodule(cfg: Any) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The data module for `cfg` (the full config from `pha_lab.config.load_config`)."""
     return MQARDataModule(cfg) if cfg.data.source == "mqar" else LMDataModule(cfg)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pha_lab.data.batch import IGNORE_INDEX
 from pha_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CHUNK = 512
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
@@ -38,7 +41,7 @@ def check_args(vocab_size: int, seq_len: int, num_kv_pairs: int, power_a: float)
         raise DataError(f"data.mqar.power_a={power_a} must be > 0 (1.0 gives uniform query gaps)")
 
 
-def check_config(d: Any, model_vocab_size: int) -> None:
+def check_config(d: DictConfig, model_vocab_size: int) -> None:
     """Every rule on an MQAR data config (`data.mqar.*`, `data.seq_len`): the generator's, the dataset sizes', and
     that the model embeds every token. Config validation calls this; no other place states these rules."""
     q = d.mqar
@@ -140,7 +143,7 @@ class MQARDataset:
     """Map-style dataset of MQAR examples. For train, index = global sample index (example index mod the set size,
     i.e. epochs over a fixed training set as in zoology); for eval, index = example index."""
 
-    def __init__(self, d: Any, split: str, seed: int, num_examples: int) -> None:
+    def __init__(self, d: DictConfig, split: str, seed: int, num_examples: int) -> None:
         q = d.mqar
         self.args = dict(
             vocab_size=int(q.vocab_size), seq_len=int(d.seq_len), num_kv_pairs=int(q.num_kv_pairs),
@@ -152,7 +155,7 @@ class MQARDataset:
     def __len__(self) -> int:
         return self.num_examples
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019 (it keeps <= 4 chunks and their splits alive; a run keeps its splits anyway)
     def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         n = min(CHUNK, self.num_examples - c * CHUNK)
         return multiquery_ar(num_examples=n, rng=np.random.default_rng([self.seed, self.code, c]), **self.args)

@@ -17,14 +17,18 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from pha_lab.data.corpora import cache_root, data_root, hub_unreachable, recipe, splits
+from pha_lab.data.corpora import cache_root, data_root, recipe, splits
+from pha_lab.data.split_source import hub_unreachable
 from pha_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
@@ -146,7 +150,7 @@ def _from_dir(path: Path, name: str) -> Tokenizer:
     raise DataError(f"{path} holds neither tokenizer.json nor vocab.json + merges.txt")
 
 
-def load_tokenizer(d: Any) -> Tokenizer:
+def load_tokenizer(d: DictConfig) -> Tokenizer:
     """data.tokenizer.path, else $PHA_TOKENIZER_DIR, else <data root>/gpt2-tokenizer for "gpt2", else the hub."""
     t = d.tokenizer
     for value, key in ((t.path, "data.tokenizer.path"), (os.environ.get("PHA_TOKENIZER_DIR"), "$PHA_TOKENIZER_DIR")):
@@ -184,7 +188,7 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _copies_dir(d: Any) -> Path:
+def _copies_dir(d: DictConfig) -> Path:
     return cache_root(d) / "tokenizers"
 
 
@@ -205,7 +209,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def trained_bpe(d: Any) -> Tokenizer:
+def trained_bpe(d: DictConfig) -> Tokenizer:
     """A byte-level BPE of data.tokenizer.train_vocab_size tokens trained on the train split, saved in the cache
     directory under a key of (train split files/hub id, vocab size, recipe version); loaded from there when present."""
     vocab = int(d.tokenizer.train_vocab_size)
@@ -260,7 +264,7 @@ def trained_bpe(d: Any) -> Tokenizer:
     return Tokenizer(hf, f"bpe{vocab}", origin)
 
 
-def build_tokenizer(d: Any) -> Optional[Tokenizer]:
+def build_tokenizer(d: DictConfig) -> Optional[Tokenizer]:
     """The tokenizer `cfg.data` asks for; None for MQAR, whose tokens are synthetic ids."""
     if d.source == "mqar":
         return None

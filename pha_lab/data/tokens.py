@@ -22,15 +22,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from pha_lab.data.batch import IGNORE_INDEX
-from pha_lab.data.corpora import SplitSource, cache_root, recipe, splits
+from pha_lab.data.corpora import cache_root, recipe, splits
+from pha_lab.data.split_source import SplitSource
 from pha_lab.data.tokenizer import Tokenizer, save_tokenizer_copy
 from pha_lab.errors import DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -94,7 +98,7 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_key(source: SplitSource, tok: Tokenizer, d: Any) -> tuple[str, dict]:
+def cache_key(source: SplitSource, tok: Tokenizer, d: DictConfig) -> tuple[str, dict]:
     """The content key: the split's files (sha256) or hub id + revision, and the tokenizer's serialisation."""
     material = {
         "format": CACHE_FORMAT,
@@ -105,19 +109,19 @@ def cache_key(source: SplitSource, tok: Tokenizer, d: Any) -> tuple[str, dict]:
     return _hash(material), material
 
 
-def recipe_key(d: Any, split: str, tok: Tokenizer) -> str:
+def recipe_key(d: DictConfig, split: str, tok: Tokenizer) -> str:
     """The config-level key recorded in every cache, to find a prebuilt cache when the sources are absent."""
     return _hash({"format": CACHE_FORMAT, "recipe": recipe(d, split), "tokenizer": tok.fingerprint})
 
 
-def token_split(source: SplitSource, tok: Tokenizer, d: Any) -> TokenSplit:
+def token_split(source: SplitSource, tok: Tokenizer, d: DictConfig) -> TokenSplit:
     """The split's cached tokens, building the cache if it is missing, stale or damaged."""
     key, material = cache_key(source, tok, d)
     base = cache_root(d) / d.source / f"{source.split}-{key}"
     return _open(base) or _build(source, tok, d, base, key, material, recipe_key(d, source.split, tok))
 
 
-def load_split(d: Any, split: str, tok: Tokenizer) -> TokenSplit:
+def load_split(d: DictConfig, split: str, tok: Tokenizer) -> TokenSplit:
     """`token_split` of the configured source; where its files are absent (a machine that received only the
     cache), the newest intact cache built with the same recipe and tokenizer, with a warning."""
     try:
@@ -180,7 +184,7 @@ def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
     try:
         yield
     finally:
-        os.environ = environ
+        os.environ = environ  # noqa: B003 (puts the original mapping object back, as the docstring says)
         if before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
@@ -188,7 +192,7 @@ def _tokenizers_parallelism(num_proc: int) -> Iterator[None]:
 
 
 def _build(
-    source: SplitSource, tok: Tokenizer, d: Any, base: Path, key: str, material: dict, recipe_id: str
+    source: SplitSource, tok: Tokenizer, d: DictConfig, base: Path, key: str, material: dict, recipe_id: str
 ) -> TokenSplit:
     start = time.time()
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
     u = GELU(W_u h)            width F = expansion * D   (the gate)
     v = GELU(W_v h)            width H = d_hidden        (reduced width, the DSS input)
-    y = DSS(v)                 causal long convolution y = K * v with K[h, l] = Re sum_n C~[h, n] exp(lambda_n l), plus D * v
+    y = DSS(v)                 causal long convolution y = K * v with K[h, l] = Re sum_n C~[h, n] exp(lambda_n l),
+                               plus D * v
     out = W_o((W_g y) * u)
 
 (Mehta et al.'s pseudo-code swaps the letters u and v; we follow the project's design notes.)
@@ -28,9 +29,9 @@ dss_exp (default): DSS-EXP (Gupta, Gu & Berant 2022, "Diagonal State Spaces are 
     positive imaginary part of the skew-symmetric part of the 2N x 2N HiPPO-LegS matrix, minus 1/2
     (Lambda_init="hippo_skew_pos_imag"); log dt uniform on [log dt_min, log dt_max], dt_min = 1e-3, dt_max = 1e-1;
     Re W, Im W ~ N(0, 1). Two deliberate differences: (1) dt is one per mode, shared by the H channels (the
-    reference has one dt per channel, separate ones for the real and imaginary part, equal at init, which needs an [H, N, L]
-    Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what GSS does
-    (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
+    reference has one dt per channel, separate ones for the real and imaginary part, equal at init, which needs an
+    [H, N, L] Vandermonde tensor: 4 GB per layer at H=256, N=64, L=32k); sharing the modes across channels is what
+    GSS does (its pseudo-code builds one [N, L] Vandermonde matrix for all H channels and is the dt = 1 case of this
     formula, with Im Lambda = exp(.) and N = 512, H = 256, as reproduced in lucidrains/gated-state-spaces-pytorch,
     gss.py; the GSS authors' slides say a random init works well for language modelling); (2) the
     skip D starts at 1 (reference: N(0, 1)). The reference trains these parameters without weight decay, as does
@@ -298,7 +299,8 @@ class DSS(nn.Module):
         dt = torch.exp(self.log_dt.double())
         lam_re, lam_im = -torch.exp(self.log_neg_re.double()), self.im.double()  # continuous-time Lambda
         z_re, z_im = dt * lam_re, dt * lam_im  # dt Lambda
-        # exp(z) - 1 without cancellation for small |z|: expm1(Re z) cos(Im z) - 2 sin^2(Im z / 2) + i exp(Re z) sin(Im z)
+        # exp(z) - 1 without cancellation for small |z|:
+        # expm1(Re z) cos(Im z) - 2 sin^2(Im z / 2) + i exp(Re z) sin(Im z)
         e_re = torch.expm1(z_re) * torch.cos(z_im) - 2 * torch.sin(z_im / 2) ** 2
         e_im = torch.exp(z_re) * torch.sin(z_im)
         norm = lam_re**2 + lam_im**2  # > 0: Re Lambda < 0

@@ -1,295 +1,42 @@
 """`pha-lab sweep NAME`: run a sweep as an Optuna study whose trials are `train(config)` calls.
 
-- Storage: SQLite beside the MLflow database by default (`<runs_dir>/optuna.db`), or any RDB URL
-  (PostgreSQL for several machines: each runs workers against the same study).
-- Grid cells are enqueued once, in one locked transaction (also when several machines start the
-  sweep together), as WAITING trials; a worker claims one with a conditional WAITING -> RUNNING
-  UPDATE, so no two workers run the same cell, on SQLite as on PostgreSQL. Search trials come from
-  the sampler (TPE / random), seeded per worker (`worker_seed`), with median pruning on the
-  validation objective if enabled, reported at the optimizer step (`pruning.PruneAtStep`).
+- The study (pha_lab.sweep.study): SQLite beside the MLflow database by default, or any RDB URL
+  (PostgreSQL for several machines); grid cells queued once, each claimed by exactly one worker; search
+  trials from the sampler (TPE / random), seeded per worker, with median pruning on the validation
+  objective if enabled, reported at the optimizer step (`pruning.PruneAtStep`).
 - Workers: one per group of `gpus_per_trial` GPUs (pinned with CUDA_VISIBLE_DEVICES), or one on CPU.
 - Robustness: a trial that raises is FAILED (reason in its user attrs and its MLflow run) and the
   sweep goes on; a running trial sends heartbeats, so one whose worker died is found stale by the
   next worker and re-queued with its MLflow run id, and resumes from its last checkpoint in that
-  run (or, if it died before its first one, starts over in that run); SIGINT/SIGTERM checkpoints the trial and re-queues it. Failed cells rerun only with
-  `--retry-failed`.
-- MLflow: one experiment per sweep, a parent run (sweep file and summary table as artifacts) and a
-  nested child run per trial tagged with sweep, cell, seed and trial number.
+  run (or, if it died before its first one, starts over in that run); SIGINT/SIGTERM checkpoints the
+  trial and re-queues it. Failed cells rerun only with `--retry-failed`.
+- MLflow: one experiment per sweep, a parent run (sweep file and summary table as artifacts:
+  pha_lab.sweep.report) and a nested child run per trial tagged with sweep, cell, seed and trial number.
 """
+
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from pha_lab import tracking
 from pha_lab.config import load_config, to_yaml
+from pha_lab.sweep.report import finish, parent_run, progress
 from pha_lab.sweep.spec import SweepSpec, load_sweep, suggest
+from pha_lab.sweep.study import (  # (callers import the study's names from here too: `x as x` re-exports)
+    Heartbeat, claim_waiting as claim_waiting, create_study_once, default_storage, enqueue_grid, next_trial,
+    open_study, tell, wait_for_creator, worker_seed)
 from pha_lab.training import handoff
-
-
-# --------------------------------------------------------------------------- study plumbing
-def default_storage(tracking_cfg) -> str:
-    root = tracking.runs_dir(tracking_cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'optuna.db'}"
-
-
-def create_study_once(spec: SweepSpec, storage_url: str, attempts: int = 8) -> bool:
-    """Create the sweep's study unless it exists; True in the one process that created it. Several machines
-    starting together on a fresh PostgreSQL database race on the schema (IntegrityError on `pg_type`) and
-    on the study row (DuplicatedStudyError): retry the first, read the winner's study on the second."""
-    import optuna
-    import sqlalchemy.exc
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    attempt = 0
-    while True:
-        try:
-            optuna.create_study(study_name=spec.name, storage=storage_url, direction=spec.direction)
-            return True
-        except optuna.exceptions.DuplicatedStudyError:
-            return False
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
-            attempt += 1
-            if attempt >= attempts:
-                raise
-            time.sleep(0.25 * attempt)
-
-
-def wait_for_creator(study, timeout_s: float = 120.0) -> None:
-    """The study was created by another process: let it create the sweep's MLflow parent run first (one
-    parent run, however many machines start together), unless it has not after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while "mlflow_parent_run_id" not in study.user_attrs:
-        if time.monotonic() > deadline:
-            print(f"[sweep {study.study_name}] the study has no MLflow parent run {timeout_s:.0f} s after it was "
-                  "created elsewhere (that process stopped?): finding or creating it here", flush=True)
-            return
-        time.sleep(1)
-
-
-def worker_seed(spec: SweepSpec, worker_index: int, n_trials_at_launch: int) -> int:
-    """The sampler seed of one worker: distinct per machine, per worker and per launch, reproducible.
-
-    A hash of the sweep's first seed, this machine's hostname (machines running the same command on
-    one study), the worker's index among the launcher's workers, and the number of trials the study
-    held when the sweep was launched (a resumed sweep must not replay its first launch's draws).
-    The same launch on the same machine draws the same seeds again."""
-    key = f"{spec.seeds[0]}|{socket.gethostname()}|{worker_index}|{n_trials_at_launch}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-
-
-def open_study(spec: SweepSpec, storage_url: str, sampler_seed: int | None = None):
-    """(study, its RDBStorage). `sampler_seed`: this worker's `worker_seed`; the launcher, which
-    never samples, leaves it None."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = optuna.storages.RDBStorage(
-        storage_url,
-        engine_kwargs={"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else None,
-        heartbeat_interval=spec.heartbeat_interval,
-        grace_period=spec.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
-    )
-    # constant_liar: a TPE worker treats the others' running trials as bad, so it samples elsewhere
-    sampler = (optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if spec.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=sampler_seed))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.pruning.n_startup_trials,
-                                          n_warmup_steps=spec.pruning.n_warmup_steps)
-              if spec.pruning.enabled else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
-    return study, storage
-
-
-# Atomic bookkeeping. Optuna's own state changes read the trial and then write it; the row lock
-# (SELECT ... FOR UPDATE) that should make that safe is ignored by SQLite, so two workers can both
-# take one WAITING trial (optuna/optuna#4002). Here every change that decides *who* runs a trial is
-# a single conditional UPDATE (`... WHERE state = <expected>`) whose row count says whether this
-# process won: SQLite runs writers one at a time, PostgreSQL and MySQL re-check the WHERE clause on
-# the row they lock, so exactly one process wins on each engine. The SQL uses Optuna's RDB schema
-# (optuna.storages._rdb.models, Optuna pinned in requirements.lock) through the storage's engine.
-def _transition(storage, trial_id: int, old, new) -> bool:
-    """Set a trial's state from `old` to `new` iff it is still `old`; True if this call did it."""
-    import sqlalchemy as sa
-    from optuna.storages._rdb.models import TrialModel
-    from optuna.trial import TrialState
-
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC datetimes
-    trials = TrialModel.__table__
-    values = {"state": new}
-    if new == TrialState.RUNNING:
-        values["datetime_start"] = now
-    if new.is_finished():
-        values["datetime_complete"] = now
-    with storage.engine.begin() as conn:
-        changed = conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id, trials.c.state == old)
-                               .values(**values)).rowcount
-    return changed == 1
-
-
-def claim_waiting(study, storage):
-    """Take one WAITING trial (WAITING -> RUNNING, atomic), or None when none is left."""
-    import optuna
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if _transition(storage, t._trial_id, TrialState.WAITING, TrialState.RUNNING):
-            storage.record_heartbeat(t._trial_id)  # stale-checkable from the start
-            return optuna.Trial(study, t._trial_id)
-    return None
-
-
-def fail_stale_trials(study, storage) -> list[int]:
-    """optuna.storages.fail_stale_trials, with the RUNNING -> FAIL change atomic: a dead worker's
-    trial is failed, and re-queued by the storage's retry callback, by exactly one live worker.
-    Returns the numbers of the trials this call failed."""
-    import copy
-
-    from optuna.trial import TrialState
-
-    failed = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
-        if _transition(storage, trial_id, TrialState.RUNNING, TrialState.FAIL):
-            frozen = copy.deepcopy(storage.get_trial(trial_id))
-            storage.get_heartbeat_stale_trial_callback()(study, frozen)
-            failed.append(frozen.number)
-    return failed
-
-
-def enqueue_grid(study, storage, spec: SweepSpec, retry_failed: bool = False) -> int:
-    """Queue every cell not yet in the study; with retry_failed, also cells that only failed.
-
-    Idempotent also when several machines start the sweep at once: the check and the inserts are
-    one transaction that begins by writing the study's row. That write is the lock Optuna's own
-    trial creation takes (SELECT ... FOR UPDATE on `studies`), and on SQLite it takes the database's
-    write lock at once (as BEGIN IMMEDIATE would), so a second enqueuer waits and then sees the
-    first one's cells. (A unique marker row per cell would do it too, but --retry-failed must queue
-    a cell again, and the marker would have to count generations.) The trials are written as
-    `study.enqueue_trial({"cell": key}, user_attrs=...)` writes them, which cannot join a transaction."""
-    import json
-
-    import sqlalchemy as sa
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-    from sqlalchemy.orm import Session
-
-    if spec.is_search:
-        return 0
-    Trial, System, User = models.TrialModel, models.TrialSystemAttributeModel, models.TrialUserAttributeModel
-    study_id = study._study_id
-    alive = {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED}
-    added = 0
-    with Session(storage.engine) as session, session.begin():
-        studies = models.StudyModel.__table__
-        session.execute(sa.update(studies).where(studies.c.study_id == study_id)
-                        .values(study_name=studies.c.study_name))  # the lock, held to commit
-        by_cell: dict[str, set] = {}
-        rows = session.execute(sa.select(Trial.state, System.value_json).join(System, System.trial_id == Trial.trial_id)
-                               .where(Trial.study_id == study_id, System.key == "fixed_params"))
-        for state, fixed in rows:
-            by_cell.setdefault(json.loads(fixed).get("cell"), set()).add(state)
-        for key in spec.cells():
-            states = by_cell.get(key, set())
-            if states and not (retry_failed and not states & alive):
-                continue
-            trial = Trial(study_id=study_id, number=None, state=TrialState.WAITING)
-            session.add(trial)
-            session.flush()
-            trial.number = trial.count_past_trials(session)
-            session.add_all([System(trial_id=trial.trial_id, key="fixed_params", value_json=json.dumps({"cell": key})),
-                             User(trial_id=trial.trial_id, key="retry_of_failed", value_json=json.dumps(bool(states)))])
-            added += 1
-    return added
-
-
-def tell(study, trial, value: float | None = None, state=None) -> bool:
-    """study.tell that tolerates a trial already finished elsewhere (another worker failed it as
-    stale while this one's heartbeats were late): say so and go on. True if this call finished it."""
-    import optuna
-
-    try:
-        study.tell(trial, value, state=state)
-        return True
-    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-        now = study._storage.get_trial(trial._trial_id).state
-        if not now.is_finished():
-            raise
-        print(f"[sweep {study.study_name}] trial {trial.number} was already {now.name} (failed as stale by "
-              f"another worker?); its result ({state.name if state else value}) is not recorded", file=sys.stderr)
-        return False
-
-
-def next_trial(study, storage, spec: SweepSpec):
-    """The next trial this worker runs: a queued one (grid cells, re-queued trials), else for a
-    search a newly sampled one while the budget lasts; None when there is nothing left."""
-    from optuna.trial import TrialState
-
-    fail_stale_trials(study, storage)  # dead workers' trials -> FAIL + re-queued copy
-    trial = claim_waiting(study, storage)
-    if trial is None and spec.is_search:
-        started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
-                   and "failed_trial" not in t.system_attrs]
-        if len(started) < spec.n_trials:
-            trial = study.ask()
-    return trial
-
-
-class Heartbeat:
-    """Records the trial's heartbeat every `interval` s (Optuna's RDB heartbeat protocol)."""
-
-    def __init__(self, storage, trial_id: int, interval: int):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.is_set():
-            self.storage.record_heartbeat(self.trial_id)
-            self.stop.wait(self.interval)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-# --------------------------------------------------------------------------- MLflow parent run
-def parent_run(spec: SweepSpec, tracking_cfg, sweep_path: Path, study) -> str:
-    """The sweep's parent run: reused when the sweep is resumed or joined from another machine."""
-    client = tracking.client(tracking.tracking_uri(tracking_cfg))
-    existing = study.user_attrs.get("mlflow_parent_run_id")
-    if existing:
-        return existing
-    exp_id = tracking.ensure_experiment(client, spec.name, tracking_cfg)
-    found = client.search_runs([exp_id], filter_string="tags.sweep_parent = 'true'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        tags = {**tracking.git_info(), "sweep": spec.name, "sweep_parent": "true", "mlflow.note.content": spec.description}
-        run_id = client.create_run(exp_id, run_name=f"sweep:{spec.name}", tags=tags).info.run_id
-        client.log_artifact(run_id, str(sweep_path))
-        client.log_text(run_id, spec.to_yaml(), "sweep.resolved.yaml")  # after `extends:`
-        client.log_param(run_id, "n_cells", len(spec.cells()))
-    study.set_user_attr("mlflow_parent_run_id", run_id)
-    return run_id
 
 
 # --------------------------------------------------------------------------- running trials
@@ -303,7 +50,7 @@ def objective_value(client, run_id: str, metric: str, direction: str) -> float:
     return min(history) if direction == "minimize" else max(history)
 
 
-def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg, parent_id: str):
+def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg: DictConfig, parent_id: str):
     cells = spec.cells()
     cell_key = trial.suggest_categorical("cell", list(cells))
     params = suggest(trial, spec)
@@ -332,7 +79,7 @@ def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg, parent_
     return cell_key, cfg
 
 
-def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking_cfg, parent_id: str) -> str:
+def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking_cfg: DictConfig, parent_id: str) -> str:
     """Run one claimed trial to COMPLETE / PRUNED / FAIL; re-raise an interruption after re-queueing."""
     import optuna
     from optuna.trial import TrialState
@@ -381,25 +128,7 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
         return "COMPLETE"
 
 
-def progress(study, spec: SweepSpec) -> str:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    count = {s: sum(t.state == s for t in trials) for s in TrialState}
-    done = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
-    total = spec.n_trials if spec.is_search else len(spec.cells())
-    retried = {t.system_attrs.get("failed_trial") for t in trials if "failed_trial" in t.system_attrs}
-    failed = sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
-    left = max(0, total - done - failed - count[TrialState.RUNNING])
-    try:
-        best = f"best {spec.metric} {study.best_value:.4g} ({study.best_trial.params.get('cell')})"
-    except ValueError:
-        best = "best: none yet"
-    return (f"[sweep {spec.name}] done {done}/{total}  running {count[TrialState.RUNNING]}  "
-            f"failed {failed}  left {left}  | {best}")
-
-
-def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg, sampler_seed: int,
+def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg: DictConfig, sampler_seed: int,
                 should_stop=lambda: False) -> None:
     """Claim and run trials until the grid (or the search budget) is exhausted, or `should_stop()` (a
     launcher's hook: the SLURM worker's stop signal)."""
@@ -414,19 +143,6 @@ def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cf
 
 
 # --------------------------------------------------------------------------- entry points
-def summary_table(study):
-    import pandas as pd
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "cell": t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell"),
-                     "state": t.state.name, "value": t.value, "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
-                     "failure_reason": t.user_attrs.get("failure_reason"),
-                     "retry_of": t.system_attrs.get("failed_trial"),
-                     **{k: v for k, v in t.params.items() if k != "cell"}})
-    return pd.DataFrame(rows)
-
-
 def worker_groups(gpus_per_trial: int, workers: int | None) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES of each worker: one group of `gpus_per_trial` GPUs per worker; on CPU,
     `workers` processes (default 1) with no GPU. A single worker runs in-process ([None])."""
@@ -507,26 +223,7 @@ def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, trac
     return table
 
 
-def finish(spec: SweepSpec, study, tracking_cfg, parent_id: str, status: str = "FINISHED"):
-    """Summary table (CSV artifact on the parent run); the parent is FINISHED only when no cell is left.
-    While a trial is RUNNING (on another worker or machine, or on a dead one not found stale yet), this
-    worker writes nothing: the last worker to end writes it (else a late, partial table could win)."""
-    table = summary_table(study)
-    if table.state.eq("RUNNING").any():
-        print(f"{progress(study, spec)}  (the last worker to end writes the summary)", flush=True)
-        return table
-    out = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name / "summary.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    client = tracking.client(tracking_cfg.tracking_uri)
-    client.log_artifact(parent_id, str(out))
-    unfinished = table.empty or table.state.isin(["WAITING", "RUNNING"]).any()
-    client.set_terminated(parent_id, "KILLED" if status != "FINISHED" or unfinished else "FINISHED")
-    print(progress(study, spec), flush=True)
-    return table
-
-
-def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, tracking_cfg, study) -> None:
+def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, tracking_cfg: DictConfig, study) -> None:
     """One worker process per GPU group, pinned with CUDA_VISIBLE_DEVICES, each with its own sampler
     seed; logs under runs/sweeps/NAME/."""
     log_dir = tracking.runs_dir(tracking_cfg) / "sweeps" / spec.name
@@ -549,7 +246,7 @@ def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, trackin
                 print(progress(study, spec), flush=True)
                 last = time.monotonic()
     finally:
-        for p, log in procs:
+        for p, _ in procs:
             if p.poll() is None:
                 p.terminate()
         for p, log in procs:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
+from omegaconf import DictConfig
+
 from pha_lab import tracking
 from pha_lab.config import ConfigError, load_config
 from pha_lab.sweep.spec import SweepSpec, load_sweep
@@ -207,8 +209,10 @@ class SweepWorker(submitit.helpers.Checkpointable):
             return follow_rank_zero(tracking_cfg)
         return self._work(env, tracking_cfg)
 
-    def _work(self, env, tracking_cfg) -> str:
-        from pha_lab.sweep.runner import finish, open_study, progress, worker_loop, worker_seed
+    def _work(self, env, tracking_cfg: DictConfig) -> str:
+        from pha_lab.sweep.report import finish, progress
+        from pha_lab.sweep.runner import worker_loop
+        from pha_lab.sweep.study import open_study, worker_seed
         from pha_lab.training.callbacks import RunInterrupted
 
         signals = _StopOnSignals()
@@ -234,7 +238,7 @@ class SweepWorker(submitit.helpers.Checkpointable):
         return progress(study, spec)
 
 
-def follow_rank_zero(tracking_cfg) -> str:
+def follow_rank_zero(tracking_cfg: DictConfig) -> str:
     """DDP rank > 0 of a multi-GPU worker: train each trial rank 0 shares, in its MLflow run, until it is done."""
     from pha_lab.training.callbacks import RunInterrupted
     from pha_lab.training.run import train

@@ -18,9 +18,9 @@
 A sweep may `extends:` another (a name in sweeps/ or a path) and change only what differs: mappings merge key by
 key, lists are replaced, a grid axis or search parameter named again is replaced whole (in its place), and one
 set to null is removed; `name` must be the file's own. The file loads through the structured schema below
-(`config.load_yaml`, as experiments and bench specs do), so a misspelt key or a wrong type fails naming the file,
-the key and the nearest valid keys. Then everything else is validated before any trial starts: axis keys that are
-not config keys and cells whose config would be invalid are reported together.
+(`pha_lab.loading.load_yaml`, as experiments and bench specs do), so a misspelt key or a wrong type fails naming
+the file, the key and the nearest valid keys. Then everything else is validated before any trial starts: axis keys
+that are not config keys and cells whose config would be invalid are reported together.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def is_rank_zero() -> bool:
 
 
 # --------------------------------------------------------------------------- the run id
-def joined_run_id(tracking_cfg) -> str:
+def joined_run_id(tracking_cfg: DictConfig) -> str:
     """Rank > 0: the MLflow run rank 0 opened (PHA_RUN_ID, else rank 0's next srun message)."""
     if os.environ.get(RUN_ID):
         return os.environ[RUN_ID]
@@ -134,7 +134,7 @@ def ddp_session() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- sweep trials (Lightning's launcher)
 @contextmanager
-def trial_for_spawned_ranks(cfg: DictConfig, tracking_cfg, sweep: str, number: int) -> Iterator[Path]:
+def trial_for_spawned_ranks(cfg: DictConfig, tracking_cfg: DictConfig, sweep: str, number: int) -> Iterator[Path]:
     """The trial's config on disk and in PHA_TRIAL_CONFIG while its `train()` runs (Lightning starts the
     ranks > 0 of a DDP trial by re-running the worker's command: they find their trial there)."""
     path = tracking.runs_dir(tracking_cfg) / "sweeps" / sweep / f"trial-{number}.yaml"
@@ -155,12 +155,12 @@ def spawned_trial() -> DictConfig | None:
 
 
 # --------------------------------------------------------------------------- srun's ranks: messages from rank 0
-def _mailbox(tracking_cfg) -> Path:
+def _mailbox(tracking_cfg: DictConfig) -> Path:
     key = ".".join(os.environ.get(k, "0") for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
     return tracking.runs_dir(tracking_cfg) / "ranks" / key
 
 
-def share(tracking_cfg, message: dict) -> Path:
+def share(tracking_cfg: DictConfig, message: dict) -> Path:
     """Rank 0: publish the next message to the other tasks (written atomically); its path."""
     global _sent
     box = _mailbox(tracking_cfg)
@@ -172,7 +172,7 @@ def share(tracking_cfg, message: dict) -> Path:
     return path
 
 
-def receive(tracking_cfg, timeout_s: float = 7 * 24 * 3600, poll_s: float = 0.5) -> dict:
+def receive(tracking_cfg: DictConfig, timeout_s: float = 7 * 24 * 3600, poll_s: float = 0.5) -> dict:
     """Rank > 0: wait for rank 0's next message (between a sweep's trials rank 0 only claims the next cell)."""
     global _received
     path = _mailbox(tracking_cfg) / f"{_received}.json"
@@ -194,13 +194,13 @@ def _remove_if_empty(box: Path) -> None:
 
 
 # --------------------------------------------------------------------------- a SLURM sweep worker's ranks > 0
-def share_done(tracking_cfg) -> None:
+def share_done(tracking_cfg: DictConfig) -> None:
     """Rank 0 of a multi-task sweep worker, out of trials: its other ranks stop following it."""
     if srun_world() is not None:
         share(tracking_cfg, {"done": True})
 
 
-def followed_runs(tracking_cfg) -> Iterator[DictConfig]:
+def followed_runs(tracking_cfg: DictConfig) -> Iterator[DictConfig]:
     """Rank > 0 of a multi-task sweep worker: the config of each run rank 0 shares, with PHA_RUN_ID set to its run
     while the caller trains it (its `train()` joins that run rather than reading another message), until rank
     0's done message. The last rank to read that one removes the mailbox: rank 0 writes nothing after it."""

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
 from pha_lab import tracking
 from pha_lab.config import ConfigError
@@ -70,7 +71,7 @@ class LongContextSpec:
         if self.ckpt not in ("last", "best"):
             raise ConfigError(f"{key('ckpt')}={self.ckpt}: use last or best")
 
-    def contexts_for(self, cfg: Any) -> list[int]:
+    def contexts_for(self, cfg: DictConfig) -> list[int]:
         """The contexts to score `cfg`'s run at (the training context by default), checked against it."""
         if cfg.data.source == "mqar":
             raise ConfigError("the long-context evaluation scores books: an MQAR run (data.source=mqar) has none")
@@ -82,18 +83,6 @@ class LongContextSpec:
 
 
 # --------------------------------------------------------------------------- scoring
-def token_nll(logits, targets):
-    """NLL (nats) of each target under `logits` [B, T, V], as [B, T]; 0 where the target is IGNORE_INDEX. Computed
-    in float32 at least (float64 stays float64). The one place the long-context evaluation computes per-token NLL:
-    issue 13's per-token NLL function (the chunked cross-entropy of training/module.py) replaces it at its merge."""
-    import torch
-    import torch.nn.functional as F
-
-    work = torch.promote_types(logits.dtype, torch.float32)
-    nll = F.cross_entropy(logits.flatten(0, 1).to(work), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(targets.shape)
-
-
 def book_windows(lengths: np.ndarray, context: int, stride: int) -> np.ndarray:
     """Rows (book, begin, end, scored_from) of every window of every book, in the book's own stream coordinates
     (position 0 is its `<|endoftext|>`, targets 1..length): the data layer's `eval_windows` per book."""
@@ -105,10 +94,13 @@ def book_windows(lengths: np.ndarray, context: int, stride: int) -> np.ndarray:
 def score_books(model, split: TokenSplit, docs: Documents, context: int, stride: int, batch_tokens: int = 32768,
                 max_book_tokens: Optional[int] = None, bf16: bool = False) -> pd.DataFrame:
     """One row per scored token: `book`, `position` (in the book, 0-based), `window` (in its window, 0-based),
-    `target` (the token id) and `nll` (float64 nats). `model` (in eval mode) maps ids [B, T] to logits [B, T, V] on
-    its own device; windows are batched `batch_tokens // context` at a time, short ones right-padded (the model is
+    `target` (the token id) and `nll` (float64 nats). `model`: a LanguageModel in eval mode, on its own device,
+    scored by the training loss's own path (pha_lab.training.loss.token_nll: the LM head in chunks, fp32 or wider, no
+    [B, T, V] logits); windows are batched `batch_tokens // context` at a time, short ones right-padded (the model is
     causal, so padding after a window never reaches it); `bf16`: under bf16 autocast (a CUDA device)."""
-    import torch
+    import torch  # start-up time: importing this module loads no torch (LongContextSpec checks, post_eval specs)
+
+    from pha_lab.training.loss import token_nll  # (imports torch)
 
     if not 1 <= stride <= context:
         raise ConfigError(f"stride {stride} must be in 1..context ({context})")
@@ -129,8 +121,8 @@ def score_books(model, split: TokenSplit, docs: Documents, context: int, stride:
                 window = np.asarray(stream[docs.starts[book] + begin : docs.starts[book] + end + 1], dtype=np.int64)
                 inputs[r, : end - begin] = window[:-1]
                 targets[r, scored_from - begin : end - begin] = window[scored_from - begin + 1 :]
-            logits = model(torch.from_numpy(inputs).to(device))
-            nll = token_nll(logits, torch.from_numpy(targets).to(device)).double().cpu().numpy()
+            hidden = model(torch.from_numpy(inputs).to(device), return_hidden=True)
+            nll = token_nll(hidden, model.lm_head.weight, torch.from_numpy(targets).to(device)).double().cpu().numpy()
             r, j = np.nonzero(targets != IGNORE_INDEX)
             pieces.append(pd.DataFrame({"book": chunk[r, 0], "position": chunk[r, 1] + j, "window": j,
                                         "target": targets[r, j], "nll": nll[r, j]}))
@@ -215,8 +207,8 @@ def evaluate_long_context(target: str, overrides: list[str] = (), spec: LongCont
     return pd.concat(frames, ignore_index=True)
 
 
-def _protocol(spec: LongContextSpec, cfg, split: TokenSplit, docs: Documents, tok, ckpt, context: int, stride: int,
-              precision: str) -> dict[str, Any]:
+def _protocol(spec: LongContextSpec, cfg: DictConfig, split: TokenSplit, docs: Documents, tok, ckpt, context: int,
+              stride: int, precision: str) -> dict[str, Any]:
     scored = docs.lengths if spec.max_book_tokens is None else np.minimum(docs.lengths, spec.max_book_tokens)
     books = "; ".join(docs.name(k) for k in range(len(docs.starts)))
     return {
@@ -230,7 +222,7 @@ def _protocol(spec: LongContextSpec, cfg, split: TokenSplit, docs: Documents, to
     }
 
 
-def _log(cfg, run_id: str, split: str, table: pd.DataFrame, protocol: dict[str, Any]) -> None:
+def _log(cfg: DictConfig, run_id: str, split: str, table: pd.DataFrame, protocol: dict[str, Any]) -> None:
     """Metrics, the CSV artifact and the protocol tags of one context, on the run."""
     from mlflow.entities import Metric, RunTag
 

@@ -30,7 +30,7 @@ class PostEval:
                 self.long_context.contexts_for(cfg)
 
 
-def post_evaluate(post: PostEval, run_id: str, tracking_cfg) -> None:
+def post_evaluate(post: PostEval, run_id: str, tracking_cfg: DictConfig) -> None:
     """Run the `post_eval` evaluations on a trained run (the sweep runner calls this after `train`). A failure
     raises, naming the run, which is trained and checkpointed by then and can be evaluated again by hand."""
     if post.long_context is None:

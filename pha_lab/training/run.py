@@ -51,7 +51,8 @@ def resume_config(run_id: str, cfg: DictConfig) -> DictConfig:
     path = checkpoint_dir(cfg, run_id) / "config.yaml"
     if not path.is_file():
         raise ConfigError(
-            f"resume={run_id}: no saved config at {path}; is tracking.runs_dir ({cfg.tracking.runs_dir}) the one the run used?"
+            f"resume={run_id}: no saved config at {path}; is tracking.runs_dir ({cfg.tracking.runs_dir}) the one the "
+            "run used?"
         )
     return OmegaConf.merge(cfg, OmegaConf.load(path))
 
