@@ -60,9 +60,9 @@ def branches_of(name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- builders
 def model64(name: str = "tiny_pha", *overrides: str):
-    """(model, cfg): the preset's model in float64 and eval mode, the precision the exactness tests compare in."""
-    cfg = load_config(name, list(overrides))
-    return build_model(cfg.model).double().eval(), cfg
+    """The preset's model in float64 and eval mode, the precision the exactness tests compare in (its model config
+    is `model.cfg`)."""
+    return build_model(load_config(name, list(overrides)).model).double().eval()
 
 
 def meta_model(name: str, *overrides: str):
