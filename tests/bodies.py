@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -150,40 +149,41 @@ def assert_knockout_zeroes(model, branch: str, idx: torch.Tensor | None = None) 
 
 
 # --------------------------------------------------------------------------- one training step
-class StepRecord(L.Callback):
-    """What one run did: its training losses, the optimizer steps taken, and the parameters that moved."""
-
-    def __init__(self):
-        self.losses: list[float] = []
-        self.steps = -1
-        self.moved: set[str] = set()
-        self.unmoved: set[str] = set()
-
-    def on_train_start(self, trainer, pl_module):
-        self._before = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad}
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        self.losses.append(loss.item())
-
-    def on_train_end(self, trainer, pl_module):
-        self.steps = trainer.global_step
-        for name, p in pl_module.model.named_parameters():
-            if name in self._before:
-                (self.unmoved if torch.equal(self._before[name], p.detach()) else self.moved).add(name)
-        del self._before
-
-
 def assert_trains_one_step(cfg: DictConfig, callbacks: list | None = None):
     """`train(cfg)` (cfg asks for trainer.max_steps=1) takes exactly one optimizer step that moves every parameter,
     with a finite loss; the run ends FINISHED in MLflow with finite test metrics and its model family tagged.
     Returns (TrainResult, StepRecord) for the caller's own checks."""
+    import lightning as L  # here, not at the top: importing Lightning takes seconds that most test files do not need
     import mlflow
 
     from pha_lab.training.run import train
 
+    class StepRecord(L.Callback):
+        """What one run did: its training losses, the optimizer steps taken, and the parameters that moved."""
+
+        def __init__(self):
+            self.losses: list[float] = []
+            self.steps = -1
+            self.moved: set[str] = set()
+            self.unmoved: set[str] = set()
+
+        def on_train_start(self, trainer, pl_module):
+            self._before = {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad}
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.losses.append(loss.item())
+
+        def on_train_end(self, trainer, pl_module):
+            self.steps = trainer.global_step
+            for name, p in pl_module.model.named_parameters():
+                if name in self._before:
+                    (self.unmoved if torch.equal(self._before[name], p.detach()) else self.moved).add(name)
+            del self._before
+
     record = StepRecord()
     result = train(cfg, [record, *(callbacks or [])])
-    assert record.steps == 1 and len(record.losses) == cfg.trainer.accumulate_grad_batches, (record.steps, record.losses)
+    assert record.steps == 1, record.steps
+    assert len(record.losses) == cfg.trainer.accumulate_grad_batches, record.losses
     assert all(torch.isfinite(torch.tensor(record.losses))), record.losses
     assert not record.unmoved, f"parameters that one optimizer step left unchanged: {sorted(record.unmoved)}"
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)

@@ -19,7 +19,6 @@ import torch
 from bodies import FAMILIES, run_config
 
 from pha_lab import PROJECT_ROOT
-from pha_lab.data import DataError, data_root
 
 DATA_FOLDERS = ("gpt2-tokenizer", "pd-english-novels", "wikitext", "openwebtext-sample")  # what the tests read
 
@@ -40,6 +39,8 @@ def _isolate_mlflow_env(monkeypatch):
 def shared_data() -> Path:
     """The local data root (`data.data_dir` unset: $PHA_DATA_DIR, else ../shared/data beside the project), holding
     every folder in DATA_FOLDERS; a missing root or folder fails the test with the path and the fix."""
+    from pha_lab.data import DataError, data_root  # (the data package takes ~0.6 s to import)
+
     default = PROJECT_ROOT.parent / "shared" / "data"
     try:
         root = data_root(SimpleNamespace(data_dir=None))

@@ -60,7 +60,8 @@ def test_shape_errors():
     assert "not a multiple of model.attn.n_kv_heads=5" in config_error(["model.attn.n_kv_heads=5"])
     msg = config_error(["model.overrides=[{layers: [12], branches: [attn]}]"])
     assert "model.overrides[0].layers contains 12, out of range for model.n_layers=12" in msg
-    assert "must be even for RoPE" in config_error(["model.d_model=36", "model.attn.n_heads=12", "model.attn.n_kv_heads=4"])
+    msg = config_error(["model.d_model=36", "model.attn.n_heads=12", "model.attn.n_kv_heads=4"])
+    assert "must be even for RoPE" in msg
 
 
 def test_shape_checks_skip_absent_branches():

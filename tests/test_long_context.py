@@ -56,7 +56,8 @@ def test_documents_are_read_from_the_stream(tmp_path):
 def model64():
     """A tiny PHA in float64 with large weights, so that its predictions depend strongly on the context."""
     torch.manual_seed(0)
-    return bodies.model64("tiny_pha", "model.vocab_size=64", "model.init_std=0.3", "data.tokenizer.train_vocab_size=null")
+    return bodies.model64("tiny_pha", "model.vocab_size=64", "model.init_std=0.3",
+                          "data.tokenizer.train_vocab_size=null")
 
 
 def naive_nll(model, stream: np.ndarray, start: int, begin: int, p: int) -> float:
