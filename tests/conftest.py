@@ -7,6 +7,7 @@
 - `family_preset`: parametrises a test over the model families, one tiny preset each, with the family as the id
   (`test_causal_every_family[gss_hybrid]`).
 - `one_thread`: tiny models run several times faster on one torch thread than on two shared ones.
+- `empty_mlflow_store`: MLflow's schema made once and copied into each run's folder (creating it costs ~5 s a run).
 """
 
 from __future__ import annotations
