@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import mlflow
 import pytest
 import torch
+from bodies import assert_causal, assert_knockout_zeroes, assert_trains_one_step
 from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
@@ -68,9 +68,14 @@ def running_mean():
 LAYOUTS = {"parallel": "[gss,running_mean,ffn]", "serial": "[running_mean,attn,ffn]"}
 
 
+def toy_overrides(layout: str) -> list[str]:
+    """tiny_pha with the toy branch in every layer of the given layout."""
+    return [f"model.layout={layout}", f"model.branches={LAYOUTS[layout]}", f"model.family=toy_{layout}",
+            "model.running_mean.expansion=2.0"]
+
+
 def toy_config(layout: str, *overrides: str):
-    return load_config("tiny_pha", [f"model.layout={layout}", f"model.branches={LAYOUTS[layout]}",
-                                    f"model.family=toy_{layout}", "model.running_mean.expansion=2.0", *overrides])
+    return load_config("tiny_pha", [*toy_overrides(layout), *overrides])
 
 
 # --------------------------------------------------------------------------- configuration
@@ -139,19 +144,13 @@ def test_the_branch_is_built_causal_and_knocked_out(running_mean, layout):
     torch.manual_seed(0)
     model = build_model(cfg.model).double().eval()
     assert all(isinstance(blk.branches["running_mean"], RunningMean) for blk in model.blocks)
+    assert_causal(model, length=24, t=9)  # within 1e-10 (FFT round-off in the GSS branch: not bit-equal)
     idx = torch.randint(0, cfg.model.vocab_size, (2, 24))
-    later = idx.clone()
-    later[:, 10:] = torch.randint(0, cfg.model.vocab_size, (2, 14))
+    knocked = assert_knockout_zeroes(model, "running_mean", idx)
     with torch.no_grad():
-        full, changed = model(idx), model(later)
-        past, future = (full - changed)[:, :10].abs().max().item(), (full - changed)[:, 10:].abs().max().item()
-        assert past < 1e-10 and future > 1e-6  # (FFT round-off in the GSS branch: not bit-equal)
-        with model.knockout("running_mean"):
-            knocked = model(idx)
         for blk in model.blocks:  # the same model with the branch's output projection zeroed
             blk.branches["running_mean"].W_out.weight.zero_()
-        zeroed = model(idx)
-    assert (knocked - zeroed).abs().max().item() < 1e-12 and (knocked - full).abs().max().item() > 1e-6
+        assert (knocked - model(idx)).abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -178,14 +177,10 @@ def name_rule(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and not name.startswith("wte.") and ".mixer." not in name and ".dss." not in name
 
 
-TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential"]
-
-
-@pytest.mark.parametrize("experiment", TINY_FAMILIES)
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("tied,norm", [(True, "rmsnorm"), (False, "layernorm")])
-def test_weight_decay_groups_are_those_the_parameter_names_gave(experiment, mixer, tied, norm):
-    cfg = load_config(experiment, [f"model.mixer={mixer}", f"model.tie_embeddings={tied}", f"model.norm={norm}"])
+def test_weight_decay_groups_are_those_the_parameter_names_gave(family_preset, mixer, tied, norm):
+    cfg = load_config(family_preset, [f"model.mixer={mixer}", f"model.tie_embeddings={tied}", f"model.norm={norm}"])
     model = build_model(cfg.model)
     decay, no_decay = param_groups(model, 0.1)
     named = dict(model.named_parameters())
@@ -203,32 +198,16 @@ def test_the_branch_parameters_carry_their_decay(running_mean):
 
 
 # --------------------------------------------------------------------------- trained through train(), evaluated
-class ParamRecorder(L.Callback):
-    """The toy branch's parameters when training starts and when it ends."""
-
-    @staticmethod
-    def snapshot(pl_module) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in pl_module.model.named_parameters() if ".branches.running_mean." in n}
-
-    def on_train_start(self, trainer, pl_module):
-        self.before = self.snapshot(pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self.after = self.snapshot(pl_module)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_branch_trains_one_step_through_train_and_is_knocked_out_at_eval(running_mean, layout, tmp_path):
+def test_the_branch_trains_one_step_through_train_and_is_knocked_out_at_eval(running_mean, layout, tmp_path,
+                                                                            tiny_config):
     from pha_lab.training.evaluate import evaluate
-    from pha_lab.training.run import train
 
     runs_dir = tmp_path / "runs"
-    cfg = toy_config(layout, f"tracking.runs_dir={runs_dir}", "tracking.experiment=toy", "trainer.max_steps=1",
-                     "trainer.val_every_n_steps=1", "trainer.log_every_n_steps=1", "data.max_eval_tokens=1024")
-    recorder = ParamRecorder()
-    result = train(cfg, [recorder])
-    assert recorder.before.keys() == recorder.after.keys() and len(recorder.before) == 3 * cfg.model.n_layers
-    assert all(not torch.equal(recorder.before[n], recorder.after[n]) for n in recorder.before)  # one AdamW step
+    cfg = tiny_config("tiny_pha", *toy_overrides(layout), "trainer.max_steps=1", "trainer.val_every_n_steps=1",
+                      "trainer.log_every_n_steps=1", "data.max_eval_tokens=1024")
+    result, step = assert_trains_one_step(cfg)  # one AdamW step moved every parameter, the toy branch's too
+    assert len({n for n in step.moved if ".branches.running_mean." in n}) == 3 * cfg.model.n_layers
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["family"] == f"toy_{layout}"
     assert run.data.params["model.running_mean.expansion"] == "2.0"

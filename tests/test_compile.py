@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bodies import TINY
 
 from pha_lab.config import MIXERS, ConfigError, load_config
 from pha_lab.models import build_model
 from pha_lab.training import loss
 from pha_lab.training.device import compile_enabled
-
-FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_mqar", "tiny_pha_swa"]
 
 
 def model_and_ids(experiment: str, *overrides: str, batch: int = 2, seq_len: int = 32):
@@ -27,7 +26,7 @@ def graph_breaks(fn, *args, **kwargs) -> tuple[int, list[str]]:
     return explained.graph_count, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("overrides", [(f, ()) for f in FAMILIES]
+@pytest.mark.parametrize("overrides", [(f, ()) for f in TINY]
                          + [("tiny_pha", (f"model.mixer={m}",)) for m in MIXERS if m != "static"]
                          + [("tiny_pha", ("model.gss.kernel=s4d_lin_noscale",))],
                          ids=lambda o: "-".join([o[0], *o[1]]).replace("model.", ""))
@@ -67,7 +66,7 @@ def test_compiled_and_eager_agree_one_layer_pha():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", FAMILIES)
+@pytest.mark.parametrize("experiment", TINY)
 def test_compiled_and_eager_agree_every_family(experiment):
     _compiled_matches_eager(experiment)
 

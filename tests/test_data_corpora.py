@@ -5,21 +5,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from pha_lab.config import ConfigError, load_config
-from pha_lab.data import DataError, build_tokenizer, data_root, splits, token_split
+from pha_lab.data import DataError, build_tokenizer, splits, token_split
 from pha_lab.data.corpora import NOVELS_TEST_BOOKS, seeded_split
-
-
-def shared_data() -> Path:
-    root = data_root(SimpleNamespace(data_dir=None))
-    if root is None or not (root / "wikitext").is_dir() or not (root / "pd-english-novels").is_dir():
-        pytest.fail("offline data not found: set PHA_DATA_DIR to the shared data folder (../shared/data)")
-    return root
 
 
 def data_cfg(tmp_path: Path, *overrides: str):
@@ -31,8 +23,8 @@ def hub_rows(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in open(path, encoding="utf-8").readlines()]
 
 
-def test_wikitext_raw_test_rows_and_287644_gpt2_tokens(tmp_path):
-    root = shared_data()
+def test_wikitext_raw_test_rows_and_287644_gpt2_tokens(tmp_path, shared_data):
+    root = shared_data
     d = data_cfg(tmp_path, "data.source=wikitext2")
     src = splits(d)["test"]
     assert src.files == (root / "wikitext/wikitext-raw-v1/wiki.test.raw",)
@@ -46,8 +38,8 @@ def test_wikitext_raw_test_rows_and_287644_gpt2_tokens(tmp_path):
     assert splits(data_cfg(tmp_path, "data.source=wikitext103"))["test"].dataset == "wikitext-103-raw-v1"
 
 
-def test_wikitext_tokens_variant_and_missing_splits(tmp_path, monkeypatch):
-    root = shared_data()
+def test_wikitext_tokens_variant_and_missing_splits(tmp_path, monkeypatch, shared_data):
+    root = shared_data
     d = data_cfg(tmp_path, "data.source=wikitext103", "data.wikitext_variant=tokens", "data.hub=never")
     sp = splits(d)
     assert sp["valid"].files == (root / "wikitext/wikitext-103-v1/wiki.valid.tokens",)
@@ -71,8 +63,8 @@ def manifest(root: Path) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def test_novels_split_by_book_without_overlap(tmp_path):
-    root = shared_data()
+def test_novels_split_by_book_without_overlap(tmp_path, shared_data):
+    root = shared_data
     sp = splits(data_cfg(tmp_path))  # the default source
     names = {s: [p.name for p in sp[s].files] for s in ("train", "valid", "test")}
     assert len(names["valid"]) == 7 and len(names["test"]) == 5 and len(names["train"]) == 268
@@ -133,8 +125,7 @@ def test_text_source_blank_line_documents(tmp_path):
     assert every == sorted(f"Doc {i} line one.\nline two." for i in range(40))
 
 
-def test_openwebtext_local_sample(tmp_path):
-    shared_data()
+def test_openwebtext_local_sample(tmp_path, shared_data):
     sp = splits(data_cfg(tmp_path, "data.source=openwebtext"))
     assert all(src.dataset == "openwebtext-sample" for src in sp.values())
     docs = {s: src.load(tmp_path / "hf")["text"] for s, src in sp.items()}
@@ -169,8 +160,7 @@ def test_bad_paths_name_the_key(tmp_path):
                         "data.valid_fraction=0.3", "data.test_fraction=0.3"))
 
 
-def test_empty_corpus_is_an_error(tmp_path):
-    shared_data()
+def test_empty_corpus_is_an_error(tmp_path, shared_data):
     (tmp_path / "e").mkdir()
     for i in range(3):
         (tmp_path / "e" / f"{i}.txt").write_text("")

@@ -12,15 +12,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pha_lab.config import experiment_names, load_config
-from pha_lab.data import IGNORE_INDEX, DataError, build_datamodule, data_root
+from pha_lab.data import IGNORE_INDEX, DataError, build_datamodule
 from pha_lab.data.module import GlobalIndexSampler, LMDataModule, MQARDataModule, RankSlice
 
 
-@pytest.fixture(autouse=True)
-def shared_data():
-    root = data_root(SimpleNamespace(data_dir=None))
-    if root is None or not (root / "pd-english-novels").is_dir():
-        pytest.fail("offline data not found: set PHA_DATA_DIR to the shared data folder (../shared/data)")
+pytestmark = pytest.mark.usefixtures("shared_data")  # conftest.py: fails naming the path when it is missing
 
 
 def test_tiny_preset_batches_and_protocol():

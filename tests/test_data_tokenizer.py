@@ -3,28 +3,19 @@
 import csv
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import DataError, build_tokenizer, data_root
+from pha_lab.data import DataError, build_tokenizer
 from pha_lab.data import tokenizer as tokmod
-
-
-def shared_data() -> Path:
-    root = data_root(SimpleNamespace(data_dir=None))
-    if root is None or not (root / "gpt2-tokenizer").is_dir():
-        pytest.fail("offline data not found: set PHA_DATA_DIR to the shared data folder (../shared/data)")
-    return root
 
 
 def gpt2(**overrides: str):
     return build_tokenizer(load_config(None, [f"data.{k}={v}" for k, v in overrides.items()]).data)
 
 
-def test_gpt2_local_matches_reference_ids():
-    shared_data()
+def test_gpt2_local_matches_reference_ids(shared_data):
     tok = gpt2()
     assert tok.name == "gpt2" and tok.vocab_size == 50257 and tok.eot_id == 50256
     assert tok.encode("Hello world") == [15496, 995]
@@ -35,8 +26,8 @@ def test_gpt2_local_matches_reference_ids():
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_path_env_and_vocab_merges_give_the_same_ids(tmp_path, monkeypatch):
-    src = shared_data() / "gpt2-tokenizer"
+def test_path_env_and_vocab_merges_give_the_same_ids(tmp_path, monkeypatch, shared_data):
+    src = shared_data / "gpt2-tokenizer"
     only_bpe = tmp_path / "bpe"
     only_bpe.mkdir()
     for name in ("vocab.json", "merges.txt"):
@@ -73,8 +64,8 @@ HARD_TEXT = (
 )
 
 
-def test_pieces_encode_exactly_like_whole_documents(monkeypatch):
-    root = shared_data()
+def test_pieces_encode_exactly_like_whole_documents(monkeypatch, shared_data):
+    root = shared_data
     tok = gpt2()
     book = (root / "pd-english-novels/valid/1895_Wells_H.G._TheTimeMachine_Novel.txt").read_text()
     whole_book = tok.encode(book)
@@ -96,8 +87,8 @@ def tiny_corpus(folder: Path, root: Path, n_files: int = 3, chars: int = 30000) 
     return folder
 
 
-def test_trained_bpe_is_cached_keyed_and_deterministic(tmp_path, monkeypatch):
-    root = shared_data()
+def test_trained_bpe_is_cached_keyed_and_deterministic(tmp_path, monkeypatch, shared_data):
+    root = shared_data
     corpus = tiny_corpus(tmp_path / "corpus", root)
     args = ["data.source=text", f"data.train_files=[{corpus}]", "data.tokenizer.train_vocab_size=300",
             "model.vocab_size=512", "data.valid_fraction=0", "data.test_fraction=0"]

@@ -5,22 +5,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, data_root, splits, token_split
+from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, splits, token_split
 from pha_lab.data import tokens as tokmod
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, eval_windows, lm_metrics
-
-
-def shared_data() -> Path:
-    root = data_root(SimpleNamespace(data_dir=None))
-    if root is None or not (root / "gpt2-tokenizer").is_dir():
-        pytest.fail("offline data not found: set PHA_DATA_DIR to the shared data folder (../shared/data)")
-    return root
 
 
 def fake_split(tmp_path: Path, n: int, dtype=np.uint32) -> TokenSplit:
@@ -102,20 +94,20 @@ def text_cfg(tmp_path: Path, folder: Path, *extra: str):
                               "data.test_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", *extra]).data
 
 
-def test_a_parallel_cache_build_leaves_the_process_environment_in_place(tmp_path, monkeypatch):
+def test_a_parallel_cache_build_leaves_the_process_environment_in_place(tmp_path, monkeypatch, shared_data):
     """datasets' map(num_proc=2) swaps os.environ for a copy; the build puts the real one back, so a variable
     set before it is still removed by monkeypatch (it used to leak $PHA_TOKENIZER_DIR into later tests)."""
     environ = os.environ
     monkeypatch.setenv("PHA_TEST_MARKER", "1")
-    d = text_cfg(tmp_path, corpus(tmp_path / "c", shared_data()), "data.num_proc=2")
+    d = text_cfg(tmp_path, corpus(tmp_path / "c", shared_data), "data.num_proc=2")
     token_split(splits(d)["train"], build_tokenizer(d), d)
     assert os.environ is environ and "TOKENIZERS_PARALLELISM" not in os.environ
     monkeypatch.undo()
     assert "PHA_TEST_MARKER" not in os.environ
 
 
-def test_cache_hit_invalidation_and_rebuild(tmp_path, monkeypatch, caplog):
-    root = shared_data()
+def test_cache_hit_invalidation_and_rebuild(tmp_path, monkeypatch, caplog, shared_data):
+    root = shared_data
     folder = corpus(tmp_path / "c", root)
     d = text_cfg(tmp_path, folder)
     tok = build_tokenizer(d)
@@ -159,8 +151,8 @@ def test_cache_hit_invalidation_and_rebuild(tmp_path, monkeypatch, caplog):
     assert len(list(first.bin_path.parent.glob("*.bin"))) == 3
 
 
-def test_capped_eval_bytes_match_the_decoded_text(tmp_path):
-    root = shared_data()
+def test_capped_eval_bytes_match_the_decoded_text(tmp_path, shared_data):
+    root = shared_data
     d = text_cfg(tmp_path, corpus(tmp_path / "c", root))
     tok = build_tokenizer(d)
     ts = token_split(splits(d)["train"], tok, d)
@@ -175,9 +167,9 @@ def test_lm_metrics():
     assert m["bpb"] == pytest.approx(2000 / (4000 * math.log(2)))
 
 
-def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypatch, caplog):
+def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypatch, caplog, shared_data):
     """A machine that received only the cache folder (no text, no tokenizer files, no hub) still gets its data."""
-    root = shared_data()
+    root = shared_data
     corpus(tmp_path / "data" / "books", root)
     monkeypatch.setenv("PHA_TOKENIZER_DIR", str(root / "gpt2-tokenizer"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -9,22 +9,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from bodies import config_error, meta_model
 
-from pha_lab.config import ConfigError, attention_layers, layer_specs, load_config
-from pha_lab.models import build_model
-
-
-def meta_model(name: str, *overrides: str):
-    cfg = load_config(name, list(overrides))
-    with torch.device("meta"):
-        return build_model(cfg.model)
-
-
-def error_for(overrides, experiment="pha_125m") -> str:
-    with pytest.raises(ConfigError) as info:
-        load_config(experiment, overrides)
-    return str(info.value)
+from pha_lab.config import attention_layers, layer_specs, load_config
 
 
 def test_placement_rule():
@@ -106,14 +93,14 @@ def test_attention_sparse_presets_stay_matched_for_any_k(name, base):
     (["model.overrides=[{layers: [4], ffn: {hidden: wide}}]"], "bad value for config key 'ffn.hidden'"),
 ])
 def test_bad_placements_and_per_layer_sections_are_refused_naming_the_key(overrides, message):
-    assert message in error_for(overrides)
+    assert message in config_error(overrides)
 
 
 def test_misspelt_key_in_an_override_section_lists_the_section_keys():
-    msg = error_for(["model.overrides=[{layers: [4], ffn: {hiden: 8}}]"])
+    msg = config_error(["model.overrides=[{layers: [4], ffn: {hiden: 8}}]"])
     assert "unknown config key 'ffn.hiden'" in msg and "Nearest valid keys: ffn.hidden" in msg
     assert "Valid keys under a model.overrides[i].ffn section: kind, expansion, hidden" in msg
-    msg = error_for(["model.overrides=[{layers: [4], fnn: {hidden: 8}}]"])
+    msg = config_error(["model.overrides=[{layers: [4], fnn: {hidden: 8}}]"])
     assert "a model.overrides entry (LayerOverride)" in msg and "ffn" in msg
 
 

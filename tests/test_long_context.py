@@ -17,24 +17,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+import bodies
 
 from pha_lab.cli import main
 from pha_lab.config import ConfigError, load_config
 from pha_lab.data import DataError
 from pha_lab.data.tokens import TokenSplit
-from pha_lab.models import build_model
 from pha_lab.training.long_context import LongContextSpec, buckets, evaluate_long_context, score_books
 
 LENGTHS = [37, 1, 16, 50]  # a one-token book, one of exactly one short window, ...
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~20x faster on one thread than on two shared ones (as the tiny presets' cpu_threads says)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream_split(tmp_path, lengths, vocab: int, eot: int = 0, seed: int = 0) -> TokenSplit:
@@ -63,8 +56,8 @@ def test_documents_are_read_from_the_stream(tmp_path):
 def model64():
     """A tiny PHA in float64 with large weights, so that its predictions depend strongly on the context."""
     torch.manual_seed(0)
-    cfg = load_config("tiny_pha", ["model.vocab_size=64", "model.init_std=0.3", "data.tokenizer.train_vocab_size=null"])
-    return build_model(cfg.model).double().eval()
+    return bodies.model64("tiny_pha", "model.vocab_size=64", "model.init_std=0.3",
+                          "data.tokenizer.train_vocab_size=null")
 
 
 def naive_nll(model, stream: np.ndarray, start: int, begin: int, p: int) -> float:
@@ -127,14 +120,14 @@ def test_every_kind_of_bucket_adds_up_to_the_whole(tmp_path, model64):
 
 # --------------------------------------------------------------------------- a trained run
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, shared_data, empty_mlflow_store):
     """A tiny PHA trained 20 steps; its test split is one book (The Lost World), scored to 4,096 tokens."""
     from pha_lab.training.run import train
 
-    runs = tmp_path_factory.mktemp("lc") / "runs"
-    cfg = load_config("tiny_pha", [f"tracking.runs_dir={runs}", "tracking.experiment=lc", "trainer.max_steps=20",
-                                   "trainer.val_every_n_steps=20", "data.max_eval_tokens=4096"])
-    return train(cfg), runs
+    root = tmp_path_factory.mktemp("lc")
+    cfg = bodies.run_config(root, "tiny_pha", "trainer.max_steps=20", "trainer.val_every_n_steps=20",
+                            "data.max_eval_tokens=4096", store=empty_mlflow_store)
+    return train(cfg), root / "runs"
 
 
 def test_by_position_on_a_trained_run_and_its_mlflow_record(trained, tmp_path):

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bodies import meta_model
 
 from pha_lab.cli import main
 from pha_lab.config import load_config
 from pha_lab.models import build_model
 from pha_lab.models.memory import training_bytes, weight_bytes
-
-
-def meta_model(name: str, *overrides: str):
-    with torch.device("meta"):
-        return build_model(load_config(name, list(overrides)).model)
 
 
 # Hand computation, per sequence: attention 2 (K and V) x n_kv_heads x head_dim x T x bytes per layer that has it;

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bodies import FAMILIES, assert_causal, assert_causal_sequence_map, assert_knockout_zeroes, branches_of, model64
 
 from pha_lab.branches import DSS_KERNELS
 from pha_lab.config import MIXERS, ConfigError, load_config
@@ -17,49 +18,24 @@ from pha_lab.models.gss import DSS, GSS, causal_fft_conv, fft_size, mode_powers
 from pha_lab.models.mixers import MIXER_REGISTRY
 
 BRANCHES = ("gss", "attn", "ffn")  # tiny_pha's, every layer (the registry has more: swa, tests/test_sliding_window.py)
-TINY_FAMILIES = ["tiny_pha", "tiny_transformer", "tiny_gss", "tiny_gss_hybrid", "tiny_sequential", "tiny_pha_sparse",
-                 "tiny_pha_swa"]
-
-
-def tiny_model(name="tiny_pha", *overrides):
-    cfg = load_config(name, list(overrides))
-    return build_model(cfg.model).double().eval(), cfg
 
 
 def test_registries_match_config_names():
     assert tuple(MIXER_REGISTRY) == MIXERS
-    model, _ = tiny_model()
+    model = model64()
     assert set(model.blocks[0].branches) == set(BRANCHES) and set(BRANCHES) < set(BRANCH_REGISTRY)
     assert model.blocks[0].branches["gss"].dss.kind == "dss_exp"  # the default model.gss.kernel
     with pytest.raises(ValueError, match="choose one of: dss_exp, s4d_lin_noscale"):
         DSS(4, 4, kernel="dss")
 
 
-def _assert_causal(model, vocab, T=24, t=9):
-    idx = torch.randint(0, vocab, (2, T))
-    changed = idx.clone()
-    changed[:, t + 1 :] = torch.randint(0, vocab, (2, T - t - 1))
-    with torch.no_grad():
-        a, b = model(idx), model(changed)
-    assert (a[:, : t + 1] - b[:, : t + 1]).abs().max().item() < 1e-10
-    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max().item() > 1e-6  # the change is visible later
-
-    x = model.wte(idx).detach().requires_grad_(True)
-    model.forward_embeddings(x)[:, t].sum().backward()
-    assert x.grad[:, t + 1 :].abs().max().item() < 1e-10
-    assert x.grad[:, : t + 1].abs().max().item() > 0
-
-
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_causal_every_family(family):
-    model, cfg = tiny_model(family)
-    _assert_causal(model, cfg.model.vocab_size)
+def test_causal_every_family(family_preset):
+    assert_causal(model64(family_preset))
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_causal_every_mixer(mixer):
-    model, cfg = tiny_model("tiny_pha", f"model.mixer={mixer}")
-    _assert_causal(model, cfg.model.vocab_size)
+    assert_causal(model64("tiny_pha", f"model.mixer={mixer}"))
 
 
 # ----------------------------------------------------------------------------- DSS / GSS
@@ -111,6 +87,17 @@ def test_fft_dss_matches_naive_recurrence(kernel, length):
     assert (dss(v) - naive_dss(dss, v)).abs().max().item() < 1e-10
 
 
+def fp32_error_against_float64(dss: DSS, length: int = 2048) -> float:
+    """The fp32 layer's output (checked to be fp32) on GELU inputs, as a relative max error against the O(L^2)
+    float64 convolution with the papers' kernel."""
+    v = F.gelu(torch.randn(2, length, dss.skip.numel()) * 0.5)
+    ref = naive_causal_conv(v, reference_kernel(dss, length)) + dss.skip.detach().double() * v.double()
+    with torch.no_grad():
+        y = dss(v)
+    assert y.dtype == torch.float32
+    return (y.double() - ref).abs().max().item() / ref.abs().max().item()
+
+
 @pytest.mark.parametrize("kernel", DSS_KERNELS)
 def test_fp32_dss_matches_float64_naive_convolution(kernel):
     """The model's fp32 path (kernel build + FFT of size 2L) against an O(L^2) float64 convolution, at the presets'
@@ -120,12 +107,7 @@ def test_fp32_dss_matches_float64_naive_convolution(kernel):
     dss = DSS(d_hidden=4, n_modes=64, kernel=kernel)
     with torch.no_grad():
         dss.log_neg_re[0] = math.log(1e-4 / (dss.log_dt[0].exp().item() if kernel == "dss_exp" else 1.0))
-    v = F.gelu(torch.randn(2, 2048, 4) * 0.5)
-    ref = naive_causal_conv(v, reference_kernel(dss, 2048)) + dss.skip.detach().double() * v.double()
-    with torch.no_grad():
-        y = dss(v)
-    assert y.dtype == torch.float32
-    err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+    err = fp32_error_against_float64(dss)
     assert err < 2e-6, err  # measured 1e-7 - 3e-7 (fp32 rounding of the FFT and kernel)
 
 
@@ -284,17 +266,8 @@ def test_every_conv_impl_matches_the_float64_naive_convolution(impl, kernel, len
 @pytest.mark.parametrize("impl", CONV_IMPLS)
 def test_every_conv_impl_is_causal(impl):
     """Changing v after position t changes nothing up to t, and no output's gradient reaches a later input."""
-    dss, t = dss_for_impl(impl, chunk=8), 20
-    v = torch.randn(2, 41, 5, dtype=torch.float64)
-    changed = v.clone()
-    changed[:, t + 1:] = torch.randn(2, 41 - t - 1, 5, dtype=torch.float64)
-    with torch.no_grad():
-        a, b = dss(v), dss(changed)
-    assert (a[:, : t + 1] - b[:, : t + 1]).abs().max().item() < 1e-13
-    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max().item() > 1e-3
-    x = v.clone().requires_grad_(True)
-    dss(x)[:, t].sum().backward()
-    assert x.grad[:, t + 1:].abs().max().item() < 1e-13 and x.grad[:, : t + 1].abs().max().item() > 1e-3
+    assert_causal_sequence_map(dss_for_impl(impl, chunk=8), torch.randn(2, 41, 5, dtype=torch.float64), t=20,
+                               tol=1e-13, visible=1e-3)
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
@@ -306,12 +279,7 @@ def test_fp32_conv_impls_match_float64_with_a_slow_mode(impl):
     with torch.no_grad():
         dss.log_neg_re[0] = math.log(1e-4 / dss.log_dt[0].exp().item())
         dss.skip.normal_()
-    v = F.gelu(torch.randn(2, 2048, 4) * 0.5)
-    ref = naive_causal_conv(v, reference_kernel(dss, 2048)) + dss.skip.detach().double() * v.double()
-    with torch.no_grad():
-        y = dss(v)
-    assert y.dtype == torch.float32
-    err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+    err = fp32_error_against_float64(dss)
     assert err < 2e-6, err  # measured: fft 1.5e-7, chunked 1.2e-7
 
 
@@ -346,8 +314,8 @@ def test_bf16_autocast_keeps_the_convolution_in_fp32(impl):
 def test_chunked_model_equals_the_fft_model():
     """`model.gss.conv_impl=chunked` is the same model function as the default (float64 logits), and a bad value is
     refused naming the key."""
-    fft, _ = tiny_model("tiny_pha")
-    chunked, _ = tiny_model("tiny_pha", "model.gss.conv_impl=chunked", "model.gss.chunk=16")
+    fft = model64("tiny_pha")
+    chunked = model64("tiny_pha", "model.gss.conv_impl=chunked", "model.gss.chunk=16")
     chunked.load_state_dict(fft.state_dict())
     assert chunked.blocks[0].branches["gss"].dss.conv_impl == "chunked"
     idx = torch.randint(0, 2048, (2, 50))
@@ -428,7 +396,7 @@ def test_rope_is_relative():
 
 # ----------------------------------------------------------------------------- mixers
 def test_static_mixer_is_softmax_starting_uniform():
-    model, _ = tiny_model("tiny_pha", "model.mixer=static")
+    model = model64("tiny_pha", "model.mixer=static")
     mixer = model.blocks[0].mixer
     assert torch.allclose(mixer.weights(), torch.full((3,), 1 / 3, dtype=torch.float64))
     with torch.no_grad():
@@ -439,7 +407,7 @@ def test_static_mixer_is_softmax_starting_uniform():
 
 
 def test_mean_mixer_has_no_parameters():
-    model, _ = tiny_model("tiny_pha", "model.mixer=mean")
+    model = model64("tiny_pha", "model.mixer=mean")
     assert sum(p.numel() for p in model.blocks[0].mixer.parameters()) == 0
     ys = [torch.randn(1, 3, 64) for _ in range(3)]
     assert torch.allclose(model.blocks[0].mixer.float()(ys, ys[0]), sum(ys) / 3)
@@ -448,29 +416,18 @@ def test_mean_mixer_has_no_parameters():
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("branch", BRANCHES)
 def test_knockout_equals_zeroed_branch(mixer, branch):
-    model, cfg = tiny_model("tiny_pha", f"model.mixer={mixer}")
-    idx = torch.randint(0, cfg.model.vocab_size, (2, 12))
-    with torch.no_grad():
-        full = model(idx)
-        with model.knockout(branch):
-            knocked = model(idx)
-        # reference: replace the branch's forward by zeros
-        originals = {}
-        for i, blk in enumerate(model.blocks):
-            mod = blk.branches[branch]
-            originals[i] = mod.forward
-            mod.forward = lambda h, _m=mod: torch.zeros_like(h)
-        zeroed = model(idx)
-        for i, blk in enumerate(model.blocks):
-            blk.branches[branch].forward = originals[i]
-        after = model(idx)
-    assert (knocked - zeroed).abs().max().item() < 1e-12
-    assert (knocked - full).abs().max().item() > 1e-6
-    assert (after - full).abs().max().item() == 0  # knockout is undone on exit
+    assert_knockout_zeroes(model64("tiny_pha", f"model.mixer={mixer}"), branch)
+
+
+@pytest.mark.parametrize("preset, branch", [(p, b) for p in FAMILIES.values() for b in branches_of(p)],
+                         ids=[f"{f}-{b}" for f, p in FAMILIES.items() for b in branches_of(p)])
+def test_knockout_equals_zeroed_branch_every_family(preset, branch):
+    """Both layouts, and branches that only some layers have (gss_hybrid's attn, pha_sparse's attn)."""
+    assert_knockout_zeroes(model64(preset), branch)
 
 
 def test_knockout_of_missing_branch_fails():
-    model, _ = tiny_model("tiny_transformer")
+    model = model64("tiny_transformer")
     with pytest.raises(ValueError, match="no layer has a 'gss' branch"):
         with model.knockout("gss"):
             pass
@@ -478,15 +435,15 @@ def test_knockout_of_missing_branch_fails():
 
 def test_serial_layout_is_a_different_function():
     torch.manual_seed(1)
-    parallel, cfg = tiny_model("tiny_pha")
+    parallel = model64("tiny_pha")
     torch.manual_seed(1)
-    serial, _ = tiny_model("tiny_sequential")
+    serial = model64("tiny_sequential")
     # same branch modules (copy the weights), different composition
     serial.load_state_dict(parallel.state_dict(), strict=False)
     for p_blk, s_blk in zip(parallel.blocks, serial.blocks):
         for name in p_blk.names:
             s_blk.branches[name].load_state_dict(p_blk.branches[name].state_dict())
-    idx = torch.randint(0, cfg.model.vocab_size, (1, 10))
+    idx = torch.randint(0, parallel.cfg.vocab_size, (1, 10))
     with torch.no_grad():
         assert (parallel(idx) - serial(idx)).abs().max().item() > 1e-4
 
@@ -496,7 +453,7 @@ def test_attention_sparse_pha_mixes_the_branches_each_layer_has(mixer):
     """tiny_pha_sparse: attention in layer 1 only; layers 0 and 2 mix GSS and FFN with a 2-branch mixer whose two
     weights start equal (the weighted-sum mixers: as their average), the model stays causal, and knocking attention
     out touches layer 1 only."""
-    model, cfg = tiny_model("tiny_pha_sparse", f"model.mixer={mixer}")
+    model = model64("tiny_pha_sparse", f"model.mixer={mixer}")
     assert [blk.names for blk in model.blocks] == [["gss", "ffn"], ["gss", "attn", "ffn"], ["gss", "ffn"]]
     assert [blk.mixer.k for blk in model.blocks] == [2, 3, 2]
     w = model.blocks[0].mixer.weights().detach()
@@ -508,8 +465,8 @@ def test_attention_sparse_pha_mixes_the_branches_each_layer_has(mixer):
     assert [sorted(w) for w in weights] == [["ffn", "gss"], ["attn", "ffn", "gss"], ["ffn", "gss"]]
     if mixer != "channel":  # its weights are per-channel scales, not shares
         assert all(math.isclose(sum(w.values()), 1.0, rel_tol=1e-6) for w in weights)
-    _assert_causal(model, cfg.model.vocab_size)
-    idx = torch.randint(0, cfg.model.vocab_size, (2, 12))
+    assert_causal(model)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
     with torch.no_grad():
         full = model(idx)
         with model.knockout("attn"):
@@ -518,20 +475,20 @@ def test_attention_sparse_pha_mixes_the_branches_each_layer_has(mixer):
 
 
 def test_layer_overrides_place_attention():
-    model, _ = tiny_model("tiny_gss_hybrid")
+    model = model64("tiny_gss_hybrid")
     layouts = [(blk.layout, tuple(blk.names)) for blk in model.blocks]
     assert layouts == [("serial", ("gss", "ffn")), ("serial", ("attn", "ffn")), ("serial", ("gss", "ffn"))]
 
 
 def test_mixer_weights_and_branch_stats_are_reported():
-    model, cfg = tiny_model("tiny_pha", "model.mixer=gate")
-    idx = torch.randint(0, cfg.model.vocab_size, (2, 12))
+    model = model64("tiny_pha", "model.mixer=gate")
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
     with torch.no_grad(), model.recording_stats() as stats:
         model(idx)
-    assert len(stats) == cfg.model.n_layers and set(stats[0]) == set(BRANCHES)
+    assert len(stats) == model.cfg.n_layers and set(stats[0]) == set(BRANCHES)
     assert all(v > 0 for layer in stats for v in layer.values())
     weights = model.mixer_weights()
-    assert len(weights) == cfg.model.n_layers
+    assert len(weights) == model.cfg.n_layers
     assert math.isclose(sum(weights[0].values()), 1.0, rel_tol=1e-6)
 
 
@@ -557,7 +514,7 @@ def residual_growth(name: str, overrides: tuple[str, ...], n_layers: int) -> flo
     model.wte.register_forward_hook(lambda m, args, out: rms.__setitem__("embedding", out.pow(2).mean().sqrt()))
     model.norm_f.register_forward_hook(lambda m, args, out: rms.__setitem__("last", args[0].pow(2).mean().sqrt()))
     with torch.no_grad():
-        model(torch.randint(0, cfg.model.vocab_size, (2, 64)))
+        model(torch.randint(0, model.cfg.vocab_size, (2, 64)))
     return (rms["last"] / rms["embedding"]).item()
 
 
@@ -582,17 +539,17 @@ def test_parallel_and_serial_stacks_start_with_the_same_growth():
 
 
 def test_residual_additions_are_counted_per_layout():
-    model, _ = tiny_model("tiny_gss_hybrid", "model.overrides=[{layers: [1], layout: parallel, branches: [attn, ffn]}]")
+    model = model64("tiny_gss_hybrid", "model.overrides=[{layers: [1], layout: parallel, branches: [attn, ffn]}]")
     assert model.n_residual_additions() == 2 + 1 + 2  # serial [gss, ffn], parallel [attn, ffn], serial [gss, ffn]
     out_std = [blk.branches["ffn"].W_out.weight.std().item() for blk in model.blocks]
     assert out_std[1] / out_std[0] == pytest.approx(math.sqrt(2), rel=0.15)  # the parallel block's sqrt(k)
 
 
 def test_tied_embeddings_counted_once():
-    model, _ = tiny_model("tiny_pha")
+    model = model64("tiny_pha")
     assert model.lm_head.weight is model.wte.weight
     unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert model.n_params() == unique
     assert model.n_params() - model.n_params(non_embedding=True) == model.wte.weight.numel()
-    untied, _ = tiny_model("tiny_pha", "model.tie_embeddings=false")
+    untied = model64("tiny_pha", "model.tie_embeddings=false")
     assert untied.n_params() == model.n_params() + model.wte.weight.numel()

@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from bodies import run_config
 
 from pha_lab import tracking
 from pha_lab.config import load_config
@@ -45,19 +46,15 @@ class LossRecorder(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def tiny(tmp_path, experiment="tiny_pha", *overrides):
-    return load_config(experiment, [f"tracking.runs_dir={tmp_path / 'runs'}", "tracking.experiment=test",
-                                    "trainer.log_every_n_steps=5", *overrides])
-
-
 def runs(result):
     mlflow.set_tracking_uri(result.tracking_uri)
     return mlflow.search_runs(experiment_names=["test"])
 
 
 @pytest.mark.parametrize("experiment", ["tiny_pha", "tiny_mqar"])
-def test_tiny_model_learns_and_everything_is_tracked(tmp_path, experiment):
-    cfg = tiny(tmp_path, experiment, "trainer.max_steps=50", "trainer.val_every_n_steps=25", "optim.warmup_steps=5")
+def test_tiny_model_learns_and_everything_is_tracked(experiment, tiny_config):
+    cfg = tiny_config(experiment, "trainer.max_steps=50", "trainer.val_every_n_steps=25", "optim.warmup_steps=5",
+                      "trainer.log_every_n_steps=5")
     rec = LossRecorder()
     result = train(cfg, [rec])
     first, last = sum(rec.losses[s] for s in range(1, 6)) / 5, sum(rec.losses[s] for s in range(46, 51)) / 5
@@ -87,8 +84,8 @@ def test_tiny_model_learns_and_everything_is_tracked(tmp_path, experiment):
     assert len(client.get_metric_history(result.run_id, "train/loss")) == 10  # every 5 steps
 
 
-def test_introspection_table_has_one_row_per_layer_and_branch(tmp_path):
-    result = train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "trainer.val_every_n_steps=5"))
+def test_introspection_table_has_one_row_per_layer_and_branch(tiny_config):
+    result = train(tiny_config("tiny_pha", "trainer.max_steps=10", "trainer.val_every_n_steps=5"))
     table = pd.read_csv(result.ckpt_dir / "introspection" / "mixer_weights.csv")
     assert len(table) == 2 * 3 and sorted(table.layer.unique()) == [0, 1]
     assert table.groupby("layer").weight.sum().round(5).tolist() == [1.0, 1.0]  # static: softmax
@@ -97,14 +94,14 @@ def test_introspection_table_has_one_row_per_layer_and_branch(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 2000
 
 
-def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
+def test_resume_after_interrupt_is_exact_and_one_run(tmp_path, tiny_config):
     overrides = ["trainer.max_steps=20", "trainer.val_every_n_steps=10", "trainer.ckpt_every_n_steps=7"]
     straight = LossRecorder()
-    ref = train(tiny(tmp_path / "a", "tiny_pha", *overrides), [straight])
+    ref = train(tiny_config("tiny_pha", *overrides, root=tmp_path / "a"), [straight])
 
     first = LossRecorder(signal_at=10)
     with pytest.raises(RunInterrupted) as info:
-        train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
+        train(tiny_config("tiny_pha", *overrides, root=tmp_path / "b"), [first])
     run_id = info.value.run_id
     assert info.value.ckpt_path == tmp_path / "b" / "runs" / "checkpoints" / run_id / "last.ckpt"
     assert info.value.ckpt_path.is_file()
@@ -114,7 +111,7 @@ def test_resume_after_interrupt_is_exact_and_one_run(tmp_path):
     assert sorted(first.losses) == list(range(1, 12))  # the signal came after step 10's hooks: stops after step 11
 
     second = LossRecorder()
-    resumed = train(tiny(tmp_path / "b", "tiny_pha", *overrides, f"resume={run_id}"), [second])
+    resumed = train(tiny_config("tiny_pha", *overrides, f"resume={run_id}", root=tmp_path / "b"), [second])
     assert resumed.run_id == run_id and sorted(second.losses) == list(range(12, 21))
     merged = {**first.losses, **second.losses}
     assert max(abs(straight.losses[s] - merged[s]) for s in straight.losses) < 1e-6
@@ -137,11 +134,11 @@ class RequestStopAt(L.Callback):
             request_stop("SIGUSR2")
 
 
-def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path):
+def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path, tiny_config):
     """request_stop (no signal to the process) checkpoints and stops after the next optimizer step, KILLED with
     the reason once; withdrawn (None), the next run trains to its end."""
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=100",
-               "data.max_eval_tokens=2048")
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=100",
+                      "data.max_eval_tokens=2048")
     try:
         with pytest.raises(RunInterrupted) as info:
             train(cfg, [RequestStopAt(3)])
@@ -153,36 +150,36 @@ def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path):
     assert train(cfg).status == "FINISHED"
 
 
-def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
+def test_interrupt_mid_accumulation_resumes_exactly(tmp_path, tiny_config):
     """SIGTERM arrives after the first micro-batch of an accumulated step: the run stops only once that
     step's optimizer update is done, and the resumed run's micro-batch losses are the uninterrupted run's."""
     overrides = ["trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.accumulate_grad_batches=2",
                  "trainer.ckpt_every_n_steps=100"]
     straight = LossRecorder()
-    train(tiny(tmp_path / "a", "tiny_pha", *overrides), [straight])
+    train(tiny_config("tiny_pha", *overrides, root=tmp_path / "a"), [straight])
     assert len(straight.micro) == 16
 
     first = LossRecorder(signal_after_micro=7)  # after the first micro-batch of step 4
     with pytest.raises(RunInterrupted) as info:
-        train(tiny(tmp_path / "b", "tiny_pha", *overrides), [first])
+        train(tiny_config("tiny_pha", *overrides, root=tmp_path / "b"), [first])
     run_id = info.value.run_id
     assert len(first.micro) == 8 and max(first.losses) == 4  # stopped once step 4's second micro-batch was done
 
     second = LossRecorder()
-    train(tiny(tmp_path / "b", "tiny_pha", *overrides, f"resume={run_id}"), [second])
+    train(tiny_config("tiny_pha", *overrides, f"resume={run_id}", root=tmp_path / "b"), [second])
     assert len(second.micro) == 8
     assert first.micro + second.micro == pytest.approx(straight.micro, abs=1e-6)
 
 
-def test_resume_refuses_shape_change(tmp_path):
+def test_resume_refuses_shape_change(tiny_config):
     from pha_lab.config import ConfigError
 
     first = LossRecorder(signal_at=3)
     with pytest.raises(RunInterrupted) as info:
-        train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10"), [first])
+        train(tiny_config("tiny_pha", "trainer.max_steps=10"), [first])
     run_id = info.value.run_id
     with pytest.raises(ConfigError, match=r"model\.d_model: 64 -> 128"):
-        train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "model.d_model=128", f"resume={run_id}"))
+        train(tiny_config("tiny_pha", "trainer.max_steps=10", "model.d_model=128", f"resume={run_id}"))
 
 
 class DeterminismProbe(L.Callback):
@@ -190,7 +187,7 @@ class DeterminismProbe(L.Callback):
         self.enabled = torch.are_deterministic_algorithms_enabled()
 
 
-def test_deterministic_mode_gives_identical_runs(tmp_path, monkeypatch):
+def test_deterministic_mode_gives_identical_runs(tmp_path, monkeypatch, tiny_config):
     """trainer.deterministic: cuBLAS workspace set before anything in train() touches CUDA (the run's tags query
     the GPU), deterministic algorithms while training and restored after; two runs give identical losses."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
@@ -200,19 +197,20 @@ def test_deterministic_mode_gives_identical_runs(tmp_path, monkeypatch):
     def on_start(run_id, ckpt_dir):
         seen_at_start.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
-    train(tiny(tmp_path / "a", "tiny_pha", "trainer.max_steps=8", "trainer.deterministic=true"), [a, probe], on_start)
+    overrides = ["trainer.max_steps=8", "trainer.deterministic=true"]
+    train(tiny_config("tiny_pha", *overrides, root=tmp_path / "a"), [a, probe], on_start)
     assert seen_at_start == [":4096:8"] and probe.enabled
     assert not torch.are_deterministic_algorithms_enabled()
-    train(tiny(tmp_path / "b", "tiny_pha", "trainer.max_steps=8", "trainer.deterministic=true"), [b])
+    train(tiny_config("tiny_pha", *overrides, root=tmp_path / "b"), [b])
     assert len(a.losses) == 8 and a.losses == b.losses
 
 
-def test_lightning_matches_plain_pytorch_loop(tmp_path):
+def test_lightning_matches_plain_pytorch_loop(tmp_path, tiny_config):
     """Lightning's parity-test idea: same model, data, seed and optimiser in a hand-written loop."""
     from pha_lab.data import build_datamodule
 
     steps = 12
-    cfg = tiny(tmp_path, "tiny_pha", f"trainer.max_steps={steps}", "trainer.val_every_n_steps=1000")
+    cfg = tiny_config("tiny_pha", f"trainer.max_steps={steps}", "trainer.val_every_n_steps=1000")
     rec = LossRecorder()
     train(cfg, [rec])
 
@@ -276,8 +274,8 @@ def failed_run(tmp_path):
     return mlflow.search_runs(experiment_names=["test"]).iloc[0]
 
 
-def test_nan_loss_fails_before_the_optimizer_step_and_checkpoints_stay_finite(tmp_path):
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "trainer.ckpt_every_n_steps=2")
+def test_nan_loss_fails_before_the_optimizer_step_and_checkpoints_stay_finite(tmp_path, tiny_config):
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=10", "trainer.ckpt_every_n_steps=2")
     with pytest.raises(Exception, match="non-finite training loss"):
         train(cfg, [NaNOutputs(train_step=3)])  # the 4th optimizer step (global_step 3 -> 4)
     run = failed_run(tmp_path)
@@ -309,11 +307,11 @@ class TrainingState(L.Callback):
         self.at_failure = self._state(trainer, pl_module)
 
 
-def test_a_nan_step_is_skipped_on_the_device_and_the_run_stops_at_the_next_logging_step(tmp_path):
+def test_a_nan_step_is_skipped_on_the_device_and_the_run_stops_at_the_next_logging_step(tmp_path, tiny_config):
     """Step 6's loss is NaN; the flag is only read at logging steps (every 5): the fused AdamW skips steps 6 to 10
     on the device (weights, moments and step counts as after step 5), and the run fails at step 10 naming step 6."""
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=12", "trainer.ckpt_every_n_steps=100",
-               "trainer.val_every_n_steps=100")
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=12", "trainer.ckpt_every_n_steps=100",
+                      "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=5")
     state = TrainingState(step=5)
     with pytest.raises(Exception, match=r"non-finite training loss \(nan\) at step 6 .*skipped.*stopped at step 10"):
         train(cfg, [NaNOutputs(train_step=5), state])
@@ -324,8 +322,8 @@ def test_a_nan_step_is_skipped_on_the_device_and_the_run_stops_at_the_next_loggi
     assert {float(m) for m in moments_after if m.ndim == 0} == {5.0}  # every parameter's AdamW step count
 
 
-def test_nan_eval_loss_is_an_error_naming_the_stage_and_batch(tmp_path):
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=4", "trainer.val_every_n_steps=2")
+def test_nan_eval_loss_is_an_error_naming_the_stage_and_batch(tmp_path, tiny_config):
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=4", "trainer.val_every_n_steps=2")
     with pytest.raises(Exception, match=r"non-finite val loss \(nan\) in val batch 1 "):
         train(cfg, [NaNOutputs(val_batch=1)])
     assert failed_run(tmp_path)["status"] == "FAILED"
@@ -349,10 +347,10 @@ def test_no_weight_decay_on_norms_embeddings_mixers_and_ssm():
     assert "blocks.0.branches.attn.W_q.weight" in decayed and "blocks.0.branches.gss.W_u.weight" in decayed
 
 
-def test_eval_knocks_out_branches_and_logs_to_the_run(tmp_path):
+def test_eval_knocks_out_branches_and_logs_to_the_run(tmp_path, tiny_config):
     from pha_lab.training.evaluate import evaluate
 
-    result = train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=10", "trainer.val_every_n_steps=5"))
+    result = train(tiny_config("tiny_pha", "trainer.max_steps=10", "trainer.val_every_n_steps=5"))
     table = evaluate(result.run_id, [f"tracking.runs_dir={tmp_path / 'runs'}"], knockout=["gss", "ffn"], per_layer=True)
     assert list(table.condition) == ["intact", "-gss", "-gss", "-ffn", "-ffn"]
     assert table.loc[0, "ppl"] == pytest.approx(result.metrics["test/ppl"], rel=1e-5)
@@ -398,14 +396,14 @@ class HostTransfers(L.Callback):
         self.step = None
 
 
-def test_the_training_step_path_reads_the_device_only_at_logging_steps(tmp_path, monkeypatch):
+def test_the_training_step_path_reads_the_device_only_at_logging_steps(monkeypatch, tiny_config):
     """Over 20 optimizer steps with log_every_n_steps=5: no host transfer in any other step (the NaN check, the
     progress bar, the throughput monitor and the loggers all wait for logging steps), a few at each logging step,
     so about 20/5 x a constant in all (it was ~40 per step before: tests/test_training.py history)."""
     steps, k = 20, 5
     probe = HostTransfers(monkeypatch)
-    train(tiny(tmp_path, "tiny_pha", f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={k}",
-               "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000"), [probe])
+    train(tiny_config("tiny_pha", f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={k}",
+                      "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000"), [probe])
     assert [c for c in probe.calls if c[0] % k] == []
     assert {c[0] for c in probe.calls} == set(range(k, steps + 1, k))  # the NaN flag is read at every logging step
     assert len(probe.calls) <= 6 * steps // k + 3, probe.calls
@@ -445,13 +443,13 @@ class Workload(L.Callback):
         self.memory.allocate(2.0)
 
 
-def test_peak_memory_is_per_stage_and_nothing_carries_over(tmp_path):
+def test_peak_memory_is_per_stage_and_nothing_carries_over(tmp_path, tiny_config):
     from lightning.pytorch.loggers import CSVLogger
 
     from pha_lab.data import build_datamodule
     from pha_lab.training.callbacks import PeakMemory
 
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=6")
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=6")
     memory = FakeDeviceMemory(left_over_gb=25.86)
     logger = CSVLogger(tmp_path, name="peak")
     trainer = L.Trainer(max_steps=6, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0,
@@ -479,11 +477,11 @@ class BarReading(L.Callback):
 
 
 @pytest.fixture(scope="module")
-def accumulated_run(tmp_path_factory):
+def accumulated_run(tmp_path_factory, shared_data, empty_mlflow_store):
     """One tiny run with 2 micro-batches per optimizer step, validated twice and tested."""
-    tmp_path = tmp_path_factory.mktemp("accumulated")
-    cfg = tiny(tmp_path, "tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4",
-               "trainer.accumulate_grad_batches=2")
+    cfg = run_config(tmp_path_factory.mktemp("accumulated"), "tiny_pha", "trainer.max_steps=8",
+                     "trainer.val_every_n_steps=4", "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=5",
+                     store=empty_mlflow_store)
     bar = BarReading()
     return cfg, train(cfg, [bar]), bar
 
@@ -513,13 +511,13 @@ def test_progress_bar_tokens_per_s_do_not_divide_by_accumulation(accumulated_run
     assert float(bar.shown.replace(",", "")) == pytest.approx(rate * cfg.data.batch_size * cfg.data.seq_len, rel=1e-3)
 
 
-def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tmp_path):
+def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tiny_config):
     """The logged gate weights are the token-weighted mean gate over the whole validation set, padding
     excluded, recomputed here from the final weights with hooks on the gate projections."""
     from pha_lab.data import build_datamodule
 
-    cfg = tiny(tmp_path, "tiny_pha", "model.mixer=gate", "trainer.max_steps=10", "trainer.val_every_n_steps=10",
-               "data.max_eval_tokens=1900", "data.eval_batch_size=4")  # 15 windows, the last one padded
+    cfg = tiny_config("tiny_pha", "model.mixer=gate", "trainer.max_steps=10", "trainer.val_every_n_steps=10",
+                      "data.max_eval_tokens=1900", "data.eval_batch_size=4")  # 15 windows, the last one padded
     result = train(cfg)
     module = LMModule(cfg)
     module.load_state_dict(torch.load(result.ckpt_dir / "last.ckpt", weights_only=False)["state_dict"])
@@ -552,7 +550,7 @@ def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tmp_path):
     assert table.query("layer == 0").weight.tolist() == pytest.approx((total[0] / count).tolist(), abs=1e-6)
 
 
-def test_a_rank_above_zero_without_rank_zeros_run_is_refused(tmp_path, monkeypatch):
+def test_a_rank_above_zero_without_rank_zeros_run_is_refused(tmp_path, monkeypatch, tiny_config):
     """A rank > 0 that no rank 0 handed a run (torchrun, a node started by hand) fails naming the supported
     launchers, before it opens an MLflow run of its own."""
     from pha_lab.config import ConfigError
@@ -560,7 +558,7 @@ def test_a_rank_above_zero_without_rank_zeros_run_is_refused(tmp_path, monkeypat
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("PHA_RUN_ID", raising=False)
     with pytest.raises(ConfigError, match=r"DDP rank > 0 .* trainer.devices=N on one machine, or with srun"):
-        train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=2"))
+        train(tiny_config("tiny_pha", "trainer.max_steps=2", fresh_store=True))
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 
@@ -660,12 +658,12 @@ def test_srun_ranks_train_one_run(tmp_path):
     assert client.get_metric_history(run.info.run_id, "test/loss")
 
 
-def test_the_final_weights_are_validated_at_the_last_step(tmp_path):
+def test_the_final_weights_are_validated_at_the_last_step(tmp_path, tiny_config):
     # max_steps not a multiple of val_every_n_steps: without a last validation the run's val metrics would be those
     # of step 4, not of the weights it ends with (the H200 reference run of 2026-12-02 stopped at 2289, last val 2000)
-    result = train(tiny(tmp_path, "tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=4"))
+    result = train(tiny_config("tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=4"))
     history = mlflow.tracking.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
     assert len(history) == 2 and history[1].step == 6  # the periodic one (Lightning logs it at step 3), the last
-    result = train(tiny(tmp_path / "b", "tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4"))
+    result = train(tiny_config("tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4", root=tmp_path / "b"))
     history = mlflow.tracking.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
     assert len(history) == 2  # already validated at the last step: not twice
