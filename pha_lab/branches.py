@@ -85,7 +85,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from pha_lab.errors import ConfigError, check_choice
 
@@ -141,8 +141,10 @@ class SlidingWindowConfig(AttnConfig):
     def validate(self, model: Any, key: str) -> None:
         super().validate(model, key)
         if self.window < 1:
-            raise ConfigError(f"{key}.window={self.window} must be >= 1: the positions each query sees, itself "
-                              f"included (window >= the context is full causal attention)")
+            raise ConfigError(
+                f"{key}.window={self.window} must be >= 1: the positions each query sees, itself "
+                f"included (window >= the context is full causal attention)"
+            )
 
 
 @dataclass
@@ -170,8 +172,10 @@ class GSSConfig(BranchConfig):
         if self.chunk < 1:
             raise ConfigError(f"{key}.chunk={self.chunk} must be >= 1 (positions per chunk of conv_impl=chunked)")
         if self.expansion <= 0 or self.d_hidden < 1 or self.n_modes < 1:
-            raise ConfigError(f"{key}.expansion={self.expansion}, d_hidden={self.d_hidden}, n_modes={self.n_modes} "
-                              "must all be positive")
+            raise ConfigError(
+                f"{key}.expansion={self.expansion}, d_hidden={self.d_hidden}, n_modes={self.n_modes} "
+                "must all be positive"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"need 0 < {key}.dt_min <= {key}.dt_max, got {self.dt_min}, {self.dt_max}")
 
@@ -182,7 +186,7 @@ class FFNConfig(BranchConfig):
 
     kind: str = "gelu"  # gelu | swiglu
     expansion: float = 4.0  # hidden = expansion * d_model, rounded to a multiple of 64 ...
-    hidden: Optional[int] = None  # ... unless given explicitly
+    hidden: int | None = None  # ... unless given explicitly
 
     def validate(self, model: Any, key: str) -> None:
         check_choice(f"{key}.kind", self.kind, FFN_KINDS)

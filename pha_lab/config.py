@@ -16,7 +16,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -49,10 +49,10 @@ class LayerOverride:
     here"). Overrides apply in list order, after model.n_attn_layers."""
 
     layers: list[int] = field(default_factory=list)  # 0-based; negative counts from the end
-    without: Optional[str] = None  # instead of layers: every layer whose branches lack this one (may be none)
-    layout: Optional[str] = None
-    branches: Optional[list[str]] = None
-    mixer: Optional[str] = None
+    without: str | None = None  # instead of layers: every layer whose branches lack this one (may be none)
+    layout: str | None = None
+    branches: list[str] | None = None
+    mixer: str | None = None
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ModelConfig:
     # sequential_pha, and for the ablation pha_no_<branch> (removing a branch changes the architecture, so the
     # family; the mixer does not: model.mixer says it). Set by every preset and by each sweep cell that changes
     # the architecture; null: unrecorded (the tables then guess it from the layout and branches, and say so).
-    family: Optional[str] = None
+    family: str | None = None
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     d_model: int = 768
     n_layers: int = 12
@@ -73,7 +73,7 @@ class ModelConfig:
     mixer: str = "static"  # parallel layout only
     # Attention in only k layers (the attention-sparse PHA): the layers placed by `attention_layers` keep every
     # branch of model.branches, the others run them without `attn`. null: attention wherever model.branches says.
-    n_attn_layers: Optional[int] = None
+    n_attn_layers: int | None = None
     overrides: list[LayerOverride] = field(default_factory=list)  # per-layer changes, in order (LayerOverride)
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
@@ -85,8 +85,8 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     name: str = "gpt2"  # hub name; "gpt2" is first looked for in <data root>/gpt2-tokenizer
-    path: Optional[str] = None  # local dir with tokenizer.json or vocab.json+merges.txt (else $PHA_TOKENIZER_DIR)
-    train_vocab_size: Optional[int] = None  # train a byte-level BPE of this size on the train split instead (cached)
+    path: str | None = None  # local dir with tokenizer.json or vocab.json+merges.txt (else $PHA_TOKENIZER_DIR)
+    train_vocab_size: int | None = None  # train a byte-level BPE of this size on the train split instead (cached)
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DataConfig:
     """Data sources and the evaluation protocol; docs/data.md describes every key."""
 
     source: str = "novels"  # novels | wikitext103 | wikitext2 | openwebtext | text | mqar
-    data_dir: Optional[str] = None  # local files root; default $PHA_DATA_DIR or ../shared/data
+    data_dir: str | None = None  # local files root; default $PHA_DATA_DIR or ../shared/data
     hub: str = "auto"  # auto: local files first, then the Hugging Face hub | never: local only | always: hub only
     hub_revision: str = "main"  # hub dataset revision (branch, tag or commit); part of the token cache key
     wikitext_variant: str = "raw"  # raw: wikitext-*-raw-v1 (GPT-2-style PPL) | tokens: wikitext-*-v1 (<unk>)
@@ -115,14 +115,14 @@ class DataConfig:
     test_files: list[str] = field(default_factory=list)
     documents: str = "file"  # `text` source: one document per file | blank_line: blank-line-separated documents
     split_seed: int = 1234  # seeded split by document where a source has no given split
-    valid_fraction: Optional[float] = None  # carved from train by document; None: source default
-    test_fraction: Optional[float] = None  # (text: 0.05, openwebtext: 0.0005); a positive fraction takes >= 1 doc
+    valid_fraction: float | None = None  # carved from train by document; None: source default
+    test_fraction: float | None = None  # (text: 0.05, openwebtext: 0.0005); a positive fraction takes >= 1 doc
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_len: int = 1024
     batch_size: int = 8  # per device, per micro-batch
     eval_batch_size: int = 8
-    eval_stride: Optional[int] = None  # None: non-overlapping windows of seq_len; smaller: only new tokens scored
-    max_eval_tokens: Optional[int] = None  # cap on tokens scored per eval split (None: whole split)
+    eval_stride: int | None = None  # None: non-overlapping windows of seq_len; smaller: only new tokens scored
+    max_eval_tokens: int | None = None  # cap on tokens scored per eval split (None: whole split)
     cache_dir: str = ".cache/tokens"  # relative: from the project root (source checkout) or the cwd
     num_proc: int = 2  # processes for tokenization (datasets.map)
     num_workers: int = 0  # DataLoader workers
@@ -156,26 +156,26 @@ class TrainerConfig:
     num_nodes: int = 1  # > 1: a multi-node DDP job (one task per device, e.g. under SLURM)
     # torch.compile of the whole LanguageModel (+ the loss's chunk kernels): auto = on when training on a GPU, off
     # on the CPU (where compiling costs more than it gains); true | false force it
-    compile: Union[bool, str] = "auto"
+    compile: bool | str = "auto"
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     loss_chunk_tokens: int = 4096  # tokens per chunk of the LM head + cross-entropy (pha_lab.training.loss)
     test_ckpt: str = "last"  # last | best: which weights the final test evaluation uses
-    early_stop_value: Optional[float] = None  # stop once the val objective reaches this (MQAR: 0.99)
+    early_stop_value: float | None = None  # stop once the val objective reaches this (MQAR: 0.99)
     # true: two runs of one config give identical numbers on the same GPU and software (CUBLAS_WORKSPACE_CONFIG,
     # strict torch.use_deterministic_algorithms: SDPA's deterministic backward, no cuDNN attention; an op without
     # a deterministic kernel raises). Speed cost: to be measured on GPU (docs/perf-notes.md, deterministic mode)
     deterministic: bool = False
-    cpu_threads: Optional[int] = None  # torch threads when training on CPU (None: torch's default)
+    cpu_threads: int | None = None  # torch threads when training on CPU (None: torch's default)
 
 
 @dataclass
 class TrackingConfig:
     runs_dir: str = "runs"  # checkpoints and the default SQLite database live here
     # None: <runs_dir>/checkpoints; on a filesystem shared between machines, they resume each other's trials
-    checkpoints_dir: Optional[str] = None
-    tracking_uri: Optional[str] = None  # None: sqlite:///<runs_dir>/mlflow.db; any MLflow URI works
+    checkpoints_dir: str | None = None
+    tracking_uri: str | None = None  # None: sqlite:///<runs_dir>/mlflow.db; any MLflow URI works
     experiment: str = "default"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -183,7 +183,7 @@ class TrackingConfig:
 class Config:
     name: str = "unnamed"
     seed: int = 0
-    resume: Optional[str] = None  # an MLflow run id to continue
+    resume: str | None = None  # an MLflow run id to continue
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -199,15 +199,24 @@ def schema() -> DictConfig:
     taken = {f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(LayerOverride)}
     for name, branch in BRANCH_REGISTRY.items():
         if name in taken:
-            raise ConfigError(f"branch '{name}' ({branch.module}) clashes with the key model.{name} or "
-                              f"model.overrides[i].{name}: register it under another name")
-    override = _schema_class("LayerOverrideSchema", [(name, _partial(name, b.config) | None, None)
-                                                     for name, b in BRANCH_REGISTRY.items()], LayerOverride)
+            raise ConfigError(
+                f"branch '{name}' ({branch.module}) clashes with the key model.{name} or "
+                f"model.overrides[i].{name}: register it under another name"
+            )
+    override = _schema_class(
+        "LayerOverrideSchema",
+        [(name, _partial(name, b.config) | None, None) for name, b in BRANCH_REGISTRY.items()],
+        LayerOverride,
+    )
     override._where = "a model.overrides entry (LayerOverride)"
-    model = _schema_class("ModelConfigSchema", [
-        *[(name, b.config, field(default_factory=b.config)) for name, b in BRANCH_REGISTRY.items()],
-        ("overrides", list[override], field(default_factory=list)),
-    ], ModelConfig)
+    model = _schema_class(
+        "ModelConfigSchema",
+        [
+            *[(name, b.config, field(default_factory=b.config)) for name, b in BRANCH_REGISTRY.items()],
+            ("overrides", list[override], field(default_factory=list)),
+        ],
+        ModelConfig,
+    )
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.structured(model)
     return cfg
@@ -216,8 +225,9 @@ def schema() -> DictConfig:
 def _partial(name: str, config: type) -> type:
     """A branch section in which every key is optional and unset (None): what an override changes."""
     hints = typing.get_type_hints(config)
-    cls = _schema_class(f"LayerOverride_{name}", [(f.name, hints[f.name] | None, None)
-                                                  for f in dataclasses.fields(config)])
+    cls = _schema_class(
+        f"LayerOverride_{name}", [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(config)]
+    )
     cls._where = f"a model.overrides[i].{name} section"
     return cls
 
@@ -325,8 +335,16 @@ def validate(cfg: DictConfig) -> None:
     if t.compile not in (True, False, "auto"):
         raise ConfigError(f"invalid value '{t.compile}' for trainer.compile; choose one of: true, false, auto")
     _choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
-    for key in ("max_steps", "val_every_n_steps", "log_every_n_steps", "ckpt_every_n_steps", "accumulate_grad_batches",
-                "devices", "num_nodes", "loss_chunk_tokens"):
+    for key in (
+        "max_steps",
+        "val_every_n_steps",
+        "log_every_n_steps",
+        "ckpt_every_n_steps",
+        "accumulate_grad_batches",
+        "devices",
+        "num_nodes",
+        "loss_chunk_tokens",
+    ):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
 

@@ -48,12 +48,15 @@ def _override_layers(ov: Any, specs: list[dict[str, Any]], key: str) -> list[int
     if without is not None:
         _choice(f"{key}.without", without, tuple(BRANCH_REGISTRY))
         if ov.layers:
-            raise ConfigError(f"{key} sets both layers={list(ov.layers)} and without={without}: pick the layers "
-                              f"one way")
+            raise ConfigError(
+                f"{key} sets both layers={list(ov.layers)} and without={without}: pick the layers one way"
+            )
         return [i for i, spec in enumerate(specs) if without not in spec["branches"]]
     if not ov.layers:
-        raise ConfigError(f"{key}.layers is empty: list the 0-based layer indices it applies to (or pick the "
-                          f"layers lacking a branch with {key}.without)")
+        raise ConfigError(
+            f"{key}.layers is empty: list the 0-based layer indices it applies to (or pick the "
+            f"layers lacking a branch with {key}.without)"
+        )
     for layer in ov.layers:
         if not -n <= layer < n:
             raise ConfigError(
@@ -75,17 +78,29 @@ def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
     k = model.get("n_attn_layers")
     if k is not None:
         if "attn" not in branches:
-            raise ConfigError(f"model.n_attn_layers={k} keeps the attention branch in {k} layers, but "
-                              f"model.branches={branches} has no attn: add it, or set model.n_attn_layers=null")
+            raise ConfigError(
+                f"model.n_attn_layers={k} keeps the attention branch in {k} layers, but "
+                f"model.branches={branches} has no attn: add it, or set model.n_attn_layers=null"
+            )
         if not 0 <= k <= n:
             raise ConfigError(f"model.n_attn_layers={k} must be in 0..model.n_layers ({n})")
         keep_attn = attention_layers(n, k)
-    specs = [{"layout": model.layout, "mixer": model.mixer, "patches": {},
-              "branches": branches if i in keep_attn else [b for b in branches if b != "attn"]} for i in range(n)]
+    specs = [
+        {
+            "layout": model.layout,
+            "mixer": model.mixer,
+            "patches": {},
+            "branches": branches if i in keep_attn else [b for b in branches if b != "attn"],
+        }
+        for i in range(n)
+    ]
     for i, ov in enumerate(model.overrides):
         key = f"model.overrides[{i}]"
-        changes = {b: {field: value for field, value in ov[b].items() if value is not None}
-                   for b in BRANCH_REGISTRY if ov.get(b) is not None}
+        changes = {
+            b: {field: value for field, value in ov[b].items() if value is not None}
+            for b in BRANCH_REGISTRY
+            if ov.get(b) is not None
+        }
         for layer in _override_layers(ov, specs, key):
             spec = specs[layer]
             for name in ("layout", "branches", "mixer"):
@@ -93,8 +108,10 @@ def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
                     spec[name] = list(ov[name]) if name == "branches" else ov[name]
             for b, values in changes.items():
                 if b not in spec["branches"]:
-                    raise ConfigError(f"{key}.{b} sets {', '.join(values) or 'nothing'} for layer {layer}, which has "
-                                      f"no '{b}' branch (its branches: {spec['branches']})")
+                    raise ConfigError(
+                        f"{key}.{b} sets {', '.join(values) or 'nothing'} for layer {layer}, which has "
+                        f"no '{b}' branch (its branches: {spec['branches']})"
+                    )
                 spec["patches"].setdefault(b, []).append((key, values))
     for idx, spec in enumerate(specs):
         where = f"layer {idx} (model.layout/branches/mixer after model.n_attn_layers and model.overrides)"
@@ -102,8 +119,11 @@ def layer_specs(model: ModelConfig | DictConfig) -> list[dict[str, Any]]:
         check_branches(f"{where}: branches", spec["branches"])
         _choice(f"{where}: mixer", spec["mixer"], MIXERS)
         patches = spec.pop("patches")
-        spec["sections"] = {b: OmegaConf.merge(OmegaConf.structured(BRANCH_REGISTRY[b].config), model[b],
-                                               *[values for _, values in patches.get(b, [])])
-                            for b in spec["branches"]}
+        spec["sections"] = {
+            b: OmegaConf.merge(
+                OmegaConf.structured(BRANCH_REGISTRY[b].config), model[b], *[values for _, values in patches.get(b, [])]
+            )
+            for b in spec["branches"]
+        }
         spec["keys"] = {b: f"{patches[b][-1][0]}.{b}" if b in patches else f"model.{b}" for b in spec["branches"]}
     return specs

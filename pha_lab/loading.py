@@ -42,7 +42,9 @@ def resolve_yaml(name_or_path: str | os.PathLike, directory: Path, kind: str, re
     )
 
 
-def _read_yaml_chain(path: Path, directory: Path, kind: str, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+def _read_yaml_chain(
+    path: Path, directory: Path, kind: str, seen: tuple[Path, ...] = ()
+) -> list[tuple[Path, DictConfig]]:
     """The YAML at `path` preceded by the files its `extends:` key names (recursively): a name is looked up
     beside the file, then in `directory`."""
     if path.resolve() in [p.resolve() for p in seen]:
@@ -86,8 +88,10 @@ def _merge(base: DictConfig, overlay: DictConfig | dict, origin: str) -> DictCon
         parent, _, leaf = full.rpartition(".")
         valid = [k for k in _keys_at(base, parent) if not k.startswith("_")]
         where = f"'{parent}'" if parent else "the top level"
-        if dataclasses.is_dataclass(exc.object_type) and exc.object_type is not OmegaConf.get_type(base) and (
-            not parent or not valid
+        if (
+            dataclasses.is_dataclass(exc.object_type)
+            and exc.object_type is not OmegaConf.get_type(base)
+            and (not parent or not valid)
         ):
             # a key inside a list entry (model.overrides[i]: OmegaConf reports no path) or below a key with a dot
             # in its name (a sweep's search.optim.lr): name the entry's schema instead of a path
@@ -138,8 +142,10 @@ def load_yaml(
             cfg = _merge(cfg, node, str(origin_path))
         missing = [key for key in own if len(chain) > 1 and key not in chain[-1][1]]
         if missing:
-            raise ConfigError(f"{path} extends {chain[-2][0]} but does not set its own {', '.join(missing)}: set it "
-                              f"in {path} (an inherited value would make two {kind}s share it)")
+            raise ConfigError(
+                f"{path} extends {chain[-2][0]} but does not set its own {', '.join(missing)}: set it "
+                f"in {path} (an inherited value would make two {kind}s share it)"
+            )
         origin = str(path)
     for key, switched_on in (sections or {}).items():
         section = OmegaConf.to_container(cfg[key]) if cfg[key] is not None else None
@@ -153,7 +159,9 @@ def load_yaml(
         try:
             node = OmegaConf.from_dotlist([override])
         except Exception as exc:
-            raise ConfigError(f"cannot parse override '{override}' (YAML after '='): {str(exc).splitlines()[0]}") from None
+            raise ConfigError(
+                f"cannot parse override '{override}' (YAML after '='): {str(exc).splitlines()[0]}"
+            ) from None
         cfg = _merge(cfg, node, "command-line overrides")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -98,13 +98,19 @@ def git_info(root: Path = PROJECT_ROOT) -> dict[str, str]:
     sha = os.environ.get("PHA_GIT_SHA", "").strip().lower()
     if sha:
         if not re.fullmatch(r"[0-9a-f]{40}", sha):
-            raise ValueError(f"PHA_GIT_SHA={sha!r} is not a full commit id; set it to the output of `git rev-parse HEAD`")
+            raise ValueError(
+                f"PHA_GIT_SHA={sha!r} is not a full commit id; set it to the output of `git rev-parse HEAD`"
+            )
         dirty = os.environ.get("PHA_GIT_DIRTY", "unknown").strip().lower()
         if dirty not in ("true", "false", "unknown"):
             raise ValueError(f"PHA_GIT_DIRTY={dirty!r}: use true, false or unknown")
         return {"git_sha": sha, "git_dirty": dirty}
     top = _git(root, "rev-parse", "--show-toplevel")
-    sha = _git(root, "rev-parse", "--verify", "HEAD^{commit}") if top and Path(top).resolve() == Path(root).resolve() else None
+    sha = (
+        _git(root, "rev-parse", "--verify", "HEAD^{commit}")
+        if top and Path(top).resolve() == Path(root).resolve()
+        else None
+    )
     if sha is not None:
         status = _git(root, "status", "--porcelain", "--untracked-files=no")
         return {"git_sha": sha, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
@@ -147,7 +153,10 @@ def environment_tags() -> dict[str, str]:
 def _driver_version() -> str:
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "none"
     except (OSError, subprocess.SubprocessError):

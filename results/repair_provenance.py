@@ -5,8 +5,8 @@
 What was wrong: until the fix, `tracking.git_info()` ignored git's exit code. On the GPU machine the
 project is a copy without `.git`, where `git rev-parse HEAD` fails after printing the word "HEAD" and
 `git status` fails with no output, so every run in results/mlflow.db recorded git_sha="HEAD" and
-git_dirty="false", and so did the benchmark (docs/benchmarks/h100/efficiency.header.json, then docs/benchmarks/efficiency.header.json, and the CSV's
-git_sha column). Neither value says anything.
+git_dirty="false", and so did the benchmark (the H100 one, now docs/benchmarks/h100/efficiency.header.json, and
+the CSV's git_sha column). Neither value says anything.
 
 What is known instead (so this is what the tags now say):
 - the commit: ccfaa05, named by README.md ("Results": "commit `ccfaa05`") and docs/benchmarks.md. It is

@@ -40,8 +40,10 @@ def _family_presets() -> dict[str, str]:
         if parent in family and family[parent] == family[name]:
             continue
         if family[name] in chosen:
-            raise ConfigError(f"two tiny presets build model.family={family[name]}: {chosen[family[name]]} and {name}; "
-                              f"let one extend the other, or give one its own family")
+            raise ConfigError(
+                f"two tiny presets build model.family={family[name]}: {chosen[family[name]]} and {name}; "
+                f"let one extend the other, or give one its own family"
+            )
         chosen[family[name]] = name
     return chosen
 
@@ -85,8 +87,10 @@ def run_config(root: Path, experiment: str = "tiny_pha", *overrides: str, store:
     if store is not None and not (root / "runs" / "mlflow.db").exists():
         (root / "runs").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(store, root / "runs" / "mlflow.db")
-    return load_config(experiment, [f"tracking.runs_dir={root / 'runs'}", "tracking.experiment=test",
-                                    "trainer.accelerator=cpu", *overrides])
+    return load_config(
+        experiment,
+        [f"tracking.runs_dir={root / 'runs'}", "tracking.experiment=test", "trainer.accelerator=cpu", *overrides],
+    )
 
 
 # --------------------------------------------------------------------------- causality
@@ -136,8 +140,11 @@ def assert_knockout_zeroes(model, branch: str, idx: torch.Tensor | None = None) 
         full = model(idx)
         with model.knockout(branch):
             knocked = model(idx)
-        hooks = [blk.branches[branch].register_forward_hook(lambda module, args, out: torch.zeros_like(out))
-                 for blk in model.blocks if branch in blk.branches]
+        hooks = [
+            blk.branches[branch].register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+            for blk in model.blocks
+            if branch in blk.branches
+        ]
         zeroed = model(idx)
         for hook in hooks:
             hook.remove()
@@ -189,6 +196,7 @@ def assert_trains_one_step(cfg: DictConfig, callbacks: list | None = None):
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert result.status == run.info.status == "FINISHED"
     assert run.data.tags.get("family") == cfg.model.family
-    assert "test/loss" in result.metrics and all(torch.isfinite(torch.tensor(list(result.metrics.values())))), \
+    assert "test/loss" in result.metrics and all(torch.isfinite(torch.tensor(list(result.metrics.values())))), (
         result.metrics
+    )
     return result, record

@@ -48,12 +48,18 @@ def shared_data() -> Path:
     except DataError as exc:  # PHA_DATA_DIR set to something that is not a directory
         pytest.fail(f"offline data not found: {exc}", pytrace=False)
     if root is None:
-        pytest.fail(f"offline data not found: {default} does not exist; set PHA_DATA_DIR to the shared data folder "
-                    f"(the project's ../shared/data)", pytrace=False)
+        pytest.fail(
+            f"offline data not found: {default} does not exist; set PHA_DATA_DIR to the shared data folder "
+            f"(the project's ../shared/data)",
+            pytrace=False,
+        )
     missing = [name for name in DATA_FOLDERS if not (root / name).is_dir()]
     if missing:
-        pytest.fail(f"offline data incomplete: {root} lacks {', '.join(missing)}; set PHA_DATA_DIR to the shared "
-                    f"data folder (the project's ../shared/data)", pytrace=False)
+        pytest.fail(
+            f"offline data incomplete: {root} lacks {', '.join(missing)}; set PHA_DATA_DIR to the shared "
+            f"data folder (the project's ../shared/data)",
+            pytrace=False,
+        )
     return root
 
 

@@ -5,8 +5,8 @@ Lightning-vs-plain loops run. (The presets' training FLOPs are checked in test_p
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import time
 
 import pytest
@@ -18,8 +18,15 @@ from pha_lab.bench.spec import OverheadSpec, load_spec, plan
 from pha_lab.bench.workloads import make_workload
 from pha_lab.cli import main
 
-TINY = ["models=[tiny_pha,tiny_transformer]", "seq_lens=[32,64]", "tokens_per_step=128", "steps=2",
-        "branches.names=[gss,attn]", "targets.seq_len=32", "targets.batch_size=2"]
+TINY = [
+    "models=[tiny_pha,tiny_transformer]",
+    "seq_lens=[32,64]",
+    "tokens_per_step=128",
+    "steps=2",
+    "branches.names=[gss,attn]",
+    "targets.seq_len=32",
+    "targets.batch_size=2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +74,8 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
         assert math.isnan(r["activations_gb"]) and r["cache_gb"] > 0
     b = models["tiny_pha", "train", 64]["batch_size"]
     assert models["tiny_pha", "train", 64]["cache_gb"] == pytest.approx(
-        (2 * (2 * 2 * 16 * 64 * b * 4) + 2 * (2 * 32 * 8 * b * 4)) / 1e9, rel=1e-5)
+        (2 * (2 * 2 * 16 * 64 * b * 4) + 2 * (2 * 32 * 8 * b * 4)) / 1e9, rel=1e-5
+    )
     assert all(math.isnan(r["cache_gb"]) for r in rows if r["part"] in ("branches", "dss"))
 
     header = json.loads((tmp_path / "bench.header.json").read_text())
@@ -75,7 +83,9 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
         assert key in header
     from pha_lab import tracking
 
-    assert header["git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and header["command"] == tracking.command_line()
+    assert (
+        header["git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and header["command"] == tracking.command_line()
+    )
     printed = capsys.readouterr().out
     assert "# git_sha:" in printed and "tiny_transformer vs gpt2_tiny" in printed and "tok/s" in printed
 
@@ -85,7 +95,9 @@ def test_tiny_bench_writes_csv_header_and_mlflow_run(tmp_path, capsys):
     runs = mlflow.search_runs(experiment_names=["efficiency"])
     assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
     run = runs.iloc[0]
-    assert run["metrics.tokens_per_s/models/tiny_pha/train/64"] == pytest.approx(models["tiny_pha", "train", 64]["tokens_per_s"], rel=1e-4)
+    assert run["metrics.tokens_per_s/models/tiny_pha/train/64"] == pytest.approx(
+        models["tiny_pha", "train", 64]["tokens_per_s"], rel=1e-4
+    )
     assert run["params.env.git_sha"] == header["git_sha"] and run["params.bench.tokens_per_step"] == "128"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
     assert {"bench.csv", "bench.header.json", "bench.txt"} <= artifacts
@@ -107,8 +119,10 @@ def test_oom_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 
     def build_step(mode, workload, fwd, optimizer, batches, amp):
         if mode == "train" and batches[0][0].shape[1] == 32:
+
             def step():
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
             return step
         return real(mode, workload, fwd, optimizer, batches, amp)
 
@@ -135,8 +149,9 @@ def test_failing_cell_is_an_error_row_and_a_nonzero_exit(tmp_path, monkeypatch):
         raise ValueError("boom")
 
     monkeypatch.setattr(efficiency, "build_step", broken)
-    rc, rows = bench(tmp_path, "parts=[models]", *TINY, "models=[tiny_gss]", "seq_lens=[32]", "modes=[prefill]",
-                     "--no-mlflow")
+    rc, rows = bench(
+        tmp_path, "parts=[models]", *TINY, "models=[tiny_gss]", "seq_lens=[32]", "modes=[prefill]", "--no-mlflow"
+    )
     assert rc == 1 and rows[0]["status"] == "error" and "boom" in rows[0]["note"]
 
 
@@ -161,8 +176,17 @@ def test_time_steps_times_each_step_after_the_warmup():
     assert min(times) <= p10 <= p50 <= p90 <= max(times)
 
 
-@pytest.mark.parametrize("name, seq_len", [("gpt2_reference", 1024), ("pha_125m:gss", 1024), ("pha_125m:attn", 2048),
-                                           ("pha_125m:ffn", 1024), ("pha_125m", 2048), ("gss_125m", 1024)])
+@pytest.mark.parametrize(
+    "name, seq_len",
+    [
+        ("gpt2_reference", 1024),
+        ("pha_125m:gss", 1024),
+        ("pha_125m:attn", 2048),
+        ("pha_125m:ffn", 1024),
+        ("pha_125m", 2048),
+        ("gss_125m", 1024),
+    ],
+)
 def test_bench_flops_match_torch_flop_counter(name, seq_len):
     """Train and prefill FLOPs of the bench's workloads (reference, branch stacks, and the presets' forward) vs
     Lightning's `measure_flops` on the meta device; FFTs are not counted by torch, so they are left out."""
@@ -174,8 +198,14 @@ def test_bench_flops_match_torch_flop_counter(name, seq_len):
     batch = wl.batch(1, seq_len, torch.device("meta"), None)
     fft = sum(m.flops_per_token(seq_len) for m in wl.module.modules() if isinstance(m, GSS))
     for training in (True, False):
-        measured = measure_flops(wl.module, lambda training=training: wl.loss(wl.module, batch) if training
-                                 else wl.forward(wl.module, batch), (lambda y: y) if training else None) / seq_len
+        measured = (
+            measure_flops(
+                wl.module,
+                lambda training=training: wl.loss(wl.module, batch) if training else wl.forward(wl.module, batch),
+                (lambda y: y) if training else None,
+            )
+            / seq_len
+        )
         est = wl.flops_per_token(seq_len, training) - (3 if training else 1) * fft
         assert abs(est / measured - 1) < 0.10, (name, training, est, measured)
 
@@ -228,8 +258,9 @@ def test_lightning_and_plain_loops_are_both_timed():
 
     from pha_lab.bench.overhead import measure_loops  # imports lightning: only here
 
-    o = OmegaConf.structured(OverheadSpec(model="tiny_pha", seq_len=32, batch_size=2, warmup=1, steps=3, rounds=1,
-                                          compile=False))
+    o = OmegaConf.structured(
+        OverheadSpec(model="tiny_pha", seq_len=32, batch_size=2, warmup=1, steps=3, rounds=1, compile=False)
+    )
     rows = list(measure_loops(o, torch.device("cpu"), torch.float32))
     assert [c.mode for c, _ in rows] == ["loop_plain", "loop_lightning"]
     for _, result in rows:
@@ -256,8 +287,10 @@ def test_quick_spec_fits_five_minutes_and_plans_the_twins():
     assert spec.name == "quick" and list(spec.parts) == ["targets", "targets_mini", "overhead_mini", "dss", "branches"]
     cells = plan(spec)
     mini = [c for c in cells if c.part == "targets_mini"]
-    assert [(c.model, c.batch_size, c.compile) for c in mini] == [("gpt2_mini", 16, True),
-                                                                  ("mini_transformer", 16, True)]
+    assert [(c.model, c.batch_size, c.compile) for c in mini] == [
+        ("gpt2_mini", 16, True),
+        ("mini_transformer", 16, True),
+    ]
     assert [c.mode for c in cells if c.part == "overhead_mini"] == ["loop_plain", "loop_lightning"] * 3
     assert [(c.model, c.seq_len, c.compile) for c in cells if c.part == "branches"] == [("pha_180m:gss", 8192, True)]
     variants = ("fft_autograd", "fft", "chunked-128")
@@ -269,8 +302,11 @@ def test_quick_spec_fits_five_minutes_and_plans_the_twins():
         assert re.search(rf"\b{part} \d+", text), part  # the per-part seconds
     compiled = [c for c in cells if c.compile and c.part != "overhead_mini"]
     assert text.count("True") >= len(compiled)
-    assert efficiency.compile_allowance(make_workload("pha_125m", "meta")) > efficiency.compile_allowance(
-        make_workload("gpt2_reference", "meta")) > efficiency.PLAN_COMPILE_BASE_S
+    assert (
+        efficiency.compile_allowance(make_workload("pha_125m", "meta"))
+        > efficiency.compile_allowance(make_workload("gpt2_reference", "meta"))
+        > efficiency.PLAN_COMPILE_BASE_S
+    )
 
 
 def test_gpt2_mini_is_mini_transformers_twin():
@@ -285,8 +321,9 @@ def test_tiny_quick_run_writes_the_twin_and_overhead_rows(tmp_path, capsys):
     loops, every DSS implementation and the GSS stack each write an ok row, and the comparisons are printed."""
     rc, rows = bench(tmp_path, "quick", "--no-mlflow")
     assert rc == 0
-    assert [r["part"] for r in rows] == (["targets"] * 3 + ["targets_mini"] * 2 + ["overhead_mini"] * 2 + ["dss"] * 6
-                                         + ["branches"] * 2)
+    assert [r["part"] for r in rows] == (
+        ["targets"] * 3 + ["targets_mini"] * 2 + ["overhead_mini"] * 2 + ["dss"] * 6 + ["branches"] * 2
+    )
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
     assert [r["model"] for r in rows if r["part"] == "targets_mini"] == ["gpt2_tiny", "tiny_transformer"]
     assert {r["model"] for r in rows if r["part"] == "overhead_mini"} == {"tiny_transformer"}
@@ -328,7 +365,8 @@ def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
     assert rc == 0
     d = load_spec("decode", tiny=True).decode
     assert [(r["model"], r["seq_len"], r["batch_size"]) for r in rows] == [
-        (m, t, b) for m in d.models for t in d.contexts for b in d.batch_sizes]
+        (m, t, b) for m in d.models for t in d.contexts for b in d.batch_sizes
+    ]
     decoded = d.warmup + d.steps
     for r in rows:
         assert (r["part"], r["mode"], r["status"]) == ("decode", "decode", "ok"), r
@@ -337,8 +375,9 @@ def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
         assert r["decode_tok_s_per_seq"] == pytest.approx(1e3 / r["step_ms_median"], rel=1e-3)
         assert r["decode_tok_s"] == pytest.approx(r["batch_size"] * r["decode_tok_s_per_seq"], rel=1e-3)
         assert r["tokens_per_s"] == pytest.approx(r["decode_tok_s"], rel=1e-3)
-        assert r["prefill_tok_s"] == pytest.approx(r["batch_size"] * (r["seq_len"] - decoded) / (r["prefill_ms"] / 1e3),
-                                                   rel=1e-3)
+        assert r["prefill_tok_s"] == pytest.approx(
+            r["batch_size"] * (r["seq_len"] - decoded) / (r["prefill_ms"] / 1e3), rel=1e-3
+        )
         assert r["flops_per_step"] > 0 and r["min_bytes_gb"] * 1e9 > r["cache_bytes_analytic"]
     cache = {(r["model"], r["seq_len"], r["batch_size"]): r["cache_bytes_measured"] for r in rows}
     kv_per_position = 2 * 2 * 16 * 4  # K and V, 2 KV heads x 16, fp32: per layer that keeps the position
@@ -350,7 +389,7 @@ def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
     assert "decode tok/s" in printed and "measured cache = analytic in every cell" in printed
     assert "tiny_pha_swa / tiny_transformer (decode, B=2, by context): T=40:" in printed
 
-    from pha_lab.analysis.efficiency import load_decode, decode_table
+    from pha_lab.analysis.efficiency import decode_table, load_decode
 
     frame, _ = load_decode(tmp_path / "bench.csv")  # the analysis reads the CSV back: one row per cell, the note
     table = decode_table(frame)
@@ -363,8 +402,13 @@ def test_tiny_decode_part_rows_columns_and_cache(tmp_path, capsys):
     run = mlflow.search_runs(experiment_names=["decode"]).iloc[0]
     for b in d.batch_sizes:
         assert run[f"metrics.decode_tok_s/decode/tiny_pha_swa/decode_b{b}/72"] == pytest.approx(
-            next(r["decode_tok_s"] for r in rows if (r["model"], r["seq_len"], r["batch_size"]) == ("tiny_pha_swa", 72, b)),
-            rel=1e-4)
+            next(
+                r["decode_tok_s"]
+                for r in rows
+                if (r["model"], r["seq_len"], r["batch_size"]) == ("tiny_pha_swa", 72, b)
+            ),
+            rel=1e-4,
+        )
 
 
 def test_decode_cells_over_the_cache_limit_or_out_of_memory_are_rows(tmp_path, monkeypatch):

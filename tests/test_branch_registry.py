@@ -15,7 +15,7 @@ from torch import nn
 
 from pha_lab.branches import BranchConfig, register_branch
 from pha_lab.cli import build_parser
-from pha_lab.config import ConfigError, MIXERS, load_config, round_to
+from pha_lab.config import MIXERS, ConfigError, load_config, round_to
 from pha_lab.models import BRANCH_REGISTRY, build_model
 from pha_lab.training.module import LMModule
 from pha_lab.training.optim import param_groups
@@ -70,8 +70,12 @@ LAYOUTS = {"parallel": "[gss,running_mean,ffn]", "serial": "[running_mean,attn,f
 
 def toy_overrides(layout: str) -> list[str]:
     """tiny_pha with the toy branch in every layer of the given layout."""
-    return [f"model.layout={layout}", f"model.branches={LAYOUTS[layout]}", f"model.family=toy_{layout}",
-            "model.running_mean.expansion=2.0"]
+    return [
+        f"model.layout={layout}",
+        f"model.branches={LAYOUTS[layout]}",
+        f"model.family=toy_{layout}",
+        "model.running_mean.expansion=2.0",
+    ]
 
 
 def toy_config(layout: str, *overrides: str):
@@ -199,13 +203,20 @@ def test_the_branch_parameters_carry_their_decay(running_mean):
 
 # --------------------------------------------------------------------------- trained through train(), evaluated
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_branch_trains_one_step_through_train_and_is_knocked_out_at_eval(running_mean, layout, tmp_path,
-                                                                            tiny_config):
+def test_the_branch_trains_one_step_through_train_and_is_knocked_out_at_eval(
+    running_mean, layout, tmp_path, tiny_config
+):
     from pha_lab.training.evaluate import evaluate
 
     runs_dir = tmp_path / "runs"
-    cfg = tiny_config("tiny_pha", *toy_overrides(layout), "trainer.max_steps=1", "trainer.val_every_n_steps=1",
-                      "trainer.log_every_n_steps=1", "data.max_eval_tokens=1024")
+    cfg = tiny_config(
+        "tiny_pha",
+        *toy_overrides(layout),
+        "trainer.max_steps=1",
+        "trainer.val_every_n_steps=1",
+        "trainer.log_every_n_steps=1",
+        "data.max_eval_tokens=1024",
+    )
     result, step = assert_trains_one_step(cfg)  # one AdamW step moved every parameter, the toy branch's too
     assert len({n for n in step.moved if ".branches.running_mean." in n}) == 3 * cfg.model.n_layers
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)

@@ -26,10 +26,13 @@ def graph_breaks(fn, *args, **kwargs) -> tuple[int, list[str]]:
     return explained.graph_count, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("overrides", [(f, ()) for f in TINY]
-                         + [("tiny_pha", (f"model.mixer={m}",)) for m in MIXERS if m != "static"]
-                         + [("tiny_pha", ("model.gss.kernel=s4d_lin_noscale",))],
-                         ids=lambda o: "-".join([o[0], *o[1]]).replace("model.", ""))
+@pytest.mark.parametrize(
+    "overrides",
+    [(f, ()) for f in TINY]
+    + [("tiny_pha", (f"model.mixer={m}",)) for m in MIXERS if m != "static"]
+    + [("tiny_pha", ("model.gss.kernel=s4d_lin_noscale",))],
+    ids=lambda o: "-".join([o[0], *o[1]]).replace("model.", ""),
+)
 def test_the_whole_model_is_one_graph(overrides):
     """Training calls model(idx, return_hidden=True) (the loss owns the head), evaluation and generation
     model(idx): each is one graph, in fp32 and under bf16 autocast (where GSS switches autocast off around its FFT)."""
@@ -84,8 +87,9 @@ def test_compiled_training_step_matches_eager():
         torch.manual_seed(0)
         module = LMModule(cfg)
         assert module.compiled is compiled
-        ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1),
-                            generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(
+            0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(1)
+        )
         _, nll, count = module._losses({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
         (nll / count).backward()
         grads[compiled] = {"loss": nll.detach(), **{n: p.grad for n, p in module.model.named_parameters()}}

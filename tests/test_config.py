@@ -107,13 +107,25 @@ def test_extends_cycle_and_unknown_target_name_the_files(tmp_path, kind):
         load(str(tmp_path / "lost.yaml"))
 
 
-@pytest.mark.parametrize("kind,misspelt,nearest,wrong_type,key", [
-    ("experiment", "trainer: {max_step: 3}", "trainer.max_steps", "trainer: {max_steps: many}", "trainer.max_steps"),
-    ("bench spec", "seq_len: [64]", "seq_lens", "overhead: {steps: many}", "overhead.steps"),
-])
+@pytest.mark.parametrize(
+    "kind,misspelt,nearest,wrong_type,key",
+    [
+        (
+            "experiment",
+            "trainer: {max_step: 3}",
+            "trainer.max_steps",
+            "trainer: {max_steps: many}",
+            "trainer.max_steps",
+        ),
+        ("bench spec", "seq_len: [64]", "seq_lens", "overhead: {steps: many}", "overhead.steps"),
+    ],
+)
 def test_misspelt_key_and_wrong_type_in_an_extending_file(tmp_path, kind, misspelt, nearest, wrong_type, key):
     load, base = KINDS[kind]
-    for text, expected in ((misspelt, f"Nearest valid keys: {nearest}"), (wrong_type, f"bad value for config key '{key}'")):
+    for text, expected in (
+        (misspelt, f"Nearest valid keys: {nearest}"),
+        (wrong_type, f"bad value for config key '{key}'"),
+    ):
         path = tmp_path / "child.yaml"
         path.write_text(f"extends: {base}\nname: child\n{text}\n")
         with pytest.raises(ConfigError) as info:

@@ -75,8 +75,10 @@ def test_novels_split_by_book_without_overlap(tmp_path, shared_data):
     assert tuple(names["test"]) == NOVELS_TEST_BOOKS
     # the test books follow the rule that made the valid split: books ordered by sha256 of the source filename,
     # taken from train until they reach 3,000,000 bytes
-    order = sorted((r for r in rows if r["split"] == "train"),
-                   key=lambda r: hashlib.sha256(os.path.basename(r["source_path"]).encode()).hexdigest())
+    order = sorted(
+        (r for r in rows if r["split"] == "train"),
+        key=lambda r: hashlib.sha256(os.path.basename(r["source_path"]).encode()).hexdigest(),
+    )
     taken, total = [], 0
     for r in order:
         taken.append(Path(r["file"]).name)
@@ -99,17 +101,32 @@ def write_docs(folder: Path, n: int, text: str = "Some words here.\n") -> list[P
 def test_text_source_splits_files_by_seed(tmp_path):
     write_docs(tmp_path / "c", 20)
     (tmp_path / "c" / "README.md").write_text("not a document")
+
     def sp(seed, *extra):
-        return splits(data_cfg(tmp_path, "data.source=text", f"data.train_files=[{tmp_path / 'c'}]",
-                               f"data.split_seed={seed}", "data.valid_fraction=0.1", "data.test_fraction=0.1", *extra))
+        return splits(
+            data_cfg(
+                tmp_path,
+                "data.source=text",
+                f"data.train_files=[{tmp_path / 'c'}]",
+                f"data.split_seed={seed}",
+                "data.valid_fraction=0.1",
+                "data.test_fraction=0.1",
+                *extra,
+            )
+        )
+
     a, b, c = sp(1), sp(1), sp(2)
     assert [len(a[s].files) for s in ("train", "valid", "test")] == [16, 2, 2]
     assert all(a[s].files == b[s].files for s in a)
     assert a["valid"].files != c["valid"].files
     assert not set(a["train"].files) & (set(a["valid"].files) | set(a["test"].files))
     assert all(p.suffix == ".txt" for s in a for p in a[s].files)
-    given = sp(1, f"data.valid_files=[{tmp_path / 'c' / 'd00.txt'}]", f"data.train_files=[{tmp_path / 'c' / 'd01.txt'}"
-                  f",{tmp_path / 'c' / 'd02.txt'},{tmp_path / 'c' / 'd03.txt'}]", "data.test_fraction=0")
+    given = sp(
+        1,
+        f"data.valid_files=[{tmp_path / 'c' / 'd00.txt'}]",
+        f"data.train_files=[{tmp_path / 'c' / 'd01.txt'},{tmp_path / 'c' / 'd02.txt'},{tmp_path / 'c' / 'd03.txt'}]",
+        "data.test_fraction=0",
+    )
     assert [p.name for p in given["valid"].files] == ["d00.txt"] and "test" not in given
     assert len(given["train"].files) == 3
 
@@ -117,8 +134,14 @@ def test_text_source_splits_files_by_seed(tmp_path):
 def test_text_source_blank_line_documents(tmp_path):
     f = tmp_path / "many.txt"
     f.write_text("\n\n".join(f"Doc {i} line one.\nline two." for i in range(40)) + "\n")
-    d = data_cfg(tmp_path, "data.source=text", f"data.train_files=[{f}]", "data.documents=blank_line",
-                 "data.valid_fraction=0.1", "data.test_fraction=0.05")
+    d = data_cfg(
+        tmp_path,
+        "data.source=text",
+        f"data.train_files=[{f}]",
+        "data.documents=blank_line",
+        "data.valid_fraction=0.1",
+        "data.test_fraction=0.05",
+    )
     loaded = {s: src.load(tmp_path / "hf")["text"] for s, src in splits(d).items()}
     assert [len(loaded[s]) for s in ("train", "valid", "test")] == [34, 4, 2]
     every = sorted(t.strip() for v in loaded.values() for t in v)
@@ -153,19 +176,34 @@ def test_bad_paths_name_the_key(tmp_path):
         splits(data_cfg(tmp_path, f"data.data_dir={tmp_path}"))
     paths = write_docs(tmp_path / "two", 2)
     with pytest.raises(DataError, match=r"both data\.train_files and data\.valid_files"):
-        splits(data_cfg(tmp_path, "data.source=text", f"data.train_files=[{tmp_path / 'two'}]",
-                        f"data.valid_files=[{paths[0]}]"))
+        splits(
+            data_cfg(
+                tmp_path, "data.source=text", f"data.train_files=[{tmp_path / 'two'}]", f"data.valid_files=[{paths[0]}]"
+            )
+        )
     with pytest.raises(DataError, match=r"has 2 document\(s\): too few .*\(data\.valid_fraction\)"):
-        splits(data_cfg(tmp_path, "data.source=text", f"data.train_files=[{tmp_path / 'two'}]",
-                        "data.valid_fraction=0.3", "data.test_fraction=0.3"))
+        splits(
+            data_cfg(
+                tmp_path,
+                "data.source=text",
+                f"data.train_files=[{tmp_path / 'two'}]",
+                "data.valid_fraction=0.3",
+                "data.test_fraction=0.3",
+            )
+        )
 
 
 def test_empty_corpus_is_an_error(tmp_path, shared_data):
     (tmp_path / "e").mkdir()
     for i in range(3):
         (tmp_path / "e" / f"{i}.txt").write_text("")
-    d = data_cfg(tmp_path, "data.source=text", f"data.train_files=[{tmp_path / 'e'}]", "data.valid_fraction=0",
-                 "data.test_fraction=0")
+    d = data_cfg(
+        tmp_path,
+        "data.source=text",
+        f"data.train_files=[{tmp_path / 'e'}]",
+        "data.valid_fraction=0",
+        "data.test_fraction=0",
+    )
     with pytest.raises(DataError, match=r"split 'train' (is empty|holds no text)"):
         token_split(splits(d)["train"], build_tokenizer(d), d)
 
@@ -197,7 +235,8 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
-    d = data_cfg(tmp_path, "data.source=text", f"data.train_files=[{folder}]", "data.valid_fraction=0",
-                 "data.test_fraction=0")
+    d = data_cfg(
+        tmp_path, "data.source=text", f"data.train_files=[{folder}]", "data.valid_fraction=0", "data.test_fraction=0"
+    )
     with pytest.raises(DataError, match=r"cannot read the text train files .*latin1\.txt.*UTF-8"):
         splits(d)["train"].load(tmp_path / "hf")

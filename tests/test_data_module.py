@@ -15,7 +15,6 @@ from pha_lab.config import experiment_names, load_config
 from pha_lab.data import IGNORE_INDEX, DataError, build_datamodule
 from pha_lab.data.module import GlobalIndexSampler, LMDataModule, MQARDataModule, RankSlice
 
-
 pytestmark = pytest.mark.usefixtures("shared_data")  # conftest.py: fails naming the path when it is missing
 
 
@@ -54,8 +53,9 @@ def test_train_loader_starts_at_the_step_position():
     dm = build_datamodule(cfg)
     dm.setup("fit")
     ds = dm.train_dataset()
-    dm.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=3, world_size=1, global_rank=0, max_steps=10,
-                                 accelerator=None)
+    dm.trainer = SimpleNamespace(
+        global_step=5, accumulate_grad_batches=3, world_size=1, global_rank=0, max_steps=10, accelerator=None
+    )
     loader = dm.train_dataloader()
     assert len(loader) == 10 * 3  # micro-batches of the whole run; Lightning stops at max_steps
     first = next(iter(loader))["input_ids"]
@@ -119,9 +119,18 @@ def test_resumed_fit_sees_the_same_batches_as_an_uninterrupted_one(tmp_path: Pat
     def fit(ckpt=None, callbacks=()):
         dm = build_datamodule(cfg)
         model = Recorder(dm.vocab_size)
-        trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                            enable_checkpointing=bool(callbacks), callbacks=list(callbacks), default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            max_steps=6,
+            accumulate_grad_batches=2,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+            default_root_dir=tmp_path,
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(model, datamodule=dm, ckpt_path=ckpt)

@@ -53,6 +53,7 @@ def test_power_law_puts_queries_early():
     def mean_gap(a):
         x, y = gen(4, n=2000, power_a=a, random_non_queries=False)
         return np.flatnonzero(y.reshape(-1) != IGNORE_INDEX).__mod__(128).mean()
+
     assert mean_gap(0.01) < mean_gap(1.0) - 10  # uniform gaps (a=1) sit much later on average
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import DataError, build_tokenizer
-from pha_lab.data import tokenizer as tokmod
+from pha_lab.data import DataError, build_tokenizer, tokenizer as tokmod
 
 
 def gpt2(**overrides: str):
@@ -20,7 +19,16 @@ def test_gpt2_local_matches_reference_ids(shared_data):
     assert tok.name == "gpt2" and tok.vocab_size == 50257 and tok.eot_id == 50256
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.encode("The quick brown fox jumps over the lazy dog.") == [
-        464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13
+        464,
+        2068,
+        7586,
+        21831,
+        18045,
+        625,
+        262,
+        16931,
+        3290,
+        13,
     ]
     text = "naïve café — 東京 🙂\n\n  x"
     assert tok.decode(tok.encode(text)) == text
@@ -60,7 +68,7 @@ def test_hub_tokenizer_offline_fails_fast_with_the_fix(monkeypatch):
 
 HARD_TEXT = (
     "AUTHOR'S INTRODUCTION\n\n\n\nMy dog.  \n  Indented line\n = Heading = \n\n = = Sub = = \n'tis 'Twas\n"
-    "numbers 12345 67\n\t tab\nend!!\n\n\n \n\nnaïve 東京 🙂\n-- dash\n\"quote\"\n"
+    'numbers 12345 67\n\t tab\nend!!\n\n\n \n\nnaïve 東京 🙂\n-- dash\n"quote"\n'
 )
 
 
@@ -90,8 +98,14 @@ def tiny_corpus(folder: Path, root: Path, n_files: int = 3, chars: int = 30000) 
 def test_trained_bpe_is_cached_keyed_and_deterministic(tmp_path, monkeypatch, shared_data):
     root = shared_data
     corpus = tiny_corpus(tmp_path / "corpus", root)
-    args = ["data.source=text", f"data.train_files=[{corpus}]", "data.tokenizer.train_vocab_size=300",
-            "model.vocab_size=512", "data.valid_fraction=0", "data.test_fraction=0"]
+    args = [
+        "data.source=text",
+        f"data.train_files=[{corpus}]",
+        "data.tokenizer.train_vocab_size=300",
+        "model.vocab_size=512",
+        "data.valid_fraction=0",
+        "data.test_fraction=0",
+    ]
     cfg = load_config(None, args + [f"data.cache_dir={tmp_path / 'c1'}"])
     tok = build_tokenizer(cfg.data)
     assert tok.vocab_size == 300 and tok.name == "bpe300" and tok.hf.id_to_token(tok.eot_id) == "<|endoftext|>"

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from pha_lab.config import load_config
-from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, splits, token_split
-from pha_lab.data import tokens as tokmod
+from pha_lab.data import IGNORE_INDEX, DataError, build_tokenizer, splits, token_split, tokens as tokmod
 from pha_lab.data.tokens import EvalWindows, TokenSplit, TrainWindows, eval_windows, lm_metrics
 
 
@@ -90,8 +89,17 @@ def corpus(folder: Path, root: Path) -> Path:
 
 
 def text_cfg(tmp_path: Path, folder: Path, *extra: str):
-    return load_config(None, ["data.source=text", f"data.train_files=[{folder}]", "data.valid_fraction=0",
-                              "data.test_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", *extra]).data
+    return load_config(
+        None,
+        [
+            "data.source=text",
+            f"data.train_files=[{folder}]",
+            "data.valid_fraction=0",
+            "data.test_fraction=0",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *extra,
+        ],
+    ).data
 
 
 def test_a_parallel_cache_build_leaves_the_process_environment_in_place(tmp_path, monkeypatch, shared_data):
@@ -173,8 +181,14 @@ def test_prebuilt_cache_is_used_where_the_sources_are_absent(tmp_path, monkeypat
     corpus(tmp_path / "data" / "books", root)
     monkeypatch.setenv("PHA_TOKENIZER_DIR", str(root / "gpt2-tokenizer"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base = ["data.source=text", "data.train_files=[books]", f"data.data_dir={tmp_path / 'data'}",
-            f"data.cache_dir={tmp_path / 'cache'}", "data.valid_fraction=0.25", "data.test_fraction=0"]
+    base = [
+        "data.source=text",
+        "data.train_files=[books]",
+        f"data.data_dir={tmp_path / 'data'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.valid_fraction=0.25",
+        "data.test_fraction=0",
+    ]
     bpe = ["data.tokenizer.train_vocab_size=300", "model.vocab_size=512"]
     built = {}
     for name, extra in (("gpt2", []), ("bpe", bpe)):

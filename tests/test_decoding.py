@@ -231,8 +231,12 @@ def test_a_branch_without_the_hooks_is_named():
     model, _ = tiny64("tiny_transformer")
     model.blocks[1].branches["ffn"] = NoHooks()
     for call in (lambda: model.init_state(1, 8), lambda: model.generate(torch.zeros(1, 3, dtype=torch.long), 2)):
-        with pytest.raises(TypeError, match=re.escape("layer 1: branch 'ffn' (NoHooks) has no init_state, prefill, "
-                                                      "step, so this model cannot decode")):
+        with pytest.raises(
+            TypeError,
+            match=re.escape(
+                "layer 1: branch 'ffn' (NoHooks) has no init_state, prefill, step, so this model cannot decode"
+            ),
+        ):
             call()
 
 
@@ -354,9 +358,22 @@ def test_generation_stops_at_eos_and_pads_finished_sequences():
 def trained(tmp_path_factory):
     """tiny_pha trained 4 steps on the CPU through `pha-lab train`: (runs dir, run id, checkpoint)."""
     runs = tmp_path_factory.mktemp("gen") / "runs"
-    assert main(["train", "tiny_pha", "trainer.max_steps=4", "trainer.val_every_n_steps=4",
-                 "trainer.log_every_n_steps=2", "data.max_eval_tokens=1024", "tracking.experiment=gen",
-                 "--runs-dir", str(runs)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny_pha",
+                "trainer.max_steps=4",
+                "trainer.val_every_n_steps=4",
+                "trainer.log_every_n_steps=2",
+                "data.max_eval_tokens=1024",
+                "tracking.experiment=gen",
+                "--runs-dir",
+                str(runs),
+            ]
+        )
+        == 0
+    )
     (ckpt,) = (runs / "checkpoints").glob("*/last.ckpt")
     return runs, ckpt.parent.name, ckpt
 

@@ -8,11 +8,11 @@ efficiency at the top)."""
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
-import graphlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -35,12 +35,14 @@ def module_files(root: Path, package: str) -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_in(tree: ast.Module) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
     """Every import statement with whether it sits inside a function (else it runs on import: module level,
     class bodies, try/except); imports under `if TYPE_CHECKING:` are left out (they never run)."""
+
     def visit(node: ast.AST, in_function: bool):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child):
@@ -68,7 +70,7 @@ def import_edges(name: str, path: Path, modules: set[str], package: str) -> tupl
             base = node.module or ""
             if node.level:  # relative: from the importer's package, `level - 1` packages up
                 pkg = name.split(".") if is_package else name.split(".")[:-1]
-                pkg = pkg[:len(pkg) - (node.level - 1)]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
                 base = ".".join(pkg + ([base] if base else []))
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         for target in names:
@@ -107,11 +109,17 @@ def test_the_walker_finds_a_circle_and_ignores_what_does_not_run_on_import(tmp_p
     (pkg / "sub" / "__init__.py").write_text("from toy.sub import c\n")
     (pkg / "a.py").write_text("from toy import b\nclass A:\n    import toy.sub.c\n")
     (pkg / "b.py").write_text("import json\ntry:\n    from .a import A\nexcept ImportError:\n    pass\n")
-    (pkg / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy import a\n"
-                                      "def f():\n    from ..b import x\n")
+    (pkg / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy import a\ndef f():\n    from ..b import x\n"
+    )
     top, local = import_graph(pkg, "toy")
-    assert top == {"toy": set(), "toy.a": {"toy.b", "toy.sub", "toy.sub.c"}, "toy.b": {"toy.a"},
-                   "toy.sub": {"toy.sub.c"}, "toy.sub.c": set()}
+    assert top == {
+        "toy": set(),
+        "toy.a": {"toy.b", "toy.sub", "toy.sub.c"},
+        "toy.b": {"toy.a"},
+        "toy.sub": {"toy.sub.c"},
+        "toy.sub.c": set(),
+    }
     assert local["toy.sub.c"] == {"toy.b"} and not any(local[m] for m in top if m != "toy.sub.c")
     assert set(cycle(top)) == {"toy.a", "toy.b"}
     del top["toy.b"]
@@ -124,20 +132,38 @@ def test_pha_lab_has_no_module_level_import_circle():
     assert cycle(top) is None, f"import circle: {' -> '.join(cycle(top))}"
 
 
-BENCH_LAYERS = ["timing", "spec", "gpt2_reference", "dss_variants", "workloads", "traffic", "roofline", "report",
-                "overhead", "decode", "profile", "efficiency", "loss"]  # the order of pha_lab/bench/__init__.py's docstring
+BENCH_LAYERS = [
+    "timing",
+    "spec",
+    "gpt2_reference",
+    "dss_variants",
+    "workloads",
+    "traffic",
+    "roofline",
+    "report",
+    "overhead",
+    "decode",
+    "profile",
+    "efficiency",
+    "loss",
+]  # the order of pha_lab/bench/__init__.py's docstring
 
 
 def test_bench_imports_go_one_way():
     """Inside pha_lab/bench each module imports (at module level or in a function) only modules listed
     before it in BENCH_LAYERS: timing is the leaf (no pha_lab import at all), efficiency the top."""
     top, local = import_graph(ROOT, "pha_lab")
-    bench = {m.removeprefix("pha_lab.bench."): {t.removeprefix("pha_lab.bench.") for t in top[m] | local[m]
-                                                 if t.startswith("pha_lab.bench.")}
-             for m in top if m.startswith("pha_lab.bench.")}
+    bench = {
+        m.removeprefix("pha_lab.bench."): {
+            t.removeprefix("pha_lab.bench.") for t in top[m] | local[m] if t.startswith("pha_lab.bench.")
+        }
+        for m in top
+        if m.startswith("pha_lab.bench.")
+    }
     assert set(bench) == set(BENCH_LAYERS), "place every bench module in BENCH_LAYERS (and the package docstring)"
-    upward = [f"{m} -> {t}" for m in BENCH_LAYERS for t in sorted(bench[m])
-              if BENCH_LAYERS.index(t) >= BENCH_LAYERS.index(m)]
+    upward = [
+        f"{m} -> {t}" for m in BENCH_LAYERS for t in sorted(bench[m]) if BENCH_LAYERS.index(t) >= BENCH_LAYERS.index(m)
+    ]
     assert upward == [], f"bench imports against the layering: {upward}"
     assert top["pha_lab.bench.timing"] == local["pha_lab.bench.timing"] == set()
 
@@ -176,15 +202,18 @@ def test_pha_lab_has_no_import_circle_even_through_functions():
     assert cycle(cli_free) is None, f"import circle: {' -> '.join(cycle(cli_free))}"
 
 
-@pytest.mark.parametrize("module,heavy", [
-    ("pha_lab.config", ["torch", "lightning", "pha_lab.data", "mlflow"]),
-    ("pha_lab.sweep.spec", ["torch", "lightning", "optuna", "mlflow"]),
-    ("pha_lab.analysis.runs", ["torch", "lightning", "mlflow"]),
-    ("pha_lab.analysis.stats", ["torch", "lightning", "mlflow", "scipy"]),
-    ("pha_lab.loading", ["torch", "lightning", "pha_lab.config"]),
-    ("pha_lab.sweep.study", ["torch", "lightning", "optuna", "mlflow"]),
-    ("pha_lab.data", ["torch", "lightning", "datasets"]),
-])
+@pytest.mark.parametrize(
+    "module,heavy",
+    [
+        ("pha_lab.config", ["torch", "lightning", "pha_lab.data", "mlflow"]),
+        ("pha_lab.sweep.spec", ["torch", "lightning", "optuna", "mlflow"]),
+        ("pha_lab.analysis.runs", ["torch", "lightning", "mlflow"]),
+        ("pha_lab.analysis.stats", ["torch", "lightning", "mlflow", "scipy"]),
+        ("pha_lab.loading", ["torch", "lightning", "pha_lab.config"]),
+        ("pha_lab.sweep.study", ["torch", "lightning", "optuna", "mlflow"]),
+        ("pha_lab.data", ["torch", "lightning", "datasets"]),
+    ],
+)
 def test_light_modules_import_nothing_heavy(module, heavy):
     """Start-up time: `pha-lab --help`, config checks and the analysis must not pay for torch/lightning/mlflow."""
     code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 
+import bodies
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-import bodies
 
 from pha_lab.cli import main
 from pha_lab.config import ConfigError, load_config
@@ -38,8 +38,16 @@ def stream_split(tmp_path, lengths, vocab: int, eot: int = 0, seed: int = 0) -> 
     path = tmp_path / "split.bin"
     tokens.tofile(path)
     files = [[f"book{k}.txt", "sha"] for k in range(len(lengths))]
-    return TokenSplit(path, {"n_tokens": len(tokens), "dtype": "uint16", "eot_id": eot, "n_docs": len(lengths),
-                             "material": {"split": {"documents": "file", "files": files}}})
+    return TokenSplit(
+        path,
+        {
+            "n_tokens": len(tokens),
+            "dtype": "uint16",
+            "eot_id": eot,
+            "n_docs": len(lengths),
+            "material": {"split": {"documents": "file", "files": files}},
+        },
+    )
 
 
 def test_documents_are_read_from_the_stream(tmp_path):
@@ -56,8 +64,9 @@ def test_documents_are_read_from_the_stream(tmp_path):
 def model64():
     """A tiny PHA in float64 with large weights, so that its predictions depend strongly on the context."""
     torch.manual_seed(0)
-    return bodies.model64("tiny_pha", "model.vocab_size=64", "model.init_std=0.3",
-                          "data.tokenizer.train_vocab_size=null")
+    return bodies.model64(
+        "tiny_pha", "model.vocab_size=64", "model.init_std=0.3", "data.tokenizer.train_vocab_size=null"
+    )
 
 
 def naive_nll(model, stream: np.ndarray, start: int, begin: int, p: int) -> float:
@@ -125,8 +134,14 @@ def trained(tmp_path_factory, shared_data, empty_mlflow_store):
     from pha_lab.training.run import train
 
     root = tmp_path_factory.mktemp("lc")
-    cfg = bodies.run_config(root, "tiny_pha", "trainer.max_steps=20", "trainer.val_every_n_steps=20",
-                            "data.max_eval_tokens=4096", store=empty_mlflow_store)
+    cfg = bodies.run_config(
+        root,
+        "tiny_pha",
+        "trainer.max_steps=20",
+        "trainer.val_every_n_steps=20",
+        "data.max_eval_tokens=4096",
+        store=empty_mlflow_store,
+    )
     return train(cfg), root / "runs"
 
 
@@ -135,8 +150,11 @@ def test_by_position_on_a_trained_run_and_its_mlflow_record(trained, tmp_path):
     where = [f"tracking.runs_dir={runs}"]
     spec = LongContextSpec(contexts=[128, 8192], window_bucket=32, book_bucket=64, max_book_tokens=4096)
     table = evaluate_long_context(result.run_id, where, spec)
-    sliding = evaluate_long_context(result.run_id, where, LongContextSpec(contexts=[64], stride=16, window_bucket=32,
-                                                                           book_bucket=64, max_book_tokens=4096))
+    sliding = evaluate_long_context(
+        result.run_id,
+        where,
+        LongContextSpec(contexts=[64], stride=16, window_bucket=32, book_bucket=64, max_book_tokens=4096),
+    )
     for frame in (table[table["context"] == 128], table[table["context"] == 8192], sliding):
         whole = frame[frame["kind"] == "all"].iloc[0]
         assert whole["tokens"] == 4096
@@ -206,17 +224,36 @@ def test_tiny_long_context_sweep_evaluates_every_trial_and_renders(tmp_path):
     from pha_lab.analysis.notebooks import render_notebooks
     from pha_lab.sweep.runner import run_sweep
 
-    spec = {"extends": "long_context", "name": "lc_tiny", "experiment": "tiny_pha", "seeds": [0],
-            "overrides": {"data.seq_len": 64, "data.batch_size": 8, "trainer.max_steps": 8,
-                          "trainer.val_every_n_steps": 8, "trainer.ckpt_every_n_steps": 8, "optim.warmup_steps": 2,
-                          "data.max_eval_tokens": 1024},
-            "grid": {"model": {"pha": {}, "transformer": {"experiment": "tiny_transformer"},
-                               "gss": {"experiment": "tiny_gss"},
-                               "pha_sparse": {"model.family": "pha_sparse", "model.branches": ["gss", "ffn"],
-                                              "model.overrides": [{"layers": [1],
-                                                                   "branches": ["gss", "attn", "ffn"]}]}}},
-            "post_eval": {"long_context": {"contexts": [64, 128], "window_bucket": 16, "book_bucket": 64,
-                                           "max_book_tokens": 1024}}}
+    spec = {
+        "extends": "long_context",
+        "name": "lc_tiny",
+        "experiment": "tiny_pha",
+        "seeds": [0],
+        "overrides": {
+            "data.seq_len": 64,
+            "data.batch_size": 8,
+            "trainer.max_steps": 8,
+            "trainer.val_every_n_steps": 8,
+            "trainer.ckpt_every_n_steps": 8,
+            "optim.warmup_steps": 2,
+            "data.max_eval_tokens": 1024,
+        },
+        "grid": {
+            "model": {
+                "pha": {},
+                "transformer": {"experiment": "tiny_transformer"},
+                "gss": {"experiment": "tiny_gss"},
+                "pha_sparse": {
+                    "model.family": "pha_sparse",
+                    "model.branches": ["gss", "ffn"],
+                    "model.overrides": [{"layers": [1], "branches": ["gss", "attn", "ffn"]}],
+                },
+            }
+        },
+        "post_eval": {
+            "long_context": {"contexts": [64, 128], "window_bucket": 16, "book_bucket": 64, "max_book_tokens": 1024}
+        },
+    }
     path = tmp_path / "lc_tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     runs = tmp_path / "runs"
@@ -228,8 +265,10 @@ def test_tiny_long_context_sweep_evaluates_every_trial_and_renders(tmp_path):
         run = client.get_run(run_id)
         assert {f"longctx/test/C{c}/{m}" for c in (64, 128) for m in ("ppl", "bpb")} <= set(run.data.metrics)
         assert run.data.tags["longctx.test.C128.train_context"] == "64"
-        assert {a.path for a in client.list_artifacts(run_id, "longctx")} == {"longctx/test-C64.csv",
-                                                                               "longctx/test-C128.csv"}
+        assert {a.path for a in client.list_artifacts(run_id, "longctx")} == {
+            "longctx/test-C64.csv",
+            "longctx/test-C128.csv",
+        }
     out = tmp_path / "out"
     assert render_notebooks(uri, out, {"long_context": ["lc_tiny"]}, ["long_context"]) == []
     table = pd.read_csv(out / "long_context-test.csv")
@@ -250,8 +289,16 @@ def test_bad_post_eval_sections_fail_before_any_trial(tmp_path):
 
     def sweep(experiment, long_context):
         path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump({"name": "bad", "experiment": experiment, "grid": {"model": {"a": {}}},
-                                        "post_eval": {"long_context": long_context}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bad",
+                    "experiment": experiment,
+                    "grid": {"model": {"a": {}}},
+                    "post_eval": {"long_context": long_context},
+                }
+            )
+        )
         return str(path)
 
     with pytest.raises(ConfigError, match=r"post_eval.long_context.stride=200 exceeds the shortest context 128"):
@@ -264,6 +311,10 @@ def test_bad_post_eval_sections_fail_before_any_trial(tmp_path):
         load_sweep(sweep("tiny_pha", {"stride": 200}))
     shipped = load_sweep("long_context")
     assert shipped.post_eval.long_context.contexts == [512, 1024, 2048, 4096, 8192, 16384]
-    assert {c["experiment"] for c in shipped.cells().values()} == {"mini_pha", "mini_pha_sparse", "mini_transformer",
-                                                                    "mini_gss"}
+    assert {c["experiment"] for c in shipped.cells().values()} == {
+        "mini_pha",
+        "mini_pha_sparse",
+        "mini_transformer",
+        "mini_gss",
+    }
     assert all(shipped.cell_config(c).data.seq_len == 512 for c in shipped.cells().values())

@@ -19,8 +19,13 @@ from pha_lab.models import build_model
 from pha_lab.training import loss
 from pha_lab.training.loss import argmax_tokens, token_nll
 
-PARAMS = ["wte.weight", "norm_f.weight", "blocks.0.branches.attn.W_q.weight", "blocks.1.branches.gss.dss.w_re",
-          "blocks.1.branches.ffn.W_in.weight"]  # wte.weight is also the tied LM head
+PARAMS = [
+    "wte.weight",
+    "norm_f.weight",
+    "blocks.0.branches.attn.W_q.weight",
+    "blocks.1.branches.gss.dss.w_re",
+    "blocks.1.branches.ffn.W_in.weight",
+]  # wte.weight is also the tied LM head
 
 
 def case(experiment: str, batch: int = 2):
@@ -160,6 +165,7 @@ def test_the_loss_peak_memory_drops_from_the_logits_to_one_chunk():
 
     peaks, saved = {}, {}
     for name, fn in (("plain", plain), ("chunked", chunked)):
+
         def step(fn=fn):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = fn()
@@ -192,5 +198,9 @@ def test_module_loss_and_mqar_accuracy_go_through_the_chunked_path():
     assert nll.item() == pytest.approx(F.cross_entropy(logits[mask], labels[mask], reduction="sum").item(), rel=1e-6)
     assert count == mask.sum()
     assert module.eval_acc.compute().item() == (logits.argmax(-1)[mask] == labels[mask]).float().mean().item()
-    assert torch.allclose(module.nll_per_position(batch),
-                          F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(
+        module.nll_per_position(batch),
+        F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -64,7 +64,8 @@ def test_tiny_cache_counts_the_tensors_the_modules_make():
     assert model.cache_bytes(b, t, 8) == sum(
         2 * b * t * blk.branches["attn"].n_kv_heads * blk.branches["attn"].head_dim * 8
         + torch.zeros(b, *blk.branches["gss"].dss.discretised().coef().shape, dtype=torch.complex128).nbytes
-        for blk in model.blocks)
+        for blk in model.blocks
+    )
 
 
 def test_a_window_bounds_the_kv_cache():
@@ -89,10 +90,13 @@ def test_attention_sparse_pha_cache_against_the_transformer_baselines_at_32k():
     """What the long-context cache target (<= 0.25x transformer_180m's at 32k) asks, analytically: 2 of 12 attention
     layers plus the GSS state."""
     sparse = meta_model("pha_sparse_180m").cache_bytes(1, 32768, 2)
-    ratios = {base: sparse / meta_model(base).cache_bytes(1, 32768, 2)
-              for base in ("transformer_180m", "transformer_deep_180m", "transformer_mha_180m")}
-    assert ratios == pytest.approx({"transformer_180m": 0.1706, "transformer_deep_180m": 0.1023,
-                                    "transformer_mha_180m": 0.0426}, abs=1e-4)
+    ratios = {
+        base: sparse / meta_model(base).cache_bytes(1, 32768, 2)
+        for base in ("transformer_180m", "transformer_deep_180m", "transformer_mha_180m")
+    }
+    assert ratios == pytest.approx(
+        {"transformer_180m": 0.1706, "transformer_deep_180m": 0.1023, "transformer_mha_180m": 0.0426}, abs=1e-4
+    )
 
 
 def test_training_state_and_weight_bytes():
@@ -104,8 +108,12 @@ def test_training_state_and_weight_bytes():
 
 
 def test_params_command_prints_cache_bytes_per_token(capsys):
-    assert main(["params", "pha_sparse_180m", "transformer_180m", "gss_125m", "pha_swa_180m", "--contexts", "1024",
-                 "32768"]) == 0
+    assert (
+        main(
+            ["params", "pha_sparse_180m", "transformer_180m", "gss_125m", "pha_swa_180m", "--contexts", "1024", "32768"]
+        )
+        == 0
+    )
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert lines["preset"][-6:] == ["cache", "B/tok", "@1k", "cache", "B/tok", "@32k"]
     # bytes per token: KV of the attention layers + the GSS state spread over the context

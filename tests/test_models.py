@@ -266,8 +266,9 @@ def test_every_conv_impl_matches_the_float64_naive_convolution(impl, kernel, len
 @pytest.mark.parametrize("impl", CONV_IMPLS)
 def test_every_conv_impl_is_causal(impl):
     """Changing v after position t changes nothing up to t, and no output's gradient reaches a later input."""
-    assert_causal_sequence_map(dss_for_impl(impl, chunk=8), torch.randn(2, 41, 5, dtype=torch.float64), t=20,
-                               tol=1e-13, visible=1e-3)
+    assert_causal_sequence_map(
+        dss_for_impl(impl, chunk=8), torch.randn(2, 41, 5, dtype=torch.float64), t=20, tol=1e-13, visible=1e-3
+    )
 
 
 @pytest.mark.parametrize("impl", CONV_IMPLS)
@@ -307,8 +308,9 @@ def test_bf16_autocast_keeps_the_convolution_in_fp32(impl):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     out.float().square().mean().backward()
     assert h.grad.dtype == torch.float32 and h.grad.abs().max() > 0
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0
-               for p in gss.parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0 for p in gss.parameters()
+    )
 
 
 def test_chunked_model_equals_the_fft_model():
@@ -419,8 +421,11 @@ def test_knockout_equals_zeroed_branch(mixer, branch):
     assert_knockout_zeroes(model64("tiny_pha", f"model.mixer={mixer}"), branch)
 
 
-@pytest.mark.parametrize("preset, branch", [(p, b) for p in FAMILIES.values() for b in branches_of(p)],
-                         ids=[f"{f}-{b}" for f, p in FAMILIES.items() for b in branches_of(p)])
+@pytest.mark.parametrize(
+    "preset, branch",
+    [(p, b) for p in FAMILIES.values() for b in branches_of(p)],
+    ids=[f"{f}-{b}" for f, p in FAMILIES.items() for b in branches_of(p)],
+)
 def test_knockout_equals_zeroed_branch_every_family(preset, branch):
     """Both layouts, and branches that only some layers have (gss_hybrid's attn, pha_sparse's attn)."""
     assert_knockout_zeroes(model64(preset), branch)
@@ -503,7 +508,7 @@ RESIDUAL_FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def residual_growth(name: str, overrides: tuple[str, ...], n_layers: int) -> float:
     """RMS of the residual stream entering the final norm over the RMS of the token embeddings, at init, on
     random tokens (forward hooks)."""

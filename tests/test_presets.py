@@ -21,11 +21,31 @@ MINI = [n for n in PRESETS if n.startswith("mini_")]
 
 
 def test_expected_presets_exist():
-    for name in ["pha_90m", "pha_125m", "pha_180m", "transformer_125m", "transformer_180m", "gss_125m",
-                 "gss_hybrid_125m", "sequential_125m", "tiny_pha", "tiny_transformer", "tiny_gss",
-                 "tiny_gss_hybrid", "tiny_sequential", "pha_sparse_125m", "pha_sparse_180m", "transformer_deep_180m",
-                 "transformer_mha_125m", "transformer_mha_180m", "mini_pha_sparse", "tiny_pha_sparse", "tiny_pha_swa",
-                 "pha_swa_125m", "pha_swa_180m"]:
+    for name in [
+        "pha_90m",
+        "pha_125m",
+        "pha_180m",
+        "transformer_125m",
+        "transformer_180m",
+        "gss_125m",
+        "gss_hybrid_125m",
+        "sequential_125m",
+        "tiny_pha",
+        "tiny_transformer",
+        "tiny_gss",
+        "tiny_gss_hybrid",
+        "tiny_sequential",
+        "pha_sparse_125m",
+        "pha_sparse_180m",
+        "transformer_deep_180m",
+        "transformer_mha_125m",
+        "transformer_mha_180m",
+        "mini_pha_sparse",
+        "tiny_pha_sparse",
+        "tiny_pha_swa",
+        "pha_swa_125m",
+        "pha_swa_180m",
+    ]:
         assert name in PRESETS
 
 
@@ -70,9 +90,18 @@ def one_step_overrides(name: str) -> list[str]:
     interval stays (every preset's is longer than one step: only the final checkpoint is written)."""
     data = load_config(name).data
     seq_len = data.seq_len if data.source == "mqar" else min(data.seq_len, 128)
-    return ["trainer.max_steps=1", "trainer.val_every_n_steps=1", "trainer.log_every_n_steps=1", "trainer.devices=1",
-            "trainer.num_nodes=1", f"data.seq_len={seq_len}", "data.batch_size=1", "data.eval_batch_size=1",
-            f"data.max_eval_tokens={seq_len}", "data.mqar.num_test_examples=1"]
+    return [
+        "trainer.max_steps=1",
+        "trainer.val_every_n_steps=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.devices=1",
+        "trainer.num_nodes=1",
+        f"data.seq_len={seq_len}",
+        "data.batch_size=1",
+        "data.eval_batch_size=1",
+        f"data.max_eval_tokens={seq_len}",
+        "data.mqar.num_test_examples=1",
+    ]
 
 
 @pytest.mark.slow  # minutes: the 125M-180M presets build, step and checkpoint at full size on the CPU
@@ -133,8 +162,10 @@ def test_every_sweep_cell_records_its_model_family(sweep):
     """A cell that changes the architecture (a branch removed, a preset's layout changed by overrides) records the
     family it builds; one cell per distinct architecture is loaded."""
     spec = load_sweep(sweep)
-    shapes = {(c["experiment"], str({k: v for k, v in c["overrides"].items() if k in ARCHITECTURE})): c
-              for c in spec.cells().values()}
+    shapes = {
+        (c["experiment"], str({k: v for k, v in c["overrides"].items() if k in ARCHITECTURE})): c
+        for c in spec.cells().values()
+    }
     for cell in shapes.values():
         cfg = spec.cell_config(cell)
         assert cfg.model.family == guessed_family(flatten(cfg)), (sweep, cell)

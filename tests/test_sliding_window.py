@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pha_lab.config import ConfigError, load_config
-from pha_lab.models import build_model
-from pha_lab.models import sliding_window as sw
+from pha_lab.models import build_model, sliding_window as sw
 from pha_lab.models.attention import GroupedQueryAttention, apply_rope, rope_cos_sin
 from pha_lab.models.sliding_window import SlidingWindowAttention
 
@@ -38,8 +37,8 @@ def naive(m: SlidingWindowAttention, h: torch.Tensor) -> torch.Tensor:
         kv = head // group  # query heads share key/value heads in consecutive groups
         for i in range(t):
             lo = max(0, i - m.window + 1)
-            scores = torch.einsum("bd,bnd->bn", q[:, head, i], k[:, kv, lo:i + 1]) / math.sqrt(hd)
-            y[:, head, i] = torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), v[:, kv, lo:i + 1])
+            scores = torch.einsum("bd,bnd->bn", q[:, head, i], k[:, kv, lo : i + 1]) / math.sqrt(hd)
+            y[:, head, i] = torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), v[:, kv, lo : i + 1])
     return m.W_o(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -74,8 +73,8 @@ def test_each_position_sees_exactly_its_window(impl):
     i = 9
     m(x)[:, i].sum().backward()
     seen = x.grad.abs().amax(dim=(0, 2))
-    assert seen[i - window + 1:i + 1].min().item() > 0
-    assert seen[:i - window + 1].max().item() == 0 and seen[i + 1:].max().item() == 0
+    assert seen[i - window + 1 : i + 1].min().item() > 0
+    assert seen[: i - window + 1].max().item() == 0 and seen[i + 1 :].max().item() == 0
 
 
 def test_flex_path_sees_exactly_its_window():
@@ -118,8 +117,10 @@ def test_bad_window_and_impl_fail_naming_the_key():
     with pytest.raises(ConfigError, match=r"model.swa.window=0 must be >= 1"):
         load_config("tiny_pha_swa", ["model.swa.window=0"])
     with pytest.raises(ConfigError, match=r"model.overrides\[1\].swa.window=-3 must be >= 1"):
-        load_config("tiny_pha_swa", ["model.overrides=[{without: attn, branches: [gss, swa, ffn]}, "
-                                     "{layers: [0], swa: {window: -3}}]"])
+        load_config(
+            "tiny_pha_swa",
+            ["model.overrides=[{without: attn, branches: [gss, swa, ffn]}, {layers: [0], swa: {window: -3}}]"],
+        )
     with pytest.raises(ConfigError, match=r"model.swa.n_heads=3"):  # the attention keys are checked too
         load_config("tiny_pha_swa", ["model.swa.n_heads=3"])
     with pytest.raises(ConfigError, match="model.swa.windw"):
@@ -175,7 +176,7 @@ def test_prefill_then_steps_equal_the_forward(window, t, prompt):
         y, state = m.prefill(h[:, :prompt], state)
         outs = [y]
         for i in range(prompt, t):
-            y, state = m.step(h[:, i:i + 1], state)
+            y, state = m.step(h[:, i : i + 1], state)
             outs.append(y)
     assert state.pos == t and state.slots == min(window, t)
     assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-9
@@ -211,8 +212,9 @@ def test_a_ring_shorter_than_the_window_refuses_more_positions():
     state = m.init_state(1, 4)
     with torch.no_grad():
         _, state = m.prefill(torch.randn(1, 4, 32, dtype=torch.float64), state)
-        with pytest.raises(ValueError, match="4 slots .* window is 8: positions 4..4 do not fit; make the state with "
-                                             "max_len >= 5"):
+        with pytest.raises(
+            ValueError, match="4 slots .* window is 8: positions 4..4 do not fit; make the state with max_len >= 5"
+        ):
             m.step(torch.randn(1, 1, 32, dtype=torch.float64), state)
     full_ring = m.init_state(1, 100)  # a ring of the whole window goes on past max_len: keys leave the window
     with torch.no_grad():
@@ -263,7 +265,10 @@ def test_the_cuda_path_is_one_graph_once_its_mask_is_cached():
     assert counts == [(3, 1), (1, 0)]
     assert list(sw._BLOCK_MASKS) == [(5, 19, torch.device("cpu"))]
     # one mask_mod per window, whatever the length: what the compiled flex_attention guards on
-    assert sw.sliding_block_mask(5, 40, torch.device("cpu")).mask_mod is sw._BLOCK_MASKS[5, 19, torch.device("cpu")].mask_mod
+    assert (
+        sw.sliding_block_mask(5, 40, torch.device("cpu")).mask_mod
+        is sw._BLOCK_MASKS[5, 19, torch.device("cpu")].mask_mod
+    )
     assert sw.band_mod(5) is sw.band_mod(5) is not sw.band_mod(6)
 
 
@@ -298,11 +303,15 @@ def test_the_compiled_mask_and_flex_kernel_equal_the_eager_ones():
     build, attend = torch.compile(create_block_mask), torch.compile(flex_attention)
     for t in (200, 300, 450):
         mask = build(sw.band_mod(16), None, None, t, t, device="cpu")
-        assert torch.equal(mask.to_dense(), create_block_mask(sw.band_mod(16), None, None, t, t, device="cpu").to_dense())
+        assert torch.equal(
+            mask.to_dense(), create_block_mask(sw.band_mod(16), None, None, t, t, device="cpu").to_dense()
+        )
         q, k, v = torch.randn(1, 4, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
         with torch.no_grad():
-            fast, eager = attend(q, k, v, block_mask=mask, enable_gqa=True), flex_attention(q, k, v, block_mask=mask,
-                                                                                              enable_gqa=True)
+            fast, eager = (
+                attend(q, k, v, block_mask=mask, enable_gqa=True),
+                flex_attention(q, k, v, block_mask=mask, enable_gqa=True),
+            )
         assert (fast - eager).abs().max().item() < 1e-5, t
         if t == 300:
             graphs = counters["stats"]["unique_graphs"]

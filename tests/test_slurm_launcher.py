@@ -16,23 +16,64 @@ from pha_lab.sweep.spec import load_sweep
 
 def sweep(tmp_path, **spec) -> str:
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"name": "s", "experiment": "tiny_pha", "grid": {"model.mixer": ["static", "mean"]},
-                                    **spec}))
+    path.write_text(
+        yaml.safe_dump({"name": "s", "experiment": "tiny_pha", "grid": {"model.mixer": ["static", "mean"]}, **spec})
+    )
     return str(path)
 
 
 def test_dry_run_prints_the_job_array_script_and_creates_nothing(tmp_path, capsys):
-    rc = main(["sweep", "smoke", "--launcher", "slurm", "--dry-run", "--time-limit", "240", "--partition", "gpu",
-               "--account", "lab", "--gpus-per-node", "4", "--array-tasks", "3", "--max-parallel", "2",
-               "--cpus-per-task", "8", "--sbatch", "qos=high", "--sbatch=--constraint=h100", "--sbatch", "exclusive",
-               "--setup", "source /shared/venv/bin/activate", "--runs-dir", str(tmp_path)])
+    rc = main(
+        [
+            "sweep",
+            "smoke",
+            "--launcher",
+            "slurm",
+            "--dry-run",
+            "--time-limit",
+            "240",
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--gpus-per-node",
+            "4",
+            "--array-tasks",
+            "3",
+            "--max-parallel",
+            "2",
+            "--cpus-per-task",
+            "8",
+            "--sbatch",
+            "qos=high",
+            "--sbatch=--constraint=h100",
+            "--sbatch",
+            "exclusive",
+            "--setup",
+            "source /shared/venv/bin/activate",
+            "--runs-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     lines = set(out.splitlines())
-    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=240",
-                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1",  # one GPU per worker
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=h100", "#SBATCH --exclusive", "source /shared/venv/bin/activate"):
+    for line in (
+        "#SBATCH --array=0-2%2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --time=240",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=1",  # one GPU per worker
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --exclusive",
+        "source /shared/venv/bin/activate",
+    ):
         assert line in lines, line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and srun.endswith(f"-m submitit.core._submit {tmp_path / 'slurm' / 'smoke'}")
@@ -65,15 +106,30 @@ def test_launcher_errors_name_the_option_and_the_fix(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["sweep", "smoke", "--launcher", "slurm", "--time-limit", "60", "--runs-dir", str(runs)]) == 2
     assert "needs --storage postgresql://" in capsys.readouterr().err
-    assert main(["sweep", "smoke", "--launcher", "slurm", "--time-limit", "60", "--runs-dir", str(runs),
-                 "--storage", "postgresql://u@db/optuna"]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "smoke",
+                "--launcher",
+                "slurm",
+                "--time-limit",
+                "60",
+                "--runs-dir",
+                str(runs),
+                "--storage",
+                "postgresql://u@db/optuna",
+            ]
+        )
+        == 2
+    )
     assert "needs --tracking-uri http://" in capsys.readouterr().err
     assert not runs.exists()
     assert main(["sweep", "smoke", "--partition", "gpu", "--dry-run"]) == 2
     assert "--partition --dry-run: only with --launcher slurm" in capsys.readouterr().err
 
 
-FOLLOWER = '''
+FOLLOWER = """
 import json, os, sys
 from pha_lab.config import load_config
 from pha_lab.training import handoff
@@ -81,7 +137,7 @@ from pha_lab.training import handoff
 tracking_cfg = load_config(None, [f"tracking.runs_dir={sys.argv[1]}"]).tracking
 seen = [(cfg.name, os.environ.get(handoff.RUN_ID)) for cfg in handoff.followed_runs(tracking_cfg)]
 print(json.dumps({"seen": seen, "run_id_after": os.environ.get(handoff.RUN_ID)}))
-'''
+"""
 
 
 def test_sweep_ranks_follow_rank_zero_until_done_and_the_last_to_read_it_removes_the_mailbox(tmp_path):
@@ -104,8 +160,9 @@ def test_sweep_ranks_follow_rank_zero_until_done_and_the_last_to_read_it_removes
 
     def follower(rank: int) -> dict:
         env = {**os.environ, **srun, "SLURM_PROCID": str(rank)}
-        done = subprocess.run([sys.executable, str(script), str(runs)], env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), str(runs)], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.splitlines()[-1])
 

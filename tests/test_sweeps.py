@@ -19,13 +19,25 @@ from pha_lab.config import ConfigError, to_yaml
 from pha_lab.sweep.runner import claim_waiting, enqueue_grid, open_study, run_sweep, tell, worker_seed
 from pha_lab.sweep.spec import load_sweep, read_sweep, suggest, sweep_names
 
-FAST = {"trainer.max_steps": 8, "trainer.val_every_n_steps": 4, "trainer.ckpt_every_n_steps": 4,
-        "trainer.log_every_n_steps": 2, "data.max_eval_tokens": 2048, "optim.warmup_steps": 2}
+FAST = {
+    "trainer.max_steps": 8,
+    "trainer.val_every_n_steps": 4,
+    "trainer.ckpt_every_n_steps": 4,
+    "trainer.log_every_n_steps": 2,
+    "data.max_eval_tokens": 2048,
+    "optim.warmup_steps": 2,
+}
 
 
 def write_sweep(tmp_path, name, **spec):
-    spec = {"name": name, "experiment": "tiny_pha", "overrides": dict(FAST), "heartbeat_interval": 1,
-            "grace_period": 3, **spec}
+    spec = {
+        "name": name,
+        "experiment": "tiny_pha",
+        "overrides": dict(FAST),
+        "heartbeat_interval": 1,
+        "grace_period": 3,
+        **spec,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -77,8 +89,12 @@ def test_smoke_end_to_end(tmp_path):
 def kill_sweep_when(path, runs, name, ready, timeout=240):
     """Start `pha-lab sweep PATH`, SIGKILL its process group once a RUNNING trial satisfies
     `ready(trial)` (the worker dies without any cleanup), wait past the grace period; the victim."""
-    proc = subprocess.Popen([sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     victim = None
     deadline = time.time() + timeout
     while time.time() < deadline and victim is None and proc.poll() is None:
@@ -101,8 +117,7 @@ def has_file(name):
 def test_killed_worker_trial_resumes_in_its_run(tmp_path):
     runs = tmp_path / "runs"
     overrides = {**FAST, "trainer.max_steps": 40, "trainer.ckpt_every_n_steps": 5, "trainer.val_every_n_steps": 20}
-    path = write_sweep(tmp_path, "killme", overrides=overrides,
-                       grid={"model.mixer": ["static", "mean"]})
+    path = write_sweep(tmp_path, "killme", overrides=overrides, grid={"model.mixer": ["static", "mean"]})
     victim = kill_sweep_when(path, runs, "killme", has_file("last.ckpt"))
 
     table = run_sweep(path, runs_dir=str(runs))
@@ -126,8 +141,12 @@ def test_worker_killed_before_first_checkpoint_restarts_in_its_run(tmp_path):
     overrides = {**FAST, "trainer.max_steps": 20, "trainer.ckpt_every_n_steps": 1000, "trainer.val_every_n_steps": 20}
     path = write_sweep(tmp_path, "early", overrides=overrides)
     client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
-    victim = kill_sweep_when(path, runs, "early", lambda t: "mlflow_run_id" in t.user_attrs
-                             and client.get_run(t.user_attrs["mlflow_run_id"]).data.params)  # params logged
+    victim = kill_sweep_when(
+        path,
+        runs,
+        "early",
+        lambda t: "mlflow_run_id" in t.user_attrs and client.get_run(t.user_attrs["mlflow_run_id"]).data.params,
+    )  # params logged
     assert not has_file("last.ckpt")(victim), "the worker was killed after its first checkpoint"
 
     table = run_sweep(path, runs_dir=str(runs))
@@ -185,8 +204,13 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
     import sqlalchemy as sa
     from optuna.storages._rdb.models import TrialHeartbeatModel
 
-    path = write_sweep(tmp_path, "race", grid={"model.mixer": ["static", "mean", "scalar", "gate"]},
-                       seeds=[0, 1, 2, 3], grace_period=60)
+    path = write_sweep(
+        tmp_path,
+        "race",
+        grid={"model.mixer": ["static", "mean", "scalar", "gate"]},
+        seeds=[0, 1, 2, 3],
+        grace_period=60,
+    )
     spec = load_sweep(path)
     cells = list(spec.cells())
     study, storage = open_study(spec, storage_url)
@@ -197,12 +221,22 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
         dead[-1].suggest_categorical("cell", cells)
     heartbeats = TrialHeartbeatModel.__table__
     with storage.engine.begin() as conn:
-        conn.execute(sa.update(heartbeats).where(heartbeats.c.trial_id.in_([t._trial_id for t in dead]))
-                     .values(heartbeat=datetime(2000, 1, 1)))
+        conn.execute(
+            sa.update(heartbeats)
+            .where(heartbeats.c.trial_id.in_([t._trial_id for t in dead]))
+            .values(heartbeat=datetime(2000, 1, 1))
+        )
     gate = tmp_path / "gate"
     gate.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, path, storage_url, str(gate)], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n_workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, path, storage_url, str(gate)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(n_workers)
+    ]
     deadline = time.time() + 60
     while len(list(gate.glob("ready-*"))) < n_workers and time.time() < deadline:
         time.sleep(0.01)
@@ -210,13 +244,17 @@ def claim_race(tmp_path, storage_url, n_workers=4, n_dead=4):
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     claimed = Counter(cell for out, _ in outputs for cell in out.split())
-    assert claimed == Counter(cells), f"cells not claimed exactly once: {claimed - Counter(cells)} too many, " \
-                                      f"{Counter(cells) - claimed} missing"
+    assert claimed == Counter(cells), (
+        f"cells not claimed exactly once: {claimed - Counter(cells)} too many, {Counter(cells) - claimed} missing"
+    )
     trials = optuna.load_study(study_name="race", storage=storage_url).get_trials()
     assert len(trials) == len(cells) + n_dead  # no cell queued twice, one retry per dead trial
     assert Counter(t.params["cell"] for t in trials if t.state.name == "COMPLETE") == Counter(cells)
-    assert sorted(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs) \
-        == sorted(t.number for t in trials if t.state.name == "FAIL") == list(range(n_dead))
+    assert (
+        sorted(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
+        == sorted(t.number for t in trials if t.state.name == "FAIL")
+        == list(range(n_dead))
+    )
 
 
 @pytest.mark.parametrize("repetition", range(3))
@@ -241,9 +279,18 @@ def test_workers_first_suggestions_differ(tmp_path, sampler):
     """Each worker's sampler is seeded by worker_seed (what the launcher passes to its workers):
     two workers of one launch draw different first suggestions, the same launch again draws the
     same ones, and a later launch (resuming the study) draws new ones."""
-    spec = load_sweep(write_sweep(tmp_path, "draws", sampler=sampler, n_trials=4,
-                                  search={"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
-                                          "optim.warmup_steps": {"type": "int", "low": 0, "high": 100}}))
+    spec = load_sweep(
+        write_sweep(
+            tmp_path,
+            "draws",
+            sampler=sampler,
+            n_trials=4,
+            search={
+                "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+                "optim.warmup_steps": {"type": "int", "low": 0, "high": 100},
+            },
+        )
+    )
     url = f"sqlite:///{tmp_path}/optuna.db"
 
     def first_suggestion(worker_index, n_trials_at_launch):
@@ -257,7 +304,9 @@ def test_workers_first_suggestions_differ(tmp_path, sampler):
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     runs = tmp_path / "runs"
-    path = write_sweep(tmp_path, "oops", grid={"variant": {"ok": {}, "broken": {"data.train_files": ["no/such/books"]}}})
+    path = write_sweep(
+        tmp_path, "oops", grid={"variant": {"ok": {}, "broken": {"data.train_files": ["no/such/books"]}}}
+    )
     table = run_sweep(path, runs_dir=str(runs))
     states = dict(zip(table.cell, table.state))
     assert states == {"variant=ok,seed=0": "COMPLETE", "variant=broken,seed=0": "FAIL"}
@@ -275,9 +324,13 @@ def test_median_pruning_after_warmup_steps(tmp_path):
     """Reports are at optimizer steps, so a pruner with n_warmup_steps > 0 prunes: a learning-rate
     grid (run in order) whose third cell barely learns is pruned at its first report past the warm-up."""
     runs = tmp_path / "runs"
-    path = write_sweep(tmp_path, "prune", grid={"optim.lr": [1.0e-2, 5.0e-3, 1.0e-7]},
-                       overrides={**FAST, "trainer.max_steps": 8, "trainer.val_every_n_steps": 2},
-                       pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3})
+    path = write_sweep(
+        tmp_path,
+        "prune",
+        grid={"optim.lr": [1.0e-2, 5.0e-3, 1.0e-7]},
+        overrides={**FAST, "trainer.max_steps": 8, "trainer.val_every_n_steps": 2},
+        pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3},
+    )
     table = run_sweep(path, runs_dir=str(runs))
     assert list(table.state) == ["COMPLETE", "COMPLETE", "PRUNED"]
     trials = study_trials(runs, "prune")
@@ -295,10 +348,16 @@ def test_hpo_search_with_pruning(tmp_path):
     MLflow with their step (which of the random trials get pruned depends on the draws)."""
     runs = tmp_path / "runs"
     overrides = {**FAST, "trainer.max_steps": 8, "trainer.val_every_n_steps": 2}
-    path = write_sweep(tmp_path, "tune", overrides=overrides, sampler="random", n_trials=4,
-                       search={"optim.lr": {"type": "float", "low": 1e-6, "high": 3e-2, "log": True}},
-                       objective={"metric": "val/loss", "direction": "minimize"},
-                       pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3})
+    path = write_sweep(
+        tmp_path,
+        "tune",
+        overrides=overrides,
+        sampler="random",
+        n_trials=4,
+        search={"optim.lr": {"type": "float", "low": 1e-6, "high": 3e-2, "log": True}},
+        objective={"metric": "val/loss", "direction": "minimize"},
+        pruning={"enabled": True, "n_startup_trials": 2, "n_warmup_steps": 3},
+    )
     table = run_sweep(path, runs_dir=str(runs))
     assert len(table) == 4 and table.state.isin(["COMPLETE", "PRUNED"]).all()
     trials = study_trials(runs, "tune")
@@ -339,8 +398,14 @@ def test_bad_spec_keys_and_types_name_the_file_and_nearest_keys(tmp_path):
     assert path in msg and "unknown config key 'objetive'" in msg and "Nearest valid keys: objective" in msg
     msg = spec_error(write_sweep(tmp_path, "nested", pruning={"enabeld": True}))
     assert "'pruning.enabeld'" in msg and "pruning.enabled" in msg and "n_warmup_steps" in msg
-    msg = spec_error(write_sweep(tmp_path, "space", n_trials=2,
-                                 search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lgo": True}}))
+    msg = spec_error(
+        write_sweep(
+            tmp_path,
+            "space",
+            n_trials=2,
+            search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lgo": True}},
+        )
+    )
     assert "'search.optim.lr.lgo'" in msg and "log" in msg and "SearchSpace" in msg
     msg = spec_error(write_sweep(tmp_path, "seeds", seeds=["zero"]))
     assert "tmp" in msg and "bad value for config key 'seeds[0]'" in msg and "'zero'" in msg
@@ -352,19 +417,33 @@ def test_bad_spec_keys_and_types_name_the_file_and_nearest_keys(tmp_path):
 
 
 def test_spec_extends_replaces_axes_in_place_and_null_removes_them(tmp_path):
-    base = write_sweep(tmp_path, "base", grid={"model.mixer": ["static", "gate"], "variant": {"x": {}, "y": {}},
-                                               "optim.warmup_steps": [1, 2]},
-                       n_trials=2, search={"optim.lr": {"type": "categorical", "choices": [0.01, 0.02]}})
+    base = write_sweep(
+        tmp_path,
+        "base",
+        grid={"model.mixer": ["static", "gate"], "variant": {"x": {}, "y": {}}, "optim.warmup_steps": [1, 2]},
+        n_trials=2,
+        search={"optim.lr": {"type": "categorical", "choices": [0.01, 0.02]}},
+    )
     child = tmp_path / "child.yaml"
-    child.write_text(yaml.safe_dump({
-        "extends": "base.yaml", "name": "child", "seeds": [0, 1],
-        "grid": {"model.mixer": ["mean"], "variant": {"z": {"optim.beta1": 0.8}}, "optim.warmup_steps": None},
-        "search": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2}},
-    }))
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": "base.yaml",
+                "name": "child",
+                "seeds": [0, 1],
+                "grid": {"model.mixer": ["mean"], "variant": {"z": {"optim.beta1": 0.8}}, "optim.warmup_steps": None},
+                "search": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2}},
+            }
+        )
+    )
     spec = load_sweep(str(child))
     assert list(spec.cells()) == ["model.mixer=mean,variant=z,seed=0", "model.mixer=mean,variant=z,seed=1"]
     assert spec.cells()["model.mixer=mean,variant=z,seed=1"]["overrides"] == {
-        **FAST, "model.mixer": "mean", "optim.beta1": 0.8, "seed": 1}  # the base's overrides, inherited
+        **FAST,
+        "model.mixer": "mean",
+        "optim.beta1": 0.8,
+        "seed": 1,
+    }  # the base's overrides, inherited
     assert spec.search["optim.lr"].choices is None and spec.search["optim.lr"].type == "float"  # replaced whole
     assert (spec.n_trials, spec.heartbeat_interval, load_sweep(base).name) == (2, 1, "base")
     nameless = tmp_path / "nameless.yaml"
@@ -397,7 +476,12 @@ def test_shipped_spec_extends_resolve_like_their_bases():
         spec = read_sweep(name)
         assert spec.overrides == {**baselines.overrides, **extra} and spec.objective == baselines.objective
     assert [lab for lab, _ in read_sweep("scale").axes()[0][1]] == [
-        "pha_90m", "pha_125m", "pha_180m", "transformer_125m", "transformer_180m"]  # replaced, not merged
+        "pha_90m",
+        "pha_125m",
+        "pha_180m",
+        "transformer_125m",
+        "transformer_180m",
+    ]  # replaced, not merged
     assert [axis for axis, _ in read_sweep("ablation").axes()] == ["branches", "model.mixer"]
     assert read_sweep("repro_ablation").overrides == read_sweep("repro_baselines").overrides
     assert list(read_sweep("repro_ablation").cells())[0] == "variant=full_static,seed=0"
@@ -408,11 +492,21 @@ def test_ddp_trials_run_in_sequence_as_one_run_each(tmp_path):
     """gpus_per_trial: 2 on CPU (gloo): each trial is a 2-process DDP run, one MLflow run per trial, and a
     worker can run several DDP trials one after another (Lightning's launcher leaves env vars behind)."""
     runs = tmp_path / "runs"
-    path = write_sweep(tmp_path, "ddp", grid={"model.mixer": ["static", "mean"]}, gpus_per_trial=2,
-                       overrides={**FAST, "trainer.accelerator": "cpu"})
+    path = write_sweep(
+        tmp_path,
+        "ddp",
+        grid={"model.mixer": ["static", "mean"]},
+        gpus_per_trial=2,
+        overrides={**FAST, "trainer.accelerator": "cpu"},
+    )
     # from the command line: Lightning's DDP launcher starts rank 1 by re-running this very command
-    subprocess.run([sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)], check=True,
-                   timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pha_lab.cli", "sweep", path, "--runs-dir", str(runs)],
+        check=True,
+        timeout=600,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     assert sorted(t.state.name for t in study_trials(runs, "ddp")) == ["COMPLETE", "COMPLETE"]
     df = mlflow_runs(runs, "ddp")
     children = df[df["tags.sweep_parent"] != "true"]

@@ -43,7 +43,9 @@ def test_suite_experiments_are_model_training(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     assert client.get_experiment(exp_id).tags[KIND] == MODEL_TRAINING == "custom_model_development"
     old = client.create_experiment("made_before", artifact_location=(tmp_path / "a").as_uri())  # no kind yet
-    mine = client.create_experiment("genai", artifact_location=(tmp_path / "b").as_uri(), tags={KIND: "genai_development"})
+    mine = client.create_experiment(
+        "genai", artifact_location=(tmp_path / "b").as_uri(), tags={KIND: "genai_development"}
+    )
     cfg = SimpleNamespace(runs_dir=str(tmp_path))
     assert tracking.ensure_experiment(client, "made_before", cfg) == old
     assert tracking.ensure_experiment(client, "genai", cfg) == mine
@@ -59,9 +61,22 @@ def free_port() -> int:
 
 def page_text(chromium: str, url: str) -> str:
     """The rendered page's text: headless Chromium, DOM dumped after a virtual-time budget."""
-    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--virtual-time-budget=20000", "--window-size=1400,900", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--virtual-time-budget=20000",
+            "--window-size=1400,900",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     html = re.sub(r"<(script|style)\b.*?</\1>", " ", out.stdout, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
@@ -70,14 +85,21 @@ def page_text(chromium: str, url: str) -> str:
 def test_mlflow_ui_opens_a_suite_experiment_on_the_runs_table(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.fail("this check needs a headless browser: install Debian's chromium and chromium-driver "
-                    "(apt-get update && apt-get install -y chromium chromium-driver), then rerun")
+        pytest.fail(
+            "this check needs a headless browser: install Debian's chromium and chromium-driver "
+            "(apt-get update && apt-get install -y chromium chromium-driver), then rerun"
+        )
     uri, exp_id = suite_experiment(tmp_path)
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen([mlflow_cli, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [mlflow_cli, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):

@@ -41,8 +41,12 @@ class LossRecorder(L.Callback):
         self.micro.append(loss.item())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (self.signal_at and trainer.global_step == self.signal_at
-                or self.signal_after_micro and len(self.micro) == self.signal_after_micro):
+        if (
+            self.signal_at
+            and trainer.global_step == self.signal_at
+            or self.signal_after_micro
+            and len(self.micro) == self.signal_after_micro
+        ):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -53,8 +57,13 @@ def runs(result):
 
 @pytest.mark.parametrize("experiment", ["tiny_pha", "tiny_mqar"])
 def test_tiny_model_learns_and_everything_is_tracked(experiment, tiny_config):
-    cfg = tiny_config(experiment, "trainer.max_steps=50", "trainer.val_every_n_steps=25", "optim.warmup_steps=5",
-                      "trainer.log_every_n_steps=5")
+    cfg = tiny_config(
+        experiment,
+        "trainer.max_steps=50",
+        "trainer.val_every_n_steps=25",
+        "optim.warmup_steps=5",
+        "trainer.log_every_n_steps=5",
+    )
     rec = LossRecorder()
     result = train(cfg, [rec])
     first, last = sum(rec.losses[s] for s in range(1, 6)) / 5, sum(rec.losses[s] for s in range(46, 51)) / 5
@@ -64,13 +73,36 @@ def test_tiny_model_learns_and_everything_is_tracked(experiment, tiny_config):
     # params: the flattened resolved config
     assert row["params.model.d_model"] == "64" and row["params.optim.lr"] == str(cfg.optim.lr)
     # tags: code, host, versions, sizes, protocol
-    for tag in ("git_sha", "git_dirty", "host", "gpu", "torch", "lightning", "n_params", "n_params_non_embedding",
-                "flops_per_token", "protocol.dataset", "protocol.split", "protocol.context", "protocol.stride",
-                "protocol.tokenizer"):
+    for tag in (
+        "git_sha",
+        "git_dirty",
+        "host",
+        "gpu",
+        "torch",
+        "lightning",
+        "n_params",
+        "n_params_non_embedding",
+        "flops_per_token",
+        "protocol.dataset",
+        "protocol.split",
+        "protocol.context",
+        "protocol.stride",
+        "protocol.tokenizer",
+    ):
         assert isinstance(row[f"tags.{tag}"], str) and row[f"tags.{tag}"], tag
-    assert row["tags.git_sha"] == tracking.git_info()["git_sha"] != "HEAD" and row["tags.command"] == tracking.command_line()
+    assert (
+        row["tags.git_sha"] == tracking.git_info()["git_sha"] != "HEAD"
+        and row["tags.command"] == tracking.command_line()
+    )
     # metrics per step and per validation, final test metrics
-    for metric in ("train/loss", "train/grad_norm", "lr-AdamW/pg1", "train/device/items_per_sec", "val/loss", "test/loss"):
+    for metric in (
+        "train/loss",
+        "train/grad_norm",
+        "lr-AdamW/pg1",
+        "train/device/items_per_sec",
+        "val/loss",
+        "test/loss",
+    ):
         assert pd.notna(row[f"metrics.{metric}"]), metric
     if experiment == "tiny_mqar":
         assert 0.0 <= row["metrics.test/accuracy"] <= 1.0
@@ -137,8 +169,7 @@ class RequestStopAt(L.Callback):
 def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path, tiny_config):
     """request_stop (no signal to the process) checkpoints and stops after the next optimizer step, KILLED with
     the reason once; withdrawn (None), the next run trains to its end."""
-    cfg = tiny_config("tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=100",
-                      "data.max_eval_tokens=2048")
+    cfg = tiny_config("tiny_pha", "trainer.max_steps=6", "trainer.val_every_n_steps=100", "data.max_eval_tokens=2048")
     try:
         with pytest.raises(RunInterrupted) as info:
             train(cfg, [RequestStopAt(3)])
@@ -153,8 +184,12 @@ def test_a_launchers_stop_request_stops_the_run_like_a_signal(tmp_path, tiny_con
 def test_interrupt_mid_accumulation_resumes_exactly(tmp_path, tiny_config):
     """SIGTERM arrives after the first micro-batch of an accumulated step: the run stops only once that
     step's optimizer update is done, and the resumed run's micro-batch losses are the uninterrupted run's."""
-    overrides = ["trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.accumulate_grad_batches=2",
-                 "trainer.ckpt_every_n_steps=100"]
+    overrides = [
+        "trainer.max_steps=8",
+        "trainer.val_every_n_steps=4",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.ckpt_every_n_steps=100",
+    ]
     straight = LossRecorder()
     train(tiny_config("tiny_pha", *overrides, root=tmp_path / "a"), [straight])
     assert len(straight.micro) == 16
@@ -310,8 +345,13 @@ class TrainingState(L.Callback):
 def test_a_nan_step_is_skipped_on_the_device_and_the_run_stops_at_the_next_logging_step(tmp_path, tiny_config):
     """Step 6's loss is NaN; the flag is only read at logging steps (every 5): the fused AdamW skips steps 6 to 10
     on the device (weights, moments and step counts as after step 5), and the run fails at step 10 naming step 6."""
-    cfg = tiny_config("tiny_pha", "trainer.max_steps=12", "trainer.ckpt_every_n_steps=100",
-                      "trainer.val_every_n_steps=100", "trainer.log_every_n_steps=5")
+    cfg = tiny_config(
+        "tiny_pha",
+        "trainer.max_steps=12",
+        "trainer.ckpt_every_n_steps=100",
+        "trainer.val_every_n_steps=100",
+        "trainer.log_every_n_steps=5",
+    )
     state = TrainingState(step=5)
     with pytest.raises(Exception, match=r"non-finite training loss \(nan\) at step 6 .*skipped.*stopped at step 10"):
         train(cfg, [NaNOutputs(train_step=5), state])
@@ -373,9 +413,11 @@ class HostTransfers(L.Callback):
         from pha_lab.training.callbacks import ThroughputAtLogSteps
 
         self.step, self.calls = None, []
-        for owner, name in [*((torch.Tensor, n) for n in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__",
-                                                          "__int__")),
-                            (torch.cuda, "synchronize"), (ThroughputAtLogSteps, "_time_point")]:
+        for owner, name in [
+            *((torch.Tensor, n) for n in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")),
+            (torch.cuda, "synchronize"),
+            (ThroughputAtLogSteps, "_time_point"),
+        ]:
             monkeypatch.setattr(owner, name, self._counted(getattr(owner, name), name))
 
     def _counted(self, fn, name):
@@ -384,6 +426,7 @@ class HostTransfers(L.Callback):
                 caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "test_training" not in f.filename)
                 self.calls.append((self.step, name, f"{caller.filename}:{caller.lineno}"))
             return fn(*args, **kwargs)
+
         return counted
 
     def on_train_start(self, trainer, pl_module):
@@ -402,8 +445,16 @@ def test_the_training_step_path_reads_the_device_only_at_logging_steps(monkeypat
     so about 20/5 x a constant in all (it was ~40 per step before: tests/test_training.py history)."""
     steps, k = 20, 5
     probe = HostTransfers(monkeypatch)
-    train(tiny_config("tiny_pha", f"trainer.max_steps={steps}", f"trainer.log_every_n_steps={k}",
-                      "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000"), [probe])
+    train(
+        tiny_config(
+            "tiny_pha",
+            f"trainer.max_steps={steps}",
+            f"trainer.log_every_n_steps={k}",
+            "trainer.val_every_n_steps=1000",
+            "trainer.ckpt_every_n_steps=1000",
+        ),
+        [probe],
+    )
     assert [c for c in probe.calls if c[0] % k] == []
     assert {c[0] for c in probe.calls} == set(range(k, steps + 1, k))  # the NaN flag is read at every logging step
     assert len(probe.calls) <= 6 * steps // k + 3, probe.calls
@@ -452,9 +503,18 @@ def test_peak_memory_is_per_stage_and_nothing_carries_over(tmp_path, tiny_config
     cfg = tiny_config("tiny_pha", "trainer.max_steps=6")
     memory = FakeDeviceMemory(left_over_gb=25.86)
     logger = CSVLogger(tmp_path, name="peak")
-    trainer = L.Trainer(max_steps=6, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        log_every_n_steps=1, logger=logger, callbacks=[Workload(memory), PeakMemory(memory)],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=6,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[Workload(memory), PeakMemory(memory)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     module, datamodule = LMModule(cfg), build_datamodule(cfg)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -479,9 +539,15 @@ class BarReading(L.Callback):
 @pytest.fixture(scope="module")
 def accumulated_run(tmp_path_factory, shared_data, empty_mlflow_store):
     """One tiny run with 2 micro-batches per optimizer step, validated twice and tested."""
-    cfg = run_config(tmp_path_factory.mktemp("accumulated"), "tiny_pha", "trainer.max_steps=8",
-                     "trainer.val_every_n_steps=4", "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=5",
-                     store=empty_mlflow_store)
+    cfg = run_config(
+        tmp_path_factory.mktemp("accumulated"),
+        "tiny_pha",
+        "trainer.max_steps=8",
+        "trainer.val_every_n_steps=4",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=5",
+        store=empty_mlflow_store,
+    )
     bar = BarReading()
     return cfg, train(cfg, [bar]), bar
 
@@ -492,9 +558,11 @@ def test_throughput_flops_per_token_are_the_work_of_each_stage(accumulated_run):
     cfg, result, _ = accumulated_run
     client = mlflow.tracking.MlflowClient(result.tracking_uri)
     model = LMModule(cfg).model
-    expected = {"train": model.flops_per_token(cfg.data.seq_len, training=True)["total"],
-                "validate": model.flops_per_token(cfg.data.seq_len, training=False)["total"],
-                "test": model.flops_per_token(cfg.data.seq_len, training=False)["total"]}
+    expected = {
+        "train": model.flops_per_token(cfg.data.seq_len, training=True)["total"],
+        "validate": model.flops_per_token(cfg.data.seq_len, training=False)["total"],
+        "test": model.flops_per_token(cfg.data.seq_len, training=False)["total"],
+    }
     for stage, per_token in expected.items():
         flops = {m.step: m.value for m in client.get_metric_history(result.run_id, f"{stage}/device/flops_per_sec")}
         tokens = {m.step: m.value for m in client.get_metric_history(result.run_id, f"{stage}/device/items_per_sec")}
@@ -516,8 +584,14 @@ def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tiny_config)
     excluded, recomputed here from the final weights with hooks on the gate projections."""
     from pha_lab.data import build_datamodule
 
-    cfg = tiny_config("tiny_pha", "model.mixer=gate", "trainer.max_steps=10", "trainer.val_every_n_steps=10",
-                      "data.max_eval_tokens=1900", "data.eval_batch_size=4")  # 15 windows, the last one padded
+    cfg = tiny_config(
+        "tiny_pha",
+        "model.mixer=gate",
+        "trainer.max_steps=10",
+        "trainer.val_every_n_steps=10",
+        "data.max_eval_tokens=1900",
+        "data.eval_batch_size=4",
+    )  # 15 windows, the last one padded
     result = train(cfg)
     module = LMModule(cfg)
     module.load_state_dict(torch.load(result.ckpt_dir / "last.ckpt", weights_only=False)["state_dict"])
@@ -527,7 +601,9 @@ def test_gate_mixer_logs_its_mean_over_the_scored_validation_tokens(tiny_config)
     dm.setup("validate")
     gates = {}
     for i, blk in enumerate(module.model.blocks):
-        blk.mixer.gate.register_forward_hook(lambda m, args, out, i=i: gates.__setitem__(i, torch.softmax(out.float(), -1)))
+        blk.mixer.gate.register_forward_hook(
+            lambda m, args, out, i=i: gates.__setitem__(i, torch.softmax(out.float(), -1))
+        )
     total = {i: torch.zeros(len(blk.names), dtype=torch.float64) for i, blk in enumerate(module.model.blocks)}
     count, last_batch_means, padded = 0, {}, 0
     with torch.no_grad():
@@ -594,8 +670,17 @@ with open(os.path.join(out, f"rank{os.environ.get('LOCAL_RANK', '0')}.json"), "w
 def run_ranks(commands: list[list[str]], envs: list[dict], timeout: int = 400) -> list[subprocess.CompletedProcess]:
     """Run the processes of one DDP job to their end (killing them all after `timeout` s: a rank blocked in a
     collective never ends); their outputs."""
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for cmd, env in zip(commands, envs)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd, env in zip(commands, envs)
+    ]
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -605,8 +690,10 @@ def run_ranks(commands: list[list[str]], envs: list[dict], timeout: int = 400) -
             os.killpg(p.pid, signal.SIGKILL)
     outs = [p.communicate()[0] for p in procs]
     if hung:
-        pytest.fail(f"the DDP job did not end within {timeout} s (a rank blocked in a collective?); its output:\n"
-                    + "\n".join(f"--- rank {r}:\n{out[-3000:]}" for r, out in enumerate(outs)))
+        pytest.fail(
+            f"the DDP job did not end within {timeout} s (a rank blocked in a collective?); its output:\n"
+            + "\n".join(f"--- rank {r}:\n{out[-3000:]}" for r, out in enumerate(outs))
+        )
     return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outs)]
 
 
@@ -642,12 +729,33 @@ def test_srun_ranks_train_one_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pha_lab.cli", "train", "tiny_pha", f"tracking.runs_dir={runs}",
-           "tracking.experiment=test", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6",
-           "trainer.log_every_n_steps=2", "trainer.val_every_n_steps=3", "data.max_eval_tokens=2048"]
-    srun = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-            "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "pha-test", "SLURM_NODELIST": "127.0.0.1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pha_lab.cli",
+        "train",
+        "tiny_pha",
+        f"tracking.runs_dir={runs}",
+        "tracking.experiment=test",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=2",
+        "trainer.val_every_n_steps=3",
+        "data.max_eval_tokens=2048",
+    ]
+    srun = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NAME": "pha-test",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     ranks = run_ranks([cmd, cmd], [{**srun, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)])
     assert [r.returncode for r in ranks] == [0, 0], [r.stdout[-3000:] for r in ranks]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")

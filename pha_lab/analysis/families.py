@@ -45,11 +45,17 @@ def branch_order(names: Iterable[str]) -> list[str]:
 # The PHA family's branches (the paper's GSS + GQA + FFN): what the ablation's "branches removed" counts from, and
 # what `guessed_family` takes a PHA to be. Not the list of branches there are (that is BRANCH_REGISTRY).
 PHA_BRANCHES = ("gss", "attn", "ffn")
-FAMILY_LABELS = {"pha": "PHA", "transformer": "Transformer", "gss": "GSS", "gss_hybrid": "GSS-Hybrid",
-                 "sequential_pha": "sequential PHA", "pha_sparse": "attention-sparse PHA",
-                 "transformer_deep": "Transformer (depth-matched)", "transformer_mha": "Transformer (multi-head)",
-                 "pha_swa": "PHA, sliding-window attention",
-                 }  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse, pha_swa: with k of L layers
+FAMILY_LABELS = {
+    "pha": "PHA",
+    "transformer": "Transformer",
+    "gss": "GSS",
+    "gss_hybrid": "GSS-Hybrid",
+    "sequential_pha": "sequential PHA",
+    "pha_sparse": "attention-sparse PHA",
+    "transformer_deep": "Transformer (depth-matched)",
+    "transformer_mha": "Transformer (multi-head)",
+    "pha_swa": "PHA, sliding-window attention",
+}  # model.family -> table label; pha_no_X: "PHA without X"; pha_sparse, pha_swa: with k of L layers
 
 
 def recorded_family(row: dict) -> str | None:
@@ -111,9 +117,13 @@ def baseline_pairs(models: Iterable[str]) -> list[tuple[str, str]]:
     transformer_deep_180m and transformer_mha_180m; tiny_pha with tiny_transformer. The bench's printed comparisons
     and the efficiency ratio table pair models by this rule."""
     parts = {str(m): _scale_and_core(str(m)) for m in sorted({str(m) for m in models})}
-    return [(m, b) for m, (scale, core) in parts.items() if core == "pha" or core.startswith("pha_")
-            for b, (b_scale, b_core) in parts.items()
-            if b_scale == scale and (b_core == "transformer" or b_core.startswith("transformer_"))]
+    return [
+        (m, b)
+        for m, (scale, core) in parts.items()
+        if core == "pha" or core.startswith("pha_")
+        for b, (b_scale, b_core) in parts.items()
+        if b_scale == scale and (b_core == "transformer" or b_core.startswith("transformer_"))
+    ]
 
 
 def _as_int(value) -> int | None:
@@ -123,5 +133,3 @@ def _as_int(value) -> int | None:
     except (TypeError, ValueError):
         return None
     return int(number) if np.isfinite(number) else None
-
-

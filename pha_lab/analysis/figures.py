@@ -15,9 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import EngFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 NO_DATA = "no runs yet"
 
@@ -45,8 +45,15 @@ def _heatmap(ax, weights: pd.DataFrame, title: str, vmin: float | None = None, v
             ax.text(c, r, "absent", ha="center", va="center", color="gray", fontsize=6)
             continue
         red, green, blue, _ = image.cmap(image.norm(v))  # dark text on light cells, light text on dark ones
-        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                color="k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w")
+        ax.text(
+            c,
+            r,
+            f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w",
+        )
     return image
 
 
@@ -63,7 +70,7 @@ def _grid(n: int, width: float = 3.6, height: float = 2.8, cols: int = 3, sharey
     cols = max(1, min(cols, n))
     rows = math.ceil(max(n, 1) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=sharey)
-    for ax in axes.flat[max(n, 1):]:
+    for ax in axes.flat[max(n, 1) :]:
         ax.set_visible(False)
     return fig, list(axes.flat)
 
@@ -97,14 +104,22 @@ def _legend_outside(fig, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-                   frameon=False)
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            frameon=False,
+        )
 
 
 def mixer_heatmaps(frames: dict[str, pd.DataFrame], path: Path, pdf: bool = True):
     """One layers x branches heatmap per configuration (seed-mean weights), side by side, on one colour scale
     from 0 (so equal weights look equal across panels; the numbers are printed in the cells)."""
-    fig, axes = _grid(len(frames), width=1.4 + 1.0 * 3, height=1.1 + 0.35 * max([len(f) for f in frames.values()] + [2]))
+    fig, axes = _grid(
+        len(frames), width=1.4 + 1.0 * 3, height=1.1 + 0.35 * max([len(f) for f in frames.values()] + [2])
+    )
     if not frames:
         _empty(axes[0], "branch", "layer", "mixer weights")
         save(fig, path, pdf)
@@ -119,8 +134,18 @@ def mixer_heatmaps(frames: dict[str, pd.DataFrame], path: Path, pdf: bool = True
     return fig
 
 
-def intervals(frame: pd.DataFrame, value: str, labels: list[str], path: Path, xlabel: str, low: str | None = None,
-              high: str | None = None, zero: bool = False, ylabel: str = "", pdf: bool = True):
+def intervals(
+    frame: pd.DataFrame,
+    value: str,
+    labels: list[str],
+    path: Path,
+    xlabel: str,
+    low: str | None = None,
+    high: str | None = None,
+    zero: bool = False,
+    ylabel: str = "",
+    pdf: bool = True,
+):
     """One dot per row of `frame` at `value` with a whisker from `low` to `high` (columns; default: ± `{value}
     std`), rows top to bottom; `zero` draws the line a difference is judged against. The x axis spans the data,
     not 0, so differences of a few percent stay visible."""
@@ -162,8 +187,15 @@ def per_layer_lines(frame: pd.DataFrame, branches: list[str], path: Path, ylabel
         layers = g["layer"].astype(int)
         for b in branches:
             if b in g and g[b].notna().any():
-                ax.errorbar(layers, g[b].astype(float), yerr=g.get(f"{b} std", 0 * layers).fillna(0).astype(float),
-                            marker="o", capsize=3, label=b, color=colours[b])
+                ax.errorbar(
+                    layers,
+                    g[b].astype(float),
+                    yerr=g.get(f"{b} std", 0 * layers).fillna(0).astype(float),
+                    marker="o",
+                    capsize=3,
+                    label=b,
+                    color=colours[b],
+                )
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(sorted(layers.unique()))
         ax.set_xlabel("layer")
@@ -176,10 +208,23 @@ def per_layer_lines(frame: pd.DataFrame, branches: list[str], path: Path, ylabel
     return fig
 
 
-def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str], path: Path, xlabel: str,
-           ylabel: str, logx: int | None = None, reference: dict[str, float] | None = None,
-           titles: dict | None = None, note: str | None = None, sharey: bool = False, pdf: bool = True,
-           logy: bool = False):
+def curves(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    line: list[str],
+    panel: list[str],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    logx: int | None = None,
+    reference: dict[str, float] | None = None,
+    titles: dict | None = None,
+    note: str | None = None,
+    sharey: bool = False,
+    pdf: bool = True,
+    logy: bool = False,
+):
     """Panels of y vs x, one per `panel` group (titled by `titles[key]`, else `name=key`), one line per `line`
     group (± `{y} std` when present) with the same colour in every panel; `reference` draws labelled horizontal
     lines (the paper's claims; red dashed, then black dotted); `logx` is the log base of the x axis (base 2: ticks
@@ -196,11 +241,20 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
         for label, h in g.groupby(line, sort=True, dropna=False):
             h = h.sort_values(x)
             std = h.get(f"{y} std")
-            ax.errorbar(h[x].astype(float), h[y].astype(float), marker=markers[name(label)], mfc="none", capsize=3,
-                        color=colours[name(label)],
-                        yerr=None if std is None else std.fillna(0).astype(float), label=name(label))
+            ax.errorbar(
+                h[x].astype(float),
+                h[y].astype(float),
+                marker=markers[name(label)],
+                mfc="none",
+                capsize=3,
+                color=colours[name(label)],
+                yerr=None if std is None else std.fillna(0).astype(float),
+                label=name(label),
+            )
         key1 = key[0] if isinstance(key, tuple) and len(key) == 1 else key
-        title = (titles or {}).get(key1) or ", ".join(f"{p}={k}" for p, k in zip(panel, key if isinstance(key, tuple) else (key,)))
+        title = (titles or {}).get(key1) or ", ".join(
+            f"{p}={k}" for p, k in zip(panel, key if isinstance(key, tuple) else (key,))
+        )
         ax.set_title(title, fontsize=9)
     for ax, (_, g) in zip(axes, groups or [((), frame)]):
         if logx and groups:
@@ -213,7 +267,9 @@ def curves(frame: pd.DataFrame, x: str, y: str, line: list[str], panel: list[str
             ax.set_yscale("log")
         if groups and frame[y].abs().max() >= 1e4 and not logy:
             ax.yaxis.set_major_formatter(EngFormatter(sep=""))
-        for (label, value), (colour, style) in zip((reference or {}).items(), [("r", "--"), ("k", ":"), ("gray", "-.")] * 9):
+        for (label, value), (colour, style) in zip(
+            (reference or {}).items(), [("r", "--"), ("k", ":"), ("gray", "-.")] * 9
+        ):
             ax.axhline(value, color=colour, ls=style, lw=1, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -31,8 +31,10 @@ def _longctx_labels(frame: pd.DataFrame) -> pd.Series:
     per-book cap where there is one, and the configuration id where two configurations would share a label."""
     if frame.empty:
         return pd.Series([], dtype=object)
-    base = [f"{r['model']} (train {int(r['data.seq_len'])})" if pd.notna(r.get("data.seq_len")) else str(r["model"])
-            for _, r in frame.iterrows()]
+    base = [
+        f"{r['model']} (train {int(r['data.seq_len'])})" if pd.notna(r.get("data.seq_len")) else str(r["model"])
+        for _, r in frame.iterrows()
+    ]
     base = pd.Series(base, index=frame.index)
     clash = frame.groupby(base)["config_id"].transform("nunique") > 1
     base = base.where(~clash, base + " " + frame["config_id"].astype(str).str[:6])
@@ -41,8 +43,9 @@ def _longctx_labels(frame: pd.DataFrame) -> pd.Series:
     return base + pd.Series(stride, index=frame.index) + pd.Series(cap, index=frame.index)
 
 
-def long_context_buckets(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, kind: str = "all",
-                         split: str = "test") -> pd.DataFrame:
+def long_context_buckets(
+    runs: pd.DataFrame, sweeps: Iterable[str] | None = None, kind: str = "all", split: str = "test"
+) -> pd.DataFrame:
     """PPL and bits per byte per configuration, evaluation context and bucket of `kind` (all: whole books; window:
     position in the window; position: in the book), mean ± std over the pooled runs, with a line `label`."""
     long, _ = _longctx_long(runs, sweeps, split)
@@ -50,9 +53,12 @@ def long_context_buckets(runs: pd.DataFrame, sweeps: Iterable[str] | None = None
     keep = ["model", *PARAMS, "data.seq_len", "books"]
     frame = aggregate(long, ["ppl", "bpb"], by=[*LONGCTX_BY, "lo", "hi"], keep=keep)
     if len(frame):
-        frame = (frame.assign(_r=frame["model"].map(family_rank))
-                 .sort_values(["_r", "model", "config", "context", "lo"], kind="stable").drop(columns="_r")
-                 .reset_index(drop=True))
+        frame = (
+            frame.assign(_r=frame["model"].map(family_rank))
+            .sort_values(["_r", "model", "config", "context", "lo"], kind="stable")
+            .drop(columns="_r")
+            .reset_index(drop=True)
+        )
     frame.insert(0, "label", _longctx_labels(frame).to_numpy() if len(frame) else [])
     return frame
 
@@ -63,15 +69,34 @@ def long_context_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None, 
     frame = long_context_buckets(runs, sweeps, "all", split)
     long, excluded = _longctx_long(runs, sweeps, split)
     books = sorted({str(b) for b in long.get("books", pd.Series(dtype=object)).dropna()})
-    columns = {"sweeps": "sweeps (runs)", "label": "model", "config": "config", **PARAMS, "data.seq_len": "train ctx",
-               "context": "eval ctx", "stride": "stride", "n": "seeds", "ppl": f"{split} PPL", "bpb": "bits/byte",
-               "runs": "runs"}
-    notes = [POOLING_NOTE,
-             f"Protocol (docs/data.md, section 9): the {split} books ({' | '.join(books) or 'none yet'}), each "
-             "scored on its own from its first token at evaluation context C with the stride shown (= C: "
-             "non-overlapping windows); no window crosses a book, the <|endoftext|> between books is not scored, a "
-             "book shorter than C is one window; bits per byte over the UTF-8 bytes of the scored tokens.",
-             family_note(long.drop_duplicates("run_id")) if len(long) else "", excluded or ""]
+    columns = {
+        "sweeps": "sweeps (runs)",
+        "label": "model",
+        "config": "config",
+        **PARAMS,
+        "data.seq_len": "train ctx",
+        "context": "eval ctx",
+        "stride": "stride",
+        "n": "seeds",
+        "ppl": f"{split} PPL",
+        "bpb": "bits/byte",
+        "runs": "runs",
+    }
+    notes = [
+        POOLING_NOTE,
+        f"Protocol (docs/data.md, section 9): the {split} books ({' | '.join(books) or 'none yet'}), each "
+        "scored on its own from its first token at evaluation context C with the stride shown (= C: "
+        "non-overlapping windows); no window crosses a book, the <|endoftext|> between books is not scored, a "
+        "book shorter than C is one window; bits per byte over the UTF-8 bytes of the scored tokens.",
+        family_note(long.drop_duplicates("run_id")) if len(long) else "",
+        excluded or "",
+    ]
     formats = {**FORMATS, "ppl": fixed(2), "bpb": fixed(3), "context": tokens, "stride": tokens, "data.seq_len": tokens}
-    return Table(f"long_context-{split}", f"Long context: {split} PPL against the evaluation context", frame,
-                 shown_columns(frame, columns), [n for n in notes if n], formats)
+    return Table(
+        f"long_context-{split}",
+        f"Long context: {split} PPL against the evaluation context",
+        frame,
+        shown_columns(frame, columns),
+        [n for n in notes if n],
+        formats,
+    )

@@ -11,7 +11,16 @@ import numpy as np
 import pandas as pd
 
 from pha_lab.analysis.render import FORMATS, Table
-from pha_lab.analysis.rows import PARAMS, POOLING_NOTE, family_note, in_scope, rows_where, shown_columns, table_notes, with_model
+from pha_lab.analysis.rows import (
+    PARAMS,
+    POOLING_NOTE,
+    family_note,
+    in_scope,
+    rows_where,
+    shown_columns,
+    table_notes,
+    with_model,
+)
 from pha_lab.analysis.runs import config_key, finished
 from pha_lab.analysis.stats import aggregate
 
@@ -35,13 +44,31 @@ def mqar_lr_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Ta
     """The learning-rate sensitivity behind `mqar_table`: every learning rate, mean ± std over the pooled runs."""
     frame = mqar_by_lr(runs, sweeps)
     if len(frame):
-        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "task_id", "optim.lr"]).reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr", "n": "seeds", "val/accuracy": "val accuracy",
-             "test/accuracy": "test accuracy", "runs": "runs"}
+        frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "task_id", "optim.lr"]).reset_index(
+            drop=True
+        )
+    shown = {
+        "sweeps": "sweeps (runs)",
+        "model": "model",
+        **PARAMS,
+        "model.d_model": "width",
+        "data.seq_len": "seq len",
+        "data.mqar.num_kv_pairs": "kv pairs",
+        "optim.lr": "lr",
+        "n": "seeds",
+        "val/accuracy": "val accuracy",
+        "test/accuracy": "test accuracy",
+        "runs": "runs",
+    }
     done, _ = finished(in_scope(mqar_runs(runs), sweeps))
-    return Table("mqar-lr", "MQAR: accuracy per learning rate", frame, shown_columns(frame, shown),
-                 table_notes(pd.DataFrame(), None, frame, POOLING_NOTE, family_note(done)), _MQAR_FORMATS)
+    return Table(
+        "mqar-lr",
+        "MQAR: accuracy per learning rate",
+        frame,
+        shown_columns(frame, shown),
+        table_notes(pd.DataFrame(), None, frame, POOLING_NOTE, family_note(done)),
+        _MQAR_FORMATS,
+    )
 
 
 def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table:
@@ -64,15 +91,36 @@ def mqar_table(runs: pd.DataFrame, sweeps: Iterable[str] | None = None) -> Table
     if len(frame):
         frame = frame.sort_values(["model", "model.d_model", "data.seq_len", "data.mqar.num_kv_pairs"], kind="stable")
         frame = frame.reset_index(drop=True)
-    shown = {"sweeps": "sweeps (runs)", "model": "model", **PARAMS, "model.d_model": "width", "data.seq_len": "seq len",
-             "data.mqar.num_kv_pairs": "kv pairs", "optim.lr": "lr (best val)", "learning rates": "lrs tried",
-             "n": "seeds", "val/accuracy": "val accuracy", "test/accuracy": "test accuracy", "runs": "runs"}
-    notes = table_notes(done, excluded, frame, POOLING_NOTE,
-                   "The learning rate is picked on the seed-mean validation accuracy (ties: the smallest); the test "
-                   "accuracy is reported at it, so test never enters the selection. The runs column names the runs "
-                   "at that learning rate.",
-                   f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "",
-                   family_note(done))
-    return Table("mqar", "MQAR: recall accuracy at the learning rate picked on validation", frame, shown_columns(frame, shown),
-                 notes, _MQAR_FORMATS)
-
+    shown = {
+        "sweeps": "sweeps (runs)",
+        "model": "model",
+        **PARAMS,
+        "model.d_model": "width",
+        "data.seq_len": "seq len",
+        "data.mqar.num_kv_pairs": "kv pairs",
+        "optim.lr": "lr (best val)",
+        "learning rates": "lrs tried",
+        "n": "seeds",
+        "val/accuracy": "val accuracy",
+        "test/accuracy": "test accuracy",
+        "runs": "runs",
+    }
+    notes = table_notes(
+        done,
+        excluded,
+        frame,
+        POOLING_NOTE,
+        "The learning rate is picked on the seed-mean validation accuracy (ties: the smallest); the test "
+        "accuracy is reported at it, so test never enters the selection. The runs column names the runs "
+        "at that learning rate.",
+        f"{unscored} task(s) without val/accuracy: no learning rate picked." if unscored else "",
+        family_note(done),
+    )
+    return Table(
+        "mqar",
+        "MQAR: recall accuracy at the learning rate picked on validation",
+        frame,
+        shown_columns(frame, shown),
+        notes,
+        _MQAR_FORMATS,
+    )

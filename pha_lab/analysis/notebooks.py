@@ -43,10 +43,16 @@ def status_line(runs: pd.DataFrame, sweeps: list[str], uri: str) -> str:
         return f"No runs yet in sweep(s) {', '.join(sweeps)} at {uri}: rendering the empty table skeleton."
     counts = mine["status"].value_counts()
     others = scope[~scope["experiment"].isin(sweeps)]
-    pooled = (f"; pooled with {len(others)} run(s) of the same configurations in "
-              f"{', '.join(sorted(others['experiment'].unique()))}" if len(others) else "")
-    return (f"{len(mine)} run(s) in {', '.join(sorted(mine['experiment'].unique()))} at {uri} "
-            f"({', '.join(f'{n} {s}' for s, n in counts.items())}){pooled}.")
+    pooled = (
+        f"; pooled with {len(others)} run(s) of the same configurations in "
+        f"{', '.join(sorted(others['experiment'].unique()))}"
+        if len(others)
+        else ""
+    )
+    return (
+        f"{len(mine)} run(s) in {', '.join(sorted(mine['experiment'].unique()))} at {uri} "
+        f"({', '.join(f'{n} {s}' for s, n in counts.items())}){pooled}."
+    )
 
 
 def sweeps_for(notebook: str, sweeps: list[str] | str | None = None) -> list[str]:
@@ -61,9 +67,16 @@ def out_dir(path: str | Path | None = None) -> Path:
     return Path(path) if path else OUT_DIR
 
 
-def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[str, list[str]] | None = None,
-                     notebooks: Iterable[str] = NOTEBOOKS, efficiency_csv: str | None = EFFICIENCY_CSV,
-                     datasets: list[str] | None = None, jobs_at_once: int = 2, log=print) -> list[str]:
+def render_notebooks(
+    tracking_uri: str,
+    out: str | Path = OUT_DIR,
+    sweeps: dict[str, list[str]] | None = None,
+    notebooks: Iterable[str] = NOTEBOOKS,
+    efficiency_csv: str | None = EFFICIENCY_CSV,
+    datasets: list[str] | None = None,
+    jobs_at_once: int = 2,
+    log=print,
+) -> list[str]:
     """Execute the analysis notebooks headlessly (papermill) into `out`; return the failures.
 
     The perplexity notebook runs once per dataset that has runs (or once for WikiText-103, showing
@@ -90,8 +103,14 @@ def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[
         target = out / f"{name}.ipynb"
         log(f"[tables] {nb}.ipynb -> {target}")
         try:
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(target), parameters=params, kernel_name="python3",
-                                progress_bar=False, cwd=str(PROJECT_ROOT))
+            pm.execute_notebook(
+                str(NOTEBOOK_DIR / f"{nb}.ipynb"),
+                str(target),
+                parameters=params,
+                kernel_name="python3",
+                progress_bar=False,
+                cwd=str(PROJECT_ROOT),
+            )
         except Exception as exc:  # PapermillExecutionError names the failing cell; a dead kernel lands here too
             print(f"[tables] FAILED {name} (executed notebook: {target}):\n{exc}", file=sys.stderr)
             return f"{name}: {type(exc).__name__}"
@@ -100,4 +119,3 @@ def render_notebooks(tracking_uri: str, out: str | Path = OUT_DIR, sweeps: dict[
     # Each notebook is its own kernel process, mostly importing: run `jobs_at_once` of them at a time.
     with ThreadPoolExecutor(max(1, jobs_at_once)) as pool:
         return [f for f in pool.map(execute, jobs) if f]
-

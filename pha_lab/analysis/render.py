@@ -7,9 +7,9 @@ LaTeX show. A shown column `c` with a `c std` sibling reads "mean ± std"; one w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,10 @@ class Table:
             fmt = self.formats.get(col, _fmt)
             nan = pd.Series(np.nan, index=self.frame.index)
             if f"{col} lo" in self.frame:
-                out[header] = [_interval(v, lo, hi, fmt) for v, lo, hi in
-                               zip(self.frame[col], self.frame[f"{col} lo"], self.frame.get(f"{col} hi", nan))]
+                out[header] = [
+                    _interval(v, lo, hi, fmt)
+                    for v, lo, hi in zip(self.frame[col], self.frame[f"{col} lo"], self.frame.get(f"{col} hi", nan))
+                ]
             else:
                 out[header] = [_pm(v, s, fmt) for v, s in zip(self.frame[col], self.frame.get(f"{col} std", nan))]
         return pd.DataFrame(out, columns=list(self.columns.values()))
@@ -47,7 +49,9 @@ class Table:
     def to_markdown(self) -> str:
         shown = self.display()
         lines = [f"**{self.title}**", "", "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-        lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)]
+        lines += [
+            "| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)
+        ]
         if shown.empty:
             lines.append("| " + " | ".join(["–"] * len(shown.columns)) + " |")
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes]) + "\n"
@@ -57,9 +61,18 @@ class Table:
         rows = [" & ".join(_tex(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
         if shown.empty:
             rows = [" & ".join(["--"] * len(shown.columns)) + r" \\"]
-        body = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(self.title)}}}",
-                r"\begin{tabular}{" + "l" * len(shown.columns) + "}", r"\toprule",
-                " & ".join(_tex(c) for c in shown.columns) + r" \\", r"\midrule", *rows, r"\bottomrule", r"\end{tabular}"]
+        body = [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{_tex(self.title)}}}",
+            r"\begin{tabular}{" + "l" * len(shown.columns) + "}",
+            r"\toprule",
+            " & ".join(_tex(c) for c in shown.columns) + r" \\",
+            r"\midrule",
+            *rows,
+            r"\bottomrule",
+            r"\end{tabular}",
+        ]
         if self.notes:
             body.append(r"\par\smallskip\footnotesize " + r" \par ".join(_tex(n) for n in self.notes))
         return "\n".join(body + [r"\end{table}"]) + "\n"
@@ -112,8 +125,18 @@ def short_ids(value) -> str:
 
 def _tex(value) -> str:
     text = str(value)
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("$", r"\$"),
+        ("#", r"\#"),
+        ("_", r"\_"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+        ("~", r"\textasciitilde{}"),
+        ("^", r"\^{}"),
+    ):
         text = text.replace(a, b)
     return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
 
@@ -152,8 +175,16 @@ def percent(value) -> str:
     return f"{rounded:+d}%" if rounded else "0%"
 
 
-FORMATS = {"runs": short_ids, "reference runs": short_ids, "n_params": scale_label,
-           "n_params_non_embedding": millions, "delta params": percent, "train/tokens_seen": tokens,
-           "test/ppl": fixed(2), "test/bpb": fixed(3), "test/accuracy": fixed(3), "val/accuracy": fixed(3),
-           "delta": signed(2)}
-
+FORMATS = {
+    "runs": short_ids,
+    "reference runs": short_ids,
+    "n_params": scale_label,
+    "n_params_non_embedding": millions,
+    "delta params": percent,
+    "train/tokens_seen": tokens,
+    "test/ppl": fixed(2),
+    "test/bpb": fixed(3),
+    "test/accuracy": fixed(3),
+    "val/accuracy": fixed(3),
+    "delta": signed(2),
+}

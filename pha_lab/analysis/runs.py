@@ -32,25 +32,66 @@ import numpy as np
 import pandas as pd
 
 from pha_lab.analysis.families import (  # (`x as x`: re-exported, the notebooks, tests and bench use them from here)
-    FAMILY_LABELS as FAMILY_LABELS, baseline_pairs as baseline_pairs, guessed_family, model_family as model_family,
-    recorded_family)
+    FAMILY_LABELS as FAMILY_LABELS,
+    baseline_pairs as baseline_pairs,
+    guessed_family,
+    model_family as model_family,
+    recorded_family,
+)
 from pha_lab.analysis.stats import (
-    DuplicateRunsWarning as DuplicateRunsWarning, aggregate as aggregate, difference as difference, reading as reading)
+    DuplicateRunsWarning as DuplicateRunsWarning,
+    aggregate as aggregate,
+    difference as difference,
+    reading as reading,
+)
 from pha_lab.config import PROJECT_ROOT
 
-BASE_COLUMNS = ["run_id", "experiment", "status", "config", "family", "family_source", "config_id", "recipe_id", "seed",
-                "start_time", "identity"]
+BASE_COLUMNS = [
+    "run_id",
+    "experiment",
+    "status",
+    "config",
+    "family",
+    "family_source",
+    "config_id",
+    "recipe_id",
+    "seed",
+    "start_time",
+    "identity",
+]
 # Params that change neither what is trained nor how it is scored: runs differing only in these are replicates of
 # one configuration (the seed is the replicate; `name` is a preset's label, not its content; `tracking.` covers
 # the experiment, run name and sweep tags; `model.family` labels what the other keys build). A key or a prefix
 # ending in ".".
-NOT_IDENTITY = ("seed", "resume", "name", "model.family", "tracking.", "data.cache_dir", "data.data_dir",
-                "data.num_proc", "data.num_workers", "trainer.cpu_threads", "trainer.log_every_n_steps",
-                "trainer.ckpt_every_n_steps")
+NOT_IDENTITY = (
+    "seed",
+    "resume",
+    "name",
+    "model.family",
+    "tracking.",
+    "data.cache_dir",
+    "data.data_dir",
+    "data.num_proc",
+    "data.num_workers",
+    "trainer.cpu_threads",
+    "trainer.log_every_n_steps",
+    "trainer.ckpt_every_n_steps",
+)
 # Tags that resolve what a param leaves to the machine (trainer.precision=auto: bf16-mixed on a GPU, fp32 on CPU).
 IDENTITY_TAGS = ("precision",)
-_NOT_NUMERIC = ("run_id", "parent_run_id", "git_sha", "protocol.tokenizer_sha256", "cell", "config", "family",
-                "config_id", "recipe_id", "identity", "start_time")
+_NOT_NUMERIC = (
+    "run_id",
+    "parent_run_id",
+    "git_sha",
+    "protocol.tokenizer_sha256",
+    "cell",
+    "config",
+    "family",
+    "config_id",
+    "recipe_id",
+    "identity",
+    "start_time",
+)
 
 
 # --------------------------------------------------------------------------- reading
@@ -116,7 +157,9 @@ def search_runs(experiments: str | Iterable[str] | None, tracking_uri: str) -> p
     return df
 
 
-def load_runs(sweeps: str | Iterable[str] | None, tracking_uri: str | None = None, runs_dir: str | None = None) -> pd.DataFrame:
+def load_runs(
+    sweeps: str | Iterable[str] | None, tracking_uri: str | None = None, runs_dir: str | None = None
+) -> pd.DataFrame:
     """Every child run of the named sweeps (MLflow experiments), any status, one row each. `sweeps=None`:
     the training runs (those that logged a model config) of every experiment, what pooling reads."""
     raw = search_runs(sweeps, resolve_uri(tracking_uri, runs_dir))
@@ -131,8 +174,12 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
     """mlflow.search_runs' frame -> bare column names, numbers as numbers, config label and ids."""
     if raw.empty:
         return pd.DataFrame(columns=BASE_COLUMNS)
-    out = {"run_id": raw["run_id"], "experiment": raw.get("experiment", raw["experiment_id"]), "status": raw["status"],
-           "start_time": raw.get("start_time")}
+    out = {
+        "run_id": raw["run_id"],
+        "experiment": raw.get("experiment", raw["experiment_id"]),
+        "status": raw["status"],
+        "start_time": raw.get("start_time"),
+    }
     for col in raw.columns:
         kind, _, name = col.partition(".")
         if kind == "params" and name not in out:
@@ -164,7 +211,7 @@ def tidy(raw: pd.DataFrame) -> pd.DataFrame:
 def _identities(raw: pd.DataFrame) -> list[dict[str, str]]:
     """Per run: the params that say what is trained and how it is scored (as logged, strings), and the
     `IDENTITY_TAGS`; keys a run did not log are absent, so an old run never matches a new key's value."""
-    cols = [c for c in raw.columns if c.startswith("params.") and not c[len("params."):].startswith(NOT_IDENTITY)]
+    cols = [c for c in raw.columns if c.startswith("params.") and not c[len("params.") :].startswith(NOT_IDENTITY)]
     cols += [f"tags.{t}" for t in IDENTITY_TAGS if f"tags.{t}" in raw]
     rows = raw[cols].to_dict("records") if cols else [{} for _ in range(len(raw))]
     return [{c.partition(".")[2]: v for c, v in r.items() if isinstance(v, str)} for r in rows]
@@ -209,14 +256,16 @@ def finished(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     return done, note
 
 
-
 # --------------------------------------------------------------------------- per-layer and long-context metrics
 def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataFrame:
     """Long frame (run_id, layer, branch, value) of per-layer metrics: `{prefix}/L{i}/{branch}` (mixer,
     rms) without a suffix, `{prefix}/{branch}/L{i}{suffix}` or `{prefix}/{branch}/all{suffix}` with one
     (knockout; layer "all" = the branch zeroed in every layer)."""
-    pattern = (re.compile(rf"^{re.escape(prefix)}/L(?P<layer>\d+)/(?P<branch>\w+)$") if not suffix else
-               re.compile(rf"^{re.escape(prefix)}/(?P<branch>\w+)/(?:L(?P<layer>\d+)|(?P<all>all)){re.escape(suffix)}$"))
+    pattern = (
+        re.compile(rf"^{re.escape(prefix)}/L(?P<layer>\d+)/(?P<branch>\w+)$")
+        if not suffix
+        else re.compile(rf"^{re.escape(prefix)}/(?P<branch>\w+)/(?:L(?P<layer>\d+)|(?P<all>all)){re.escape(suffix)}$")
+    )
     rows = []
     for col in runs.columns:
         match = pattern.match(str(col))
@@ -229,8 +278,10 @@ def layer_metrics(runs: pd.DataFrame, prefix: str, suffix: str = "") -> pd.DataF
     return pd.DataFrame(rows, columns=["run_id", "layer", "branch", "value"])
 
 
-LONGCTX_METRIC = re.compile(r"^longctx/(?P<split>[^/]+)/C(?P<context>\d+)/"
-                            r"(?:(?P<kind>window|position)/(?P<lo>\d+)-(?P<hi>\d+)/)?(?P<metric>ppl|bpb)$")
+LONGCTX_METRIC = re.compile(
+    r"^longctx/(?P<split>[^/]+)/C(?P<context>\d+)/"
+    r"(?:(?P<kind>window|position)/(?P<lo>\d+)-(?P<hi>\d+)/)?(?P<metric>ppl|bpb)$"
+)
 
 
 def longctx_metrics(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -247,12 +298,16 @@ def longctx_metrics(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
         lo, hi = (int(match["lo"]), int(match["hi"])) if match["kind"] else (0, 0)
         for run_id, value in zip(runs["run_id"], runs[col]):
             if pd.notna(value):
-                row = rows.setdefault((run_id, context, kind, lo, hi), {"run_id": run_id, "context": context,
-                                                                         "kind": kind, "lo": lo, "hi": hi})
+                row = rows.setdefault(
+                    (run_id, context, kind, lo, hi),
+                    {"run_id": run_id, "context": context, "kind": kind, "lo": lo, "hi": hi},
+                )
                 row[match["metric"]] = float(value)
     frame = pd.DataFrame(list(rows.values()), columns=["run_id", "context", "kind", "lo", "hi", "ppl", "bpb"])
     tags = runs.set_index("run_id") if len(runs) else pd.DataFrame()
     for key in ("stride", "max_book_tokens", "books"):
-        frame[key] = [tags.at[r, f"longctx.{split}.C{c}.{key}"] if f"longctx.{split}.C{c}.{key}" in tags else np.nan
-                      for r, c in zip(frame["run_id"], frame["context"])]
+        frame[key] = [
+            tags.at[r, f"longctx.{split}.C{c}.{key}"] if f"longctx.{split}.C{c}.{key}" in tags else np.nan
+            for r, c in zip(frame["run_id"], frame["context"])
+        ]
     return frame

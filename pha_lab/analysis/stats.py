@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 
 
-def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = None,
-              keep: list[str] = ()) -> pd.DataFrame:
+def aggregate(
+    runs: pd.DataFrame, metrics: list[str], by: list[str] | None = None, keep: list[str] = ()
+) -> pd.DataFrame:
     """One row per configuration (default: `config_id`, pooled over every sweep that ran it), over seeds.
 
     Each metric m gives columns `m` (mean over the runs that logged it), `m std` (sample std, ddof=1; NaN for
@@ -23,8 +24,12 @@ def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = Non
     twice), not two replicates: the first started is kept, the others are left out of the statistics and named
     in the `duplicates` column, with a warning."""
     by = list(by or ["config_id"])
-    columns = by + [c for c in ("config", *keep) if c not in by] + [
-        x for m in metrics for x in (m, f"{m} std", f"{m} n")] + ["n", "sweeps", "runs", "duplicates"]
+    columns = (
+        by
+        + [c for c in ("config", *keep) if c not in by]
+        + [x for m in metrics for x in (m, f"{m} std", f"{m} n")]
+        + ["n", "sweeps", "runs", "duplicates"]
+    )
     if runs.empty:
         return pd.DataFrame(columns=columns)
     runs, left_out = drop_duplicates(runs, by)
@@ -40,7 +45,9 @@ def aggregate(runs: pd.DataFrame, metrics: list[str], by: list[str] | None = Non
             row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{m} n"] = len(values)
         row["n"] = len(group)
-        row["sweeps"] = ", ".join(f"{e} ({k})" for e, k in sorted(group["experiment"].astype(str).value_counts().items()))
+        row["sweeps"] = ", ".join(
+            f"{e} ({k})" for e, k in sorted(group["experiment"].astype(str).value_counts().items())
+        )
         row["runs"] = ",".join(group["run_id"])
         row["duplicates"] = left_out.get(key if isinstance(key, tuple) else (key,), "")
         rows.append(row)
@@ -60,12 +67,18 @@ def drop_duplicates(runs: pd.DataFrame, by: list[str] = ("config_id",)) -> tuple
     for _, group in runs[runs.duplicated(key, keep=False)].groupby(key, sort=False, dropna=False):
         kept, extra = group["run_id"].iloc[0], list(group["run_id"].iloc[1:])
         first = group.iloc[0]
-        text = (f"{first['experiment']} seed {_seed(first['seed'])}: {len(group)} runs, kept {kept[:8]}, "
-                f"left out {', '.join(r[:8] for r in extra)}")
+        text = (
+            f"{first['experiment']} seed {_seed(first['seed'])}: {len(group)} runs, kept {kept[:8]}, "
+            f"left out {', '.join(r[:8] for r in extra)}"
+        )
         messages.setdefault(tuple(first[c] for c in by), []).append(text)
     joined = {k: "; ".join(v) for k, v in messages.items()}
-    warnings.warn("bookkeeping duplicates (one sweep ran one configuration and seed more than once; only the first "
-                  "started run counts): " + "; ".join(joined.values()), DuplicateRunsWarning, stacklevel=3)
+    warnings.warn(
+        "bookkeeping duplicates (one sweep ran one configuration and seed more than once; only the first "
+        "started run counts): " + "; ".join(joined.values()),
+        DuplicateRunsWarning,
+        stacklevel=3,
+    )
     return runs[~dup], joined
 
 
@@ -102,4 +115,3 @@ def reading(delta: float, low: float, high: float) -> str:
     if low <= 0 <= high:
         return "within noise"
     return "higher" if delta > 0 else "lower"
-

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -49,8 +49,16 @@ def cache_limit_gb(d: DictConfig, device: torch.device) -> float:
     return float("inf")
 
 
-def run_decode(spec: DictConfig, cells: list[Cell], device: torch.device, dtype: torch.dtype, amp,
-               add: Callable[[Cell, dict], None], skip: Callable[[list[Cell]], None], deadline: float) -> None:
+def run_decode(
+    spec: DictConfig,
+    cells: list[Cell],
+    device: torch.device,
+    dtype: torch.dtype,
+    amp,
+    add: Callable[[Cell, dict], None],
+    skip: Callable[[list[Cell]], None],
+    deadline: float,
+) -> None:
     """The decode cells, model by model (each built once on the device); `add` records a row, `skip` the cells past
     the time budget."""
     limit = cache_limit_gb(spec.decode, device)
@@ -76,16 +84,20 @@ def run_decode(spec: DictConfig, cells: list[Cell], device: torch.device, dtype:
         free_memory(device)
 
 
-def decode_cell(cell: Cell, model, d: DictConfig, device: torch.device, dtype: torch.dtype, amp,
-                limit_gb: float) -> dict:
+def decode_cell(
+    cell: Cell, model, d: DictConfig, device: torch.device, dtype: torch.dtype, amp, limit_gb: float
+) -> dict:
     """One cell's result row (see the module docstring)."""
     batch, context, prompt = cell.batch_size, cell.seq_len, prompt_len(cell)
     analytic = model.cache_bytes(batch, context, dtype.itemsize)
     need_gb = (analytic + weight_bytes(model)) / 1e9
     if need_gb > limit_gb:
-        return {"status": "skipped", "cache_bytes_analytic": analytic,
-                "note": f"cache {analytic / 1e9:.3g} GB + weights = {need_gb:.3g} GB > {limit_gb:.3g} GB "
-                        f"(decode.max_cache_gb, default the GPU's memory)"}
+        return {
+            "status": "skipped",
+            "cache_bytes_analytic": analytic,
+            "note": f"cache {analytic / 1e9:.3g} GB + weights = {need_gb:.3g} GB > {limit_gb:.3g} GB "
+            f"(decode.max_cache_gb, default the GPU's memory)",
+        }
     cuda = device.type == "cuda"
     info: dict = {}
 
@@ -123,9 +135,13 @@ def decode_cell(cell: Cell, model, d: DictConfig, device: torch.device, dtype: t
         free_memory(device)
         return result
     prefill_ms = statistics.median(info["prefill_ms"])
-    result.update(prefill_ms=prefill_ms, prefill_tok_s=batch * prompt / (prefill_ms / 1e3),
-                  decode_tok_s=result["tokens_per_s"], decode_tok_s_per_seq=1e3 / result["step_ms_median"],
-                  cache_bytes_measured=info["measured"])
+    result.update(
+        prefill_ms=prefill_ms,
+        prefill_tok_s=batch * prompt / (prefill_ms / 1e3),
+        decode_tok_s=result["tokens_per_s"],
+        decode_tok_s_per_seq=1e3 / result["step_ms_median"],
+        cache_bytes_measured=info["measured"],
+    )
     if info["pos"] != context:  # by construction it is; a row that says otherwise would mislead
         result.update(status="error", note=f"decoded up to position {info['pos']}, not the context {context}")
     if cuda:

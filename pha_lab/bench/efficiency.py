@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import torch
@@ -38,21 +38,28 @@ from pha_lab.bench.decode import prompt_len, run_decode
 from pha_lab.bench.roofline import Rate, datasheet_flops, decode_floors, device_peaks, utilisation, workload_floors
 from pha_lab.bench.spec import DECODE_PARTS, DTYPES, OVERHEAD_PARTS, Cell, load_spec, plan
 from pha_lab.bench.timing import autocast, free_memory, measure, time_steps
-from pha_lab.bench.workloads import (Workload, build_step, make_optimizer, make_workload, memory_columns, meta_workload,
-                                     optimizer_bytes)
+from pha_lab.bench.workloads import (
+    Workload,
+    build_step,
+    make_optimizer,
+    make_workload,
+    memory_columns,
+    meta_workload,
+    optimizer_bytes,
+)
 
 
 @dataclass
 class BenchOptions:
     config: str = "efficiency"
     overrides: list[str] = field(default_factory=list)
-    out: Optional[str] = None  # CSV path; default runs/bench/<name>-<date>.csv
+    out: str | None = None  # CSV path; default runs/bench/<name>-<date>.csv
     measure_peak: bool = False
-    compile: Optional[bool] = None  # overrides every part's compile flag
-    tiny: Optional[bool] = None  # None: tiny exactly when there is no GPU
-    device: Optional[str] = None
+    compile: bool | None = None  # overrides every part's compile flag
+    tiny: bool | None = None  # None: tiny exactly when there is no GPU
+    device: str | None = None
     mlflow: bool = True
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     runs_dir: str = "runs"
     plan_only: bool = False
 
@@ -63,8 +70,14 @@ def resolve(opts: BenchOptions) -> tuple[DictConfig, torch.device]:
     tiny = opts.tiny if opts.tiny is not None else (device.type != "cuda" and not opts.plan_only)
     overrides = list(opts.overrides)
     if opts.compile is not None:
-        keys = ("compile", "branches.compile", "targets.compile", "overhead.compile", "targets_mini.compile",
-                "overhead_mini.compile")
+        keys = (
+            "compile",
+            "branches.compile",
+            "targets.compile",
+            "overhead.compile",
+            "targets_mini.compile",
+            "overhead_mini.compile",
+        )
         overrides += [f"{k}={opts.compile}" for k in keys]
     return load_spec(opts.config, overrides, tiny=tiny), device
 
@@ -102,8 +115,17 @@ def cell_floors(cell: Cell, meta: Workload, peak: float, bandwidth: float, cache
 class Rows:
     """The run's rows: each finished cell gets its floors and MFU, is appended, written and printed."""
 
-    def __init__(self, cells: list[Cell], header: dict, peak: Rate, bandwidth: Rate, datasheet: float, out: Path,
-                 start: float, cache_dtype_bytes: int = 4):
+    def __init__(
+        self,
+        cells: list[Cell],
+        header: dict,
+        peak: Rate,
+        bandwidth: Rate,
+        datasheet: float,
+        out: Path,
+        start: float,
+        cache_dtype_bytes: int = 4,
+    ):
         self.peak, self.bandwidth, self.datasheet, self.out, self.start = peak[0], bandwidth[0], datasheet, out, start
         self.cache_dtype_bytes = cache_dtype_bytes  # the run's dtype: what a KV cache would be kept in
         self.lengths = model_lengths(cells)
@@ -113,10 +135,24 @@ class Rows:
     def add(self, cell: Cell, result: dict) -> None:
         meta = meta_workload(cell.model, self.lengths.get((cell.part, cell.model), cell.seq_len))
         floors = cell_floors(cell, meta, self.peak, self.bandwidth, self.cache_dtype_bytes)
-        row = {**dataclasses.asdict(cell), "tokens_per_step": cell.seq_len * cell.batch_size, **self.common,
-               "n_params": meta.sizes()["n_params"], **floors, **result}
-        row.update(memory_columns(meta, cell.batch_size, cell.seq_len, self.cache_dtype_bytes,
-                                  result.get("optimizer_bytes"), result.get("peak_mem_gb")))
+        row = {
+            **dataclasses.asdict(cell),
+            "tokens_per_step": cell.seq_len * cell.batch_size,
+            **self.common,
+            "n_params": meta.sizes()["n_params"],
+            **floors,
+            **result,
+        }
+        row.update(
+            memory_columns(
+                meta,
+                cell.batch_size,
+                cell.seq_len,
+                self.cache_dtype_bytes,
+                result.get("optimizer_bytes"),
+                result.get("peak_mem_gb"),
+            )
+        )
         if row["status"] == "ok":
             row.update(utilisation(row["flops_per_step"], row["step_ms_median"], self.peak, self.datasheet))
         self.rows.append(row)
@@ -163,13 +199,21 @@ def _run(spec: DictConfig, device: torch.device, opts: BenchOptions) -> tuple[li
     print(f"\ncsv: {out}\nheader: {header_path}\ntook {time.monotonic() - start:.0f} s", flush=True)
     if opts.mlflow:
         try:
-            run_id = report.log_mlflow(rows.rows, header, OmegaConf.to_container(spec, resolve=True),
-                                       [out, header_path, table_path], opts.tracking_uri, opts.runs_dir,
-                                       spec.experiment)
+            run_id = report.log_mlflow(
+                rows.rows,
+                header,
+                OmegaConf.to_container(spec, resolve=True),
+                [out, header_path, table_path],
+                opts.tracking_uri,
+                opts.runs_dir,
+                spec.experiment,
+            )
             print(f"mlflow: run {run_id} in experiment '{spec.experiment}'")
         except Exception as exc:  # e.g. a GPU image without mlflow: the CSV is the record, log it later
-            print(f"mlflow not logged ({type(exc).__name__}: {exc}); later: pha-lab bench --from-csv {out}",
-                  file=sys.stderr)
+            print(
+                f"mlflow not logged ({type(exc).__name__}: {exc}); later: pha-lab bench --from-csv {out}",
+                file=sys.stderr,
+            )
     return rows.rows, header, out
 
 
@@ -230,10 +274,18 @@ def log_csv(path: Path, opts: BenchOptions) -> str:
     header_path, table_path = report.paths(path)
     header = json.loads(header_path.read_text()) if header_path.is_file() else {}
     spec = header.pop("spec", None) or OmegaConf.to_container(
-        resolve(BenchOptions(opts.config, opts.overrides, tiny=False))[0])
+        resolve(BenchOptions(opts.config, opts.overrides, tiny=False))[0]
+    )
     experiment = spec.get("experiment", "efficiency")
-    run_id = report.log_mlflow(report.read_csv(path), header, spec, [path, header_path, table_path], opts.tracking_uri,
-                               opts.runs_dir, experiment)
+    run_id = report.log_mlflow(
+        report.read_csv(path),
+        header,
+        spec,
+        [path, header_path, table_path],
+        opts.tracking_uri,
+        opts.runs_dir,
+        experiment,
+    )
     print(f"mlflow: run {run_id} in experiment '{experiment}' from {path}")
     return run_id
 
@@ -263,8 +315,9 @@ def compile_allowance(workload: Workload) -> float:
     return PLAN_COMPILE_BASE_S + PLAN_COMPILE_PER_LINEAR_S * linears
 
 
-def cell_estimate_s(c: Cell, floor_ms: float, first_of_part: bool, lightning_started: bool,
-                    workload: Workload) -> float:
+def cell_estimate_s(
+    c: Cell, floor_ms: float, first_of_part: bool, lightning_started: bool, workload: Workload
+) -> float:
     """One cell's estimated seconds (steps + fixed + compile + Lightning start-up), as `plan_table` sums them."""
     est = (c.warmup + c.steps) * floor_ms / 1e3 / PLAN_EFFICIENCY + PLAN_CELL_S
     if c.compile and (c.part not in OVERHEAD_PARTS or first_of_part):  # an overhead part compiles its module once
@@ -300,20 +353,36 @@ def plan_table(spec: DictConfig, peak_tflops: float | None = None, bandwidth_tbs
         if c.mode == "loop_lightning":
             lightning_parts.add(c.part)
         total += est
-        rows.append({"part": c.part, "model": c.model, "mode": c.mode, "T": c.seq_len, "B": c.batch_size,
-                     "compile": c.compile, "GFLOP/step": fl["flops_per_step"] / 1e9, "min GB moved": fl["min_bytes_gb"],
-                     "mem floor GB": fl["mem_floor_gb"], "floor ms": fl["floor_ms"], "bound": fl["floor_bound"],
-                     **({"prefill floor ms": fl["prefill_floor_ms"]} if c.part in DECODE_PARTS else {}), "est s": est})
+        rows.append(
+            {
+                "part": c.part,
+                "model": c.model,
+                "mode": c.mode,
+                "T": c.seq_len,
+                "B": c.batch_size,
+                "compile": c.compile,
+                "GFLOP/step": fl["flops_per_step"] / 1e9,
+                "min GB moved": fl["min_bytes_gb"],
+                "mem floor GB": fl["mem_floor_gb"],
+                "floor ms": fl["floor_ms"],
+                "bound": fl["floor_bound"],
+                **({"prefill floor ms": fl["prefill_floor_ms"]} if c.part in DECODE_PARTS else {}),
+                "est s": est,
+            }
+        )
     df = pd.DataFrame(rows)
     if "prefill floor ms" in df:  # decode rows only: blank elsewhere, not NaN
         df["prefill floor ms"] = [f"{v:,.2f}" if v == v else "" for v in df["prefill floor ms"]]
     by_part = df.groupby("part", sort=False)["est s"].sum()
-    return (df.to_string(index=False, float_format=lambda v: f"{v:,.2f}") +
-            "\n\nestimated seconds by part: " + ", ".join(f"{p} {v:.0f}" for p, v in by_part.items()) +
-            f"\n{len(cells)} cells; estimated {total / 60:.1f} min ({total:.0f} s) at {peak / 1e12:.0f} TFLOP/s, "
-            f"{bw / 1e12:.1f} TB/s, {PLAN_EFFICIENCY:.0%} of the floor, compile {PLAN_COMPILE_BASE_S:.0f} s + "
-            f"{PLAN_COMPILE_PER_LINEAR_S} s per Linear, Lightning start {PLAN_LIGHTNING_START_S[0]} s then "
-            f"{PLAN_LIGHTNING_START_S[1]} s, {PLAN_CELL_S} s per cell, {PLAN_MODEL_S} s per model build, "
-            f"decode steps >= {PLAN_DECODE_STEP_MS} ms (decode rows: the floors of one step at the context, "
-            f"GFLOP and GB per step; prefill floor ms: the prompt's), "
-            f"{PLAN_FIXED_S:.0f} s fixed; max_minutes = {spec.max_minutes}")
+    return (
+        df.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
+        + "\n\nestimated seconds by part: "
+        + ", ".join(f"{p} {v:.0f}" for p, v in by_part.items())
+        + f"\n{len(cells)} cells; estimated {total / 60:.1f} min ({total:.0f} s) at {peak / 1e12:.0f} TFLOP/s, "
+        f"{bw / 1e12:.1f} TB/s, {PLAN_EFFICIENCY:.0%} of the floor, compile {PLAN_COMPILE_BASE_S:.0f} s + "
+        f"{PLAN_COMPILE_PER_LINEAR_S} s per Linear, Lightning start {PLAN_LIGHTNING_START_S[0]} s then "
+        f"{PLAN_LIGHTNING_START_S[1]} s, {PLAN_CELL_S} s per cell, {PLAN_MODEL_S} s per model build, "
+        f"decode steps >= {PLAN_DECODE_STEP_MS} ms (decode rows: the floors of one step at the context, "
+        f"GFLOP and GB per step; prefill floor ms: the prompt's), "
+        f"{PLAN_FIXED_S:.0f} s fixed; max_minutes = {spec.max_minutes}"
+    )

@@ -59,8 +59,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(c.n_embd), CausalSelfAttention(c)
         self.ln_2 = nn.LayerNorm(c.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * c.n_embd, c.n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(c.n_embd, 4 * c.n_embd), nn.GELU(approximate="tanh"), nn.Linear(4 * c.n_embd, c.n_embd)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -78,7 +79,11 @@ class GPT(nn.Module):
         self.wte.weight = self.lm_head.weight  # weight tying
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * c.n_layer) if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * c.n_layer)
+                    if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight")
+                    else 0.02
+                )
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -102,8 +107,10 @@ def configure_optimizer(model: GPT, lr: float = 6e-4, weight_decay: float = 0.1)
     """nanoGPT's: decay 2-D weights only; fused AdamW on CUDA. Deliberately not training/optim.py's: this is an
     independent reference loop (the yardstick), so it must not change when the suite's optimizer does."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
@@ -111,12 +118,22 @@ def configure_optimizer(model: GPT, lr: float = 6e-4, weight_decay: float = 0.1)
 def build(name: str = "gpt2_reference", block_size: int = 1024, device: str | torch.device = "cpu") -> GPT:
     c = CONFIGS[name]
     with torch.device(device):
-        return GPT(GPTConfig(block_size=block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                             n_embd=c.n_embd))
+        return GPT(
+            GPTConfig(
+                block_size=block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd
+            )
+        )
 
 
-def train(name: str = "gpt2_reference", seq_len: int = 1024, batch_size: int = 12, steps: int = 20, warmup: int = 5,
-          compile: bool = False, device: str | None = None) -> dict:
+def train(
+    name: str = "gpt2_reference",
+    seq_len: int = 1024,
+    batch_size: int = 12,
+    steps: int = 20,
+    warmup: int = 5,
+    compile: bool = False,
+    device: str | None = None,
+) -> dict:
     """The whole reference loop: random tokens, `steps` timed steps after `warmup`, median tokens/s.
 
     Returns {"tokens_per_s", "step_ms", "losses"}; the bench times the same model through its own
@@ -130,8 +147,11 @@ def train(name: str = "gpt2_reference", seq_len: int = 1024, batch_size: int = 1
     step = train_step(lambda batch: fwd(batch[:, :-1], batch[:, 1:]), data, opt, autocast(device, torch.bfloat16))
     losses: list[torch.Tensor] = []
     median = percentiles(time_steps(lambda: losses.append(step()), warmup, steps, device))[1]
-    return {"tokens_per_s": batch_size * seq_len / (median / 1e3), "step_ms": median,
-            "losses": [v.item() for v in losses]}
+    return {
+        "tokens_per_s": batch_size * seq_len / (median / 1e3),
+        "step_ms": median,
+        "losses": [v.item() for v in losses],
+    }
 
 
 if __name__ == "__main__":
@@ -144,5 +164,7 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     r = train(a.name, a.seq_len, a.batch_size, a.steps, a.warmup, a.compile)
-    print(f"{a.name} T={a.seq_len} B={a.batch_size} compile={a.compile}: {r['tokens_per_s']:,.0f} tokens/s, "
-          f"{r['step_ms']:.1f} ms/step (median of {a.steps})")
+    print(
+        f"{a.name} T={a.seq_len} B={a.batch_size} compile={a.compile}: {r['tokens_per_s']:,.0f} tokens/s, "
+        f"{r['step_ms']:.1f} ms/step (median of {a.steps})"
+    )

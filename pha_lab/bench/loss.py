@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +79,12 @@ def loss_fns(chunk: int) -> dict[str, Callable]:
     def plain(h, w, y):
         return F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
 
-    return {"plain": plain, "plain-compiled": torch.compile(plain),
-            "chunked": lambda h, w, y: token_nll(h, w, y, "sum", chunk),
-            "chunked-compiled": lambda h, w, y: token_nll(h, w, y, "sum", chunk, compiled=True)}
+    return {
+        "plain": plain,
+        "plain-compiled": torch.compile(plain),
+        "chunked": lambda h, w, y: token_nll(h, w, y, "sum", chunk),
+        "chunked-compiled": lambda h, w, y: token_nll(h, w, y, "sum", chunk, compiled=True),
+    }
 
 
 def inputs(n: int, d: int, v: int, device: torch.device, seed: int = 0):
@@ -120,8 +123,17 @@ def measure(name: str, fn: Callable, shape: tuple[int, int, int], device: torch.
 
     times = time_steps(step, 3, steps, device)
     p10, p50, p90 = percentiles(times)
-    return {"variant": name, "tokens": shape[0], "d": shape[1], "vocab": shape[2], "ms": p50, "p10": p10, "p90": p90,
-            "peak_gb": peak_bytes(step, device) / 1e9, "saved_gb": saved_bytes(forward) / 1e9}
+    return {
+        "variant": name,
+        "tokens": shape[0],
+        "d": shape[1],
+        "vocab": shape[2],
+        "ms": p50,
+        "p10": p10,
+        "p90": p90,
+        "peak_gb": peak_bytes(step, device) / 1e9,
+        "saved_gb": saved_bytes(forward) / 1e9,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,18 +145,23 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" or a.bf16 else nullcontext()
-    print(f"# pha_lab.bench.loss  torch {torch.__version__}  device "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  chunk {a.chunk}  "
-          f"autocast {'bf16' if device.type == 'cuda' or a.bf16 else 'off'}")
-    print(f"{'variant':<17} {'tokens':>6} {'d':>4} {'vocab':>6} {'ms':>8} {'p10-p90':>15} {'peak GB':>8} "
-          f"{'saved GB':>9}")
+    print(
+        f"# pha_lab.bench.loss  torch {torch.__version__}  device "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  chunk {a.chunk}  "
+        f"autocast {'bf16' if device.type == 'cuda' or a.bf16 else 'off'}"
+    )
+    print(
+        f"{'variant':<17} {'tokens':>6} {'d':>4} {'vocab':>6} {'ms':>8} {'p10-p90':>15} {'peak GB':>8} {'saved GB':>9}"
+    )
     for shape in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
         for name, fn in loss_fns(a.chunk).items():
             if a.variants and name not in a.variants:
                 continue
             r = measure(name, fn, shape, device, amp, a.steps)
-            print(f"{r['variant']:<17} {r['tokens']:>6} {r['d']:>4} {r['vocab']:>6} {r['ms']:>8.2f} "
-                  f"{r['p10']:>7.2f}-{r['p90']:<7.2f} {r['peak_gb']:>8.3f} {r['saved_gb']:>9.3f}")
+            print(
+                f"{r['variant']:<17} {r['tokens']:>6} {r['d']:>4} {r['vocab']:>6} {r['ms']:>8.2f} "
+                f"{r['p10']:>7.2f}-{r['p90']:<7.2f} {r['peak_gb']:>8.3f} {r['saved_gb']:>9.3f}"
+            )
 
 
 if __name__ == "__main__":

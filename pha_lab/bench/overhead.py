@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -49,8 +49,9 @@ class RandomTokens(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-def plain_loop(module: LMModule, loader: DataLoader, device: torch.device, amp, precision: str, clock: Clock,
-               first: int) -> None:
+def plain_loop(
+    module: LMModule, loader: DataLoader, device: torch.device, amp, precision: str, clock: Clock, first: int
+) -> None:
     """What Lightning does per step with LMModule, written out by hand (the optimizer and LR schedule that
     LMModule.configure_optimizers uses, from training/optim.py, without needing a Trainer). Ticks `clock` at the
     start of every step from `first` on, and once after the last."""
@@ -88,8 +89,9 @@ class _Tick(L.Callback):
             self.clock.tick()
 
 
-def lightning_loop(module: LMModule, loader: DataLoader, device: torch.device, precision: str, clock: Clock,
-                   first: int, workdir: Path) -> None:
+def lightning_loop(
+    module: LMModule, loader: DataLoader, device: torch.device, precision: str, clock: Clock, first: int, workdir: Path
+) -> None:
     """Trainer.fit with the callbacks `train` attaches to every step (checkpointing and validation-time
     introspection left out: they do not run per step)."""
     cfg = module.cfg
@@ -102,17 +104,32 @@ def lightning_loop(module: LMModule, loader: DataLoader, device: torch.device, p
     except ImportError:
         logger = False
     trainer = L.Trainer(
-        max_steps=len(loader), accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        logger=logger, callbacks=[*per_step_callbacks(cfg, workdir), _Tick(clock, first, len(loader))],
+        max_steps=len(loader),
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        logger=logger,
+        callbacks=[*per_step_callbacks(cfg, workdir), _Tick(clock, first, len(loader))],
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
         default_root_dir=workdir,
     )
     trainer.fit(module, train_dataloaders=loader)
 
 
-def timed_loop(mode: str, module: LMModule, data: Dataset, o: OverheadSpec | DictConfig, device: torch.device, amp,
-               precision: str, workdir: Path) -> Callable[[], list[float]]:
+def timed_loop(
+    mode: str,
+    module: LMModule,
+    data: Dataset,
+    o: OverheadSpec | DictConfig,
+    device: torch.device,
+    amp,
+    precision: str,
+    workdir: Path,
+) -> Callable[[], list[float]]:
     """timing.measure's `timed` for one loop: runs it over a fresh DataLoader and returns its step intervals."""
     loader = DataLoader(data, batch_size=o.batch_size, shuffle=False, pin_memory=device.type == "cuda")
     clock = Clock(device)
@@ -127,12 +144,20 @@ def timed_loop(mode: str, module: LMModule, data: Dataset, o: OverheadSpec | Dic
     return timed
 
 
-def measure_loops(o: OverheadSpec | DictConfig, device: torch.device, dtype: torch.dtype,
-                  part: str = "overhead") -> Iterator[tuple[Cell, dict]]:
+def measure_loops(
+    o: OverheadSpec | DictConfig, device: torch.device, dtype: torch.dtype, part: str = "overhead"
+) -> Iterator[tuple[Cell, dict]]:
     """Yield (Cell, result) for each loop of each round (spec.overhead_cells); results as timing.measure's."""
     total = o.warmup + o.steps
-    cfg = load_config(o.model, [f"data.seq_len={o.seq_len}", f"data.batch_size={o.batch_size}",
-                                f"trainer.compile={o.compile}", f"trainer.max_steps={total}"])
+    cfg = load_config(
+        o.model,
+        [
+            f"data.seq_len={o.seq_len}",
+            f"data.batch_size={o.batch_size}",
+            f"trainer.compile={o.compile}",
+            f"trainer.max_steps={total}",
+        ],
+    )
     torch.manual_seed(0)
     module = LMModule(cfg)  # compiled once (trainer.compile), shared by every round of both loops
     data = RandomTokens(total * o.batch_size, o.seq_len, cfg.model.vocab_size)
@@ -144,8 +169,9 @@ def measure_loops(o: OverheadSpec | DictConfig, device: torch.device, dtype: tor
     with tempfile.TemporaryDirectory(prefix="pha-bench-") as tmp:
         for i, cell in enumerate(overhead_cells(o, part)):
             r = i // len(OVERHEAD_LOOPS)
-            prepare = functools.partial(timed_loop, cell.mode, module, data, o, device, amp, precision,
-                                        Path(tmp) / f"r{r}")
+            prepare = functools.partial(
+                timed_loop, cell.mode, module, data, o, device, amp, precision, Path(tmp) / f"r{r}"
+            )
             result = measure(prepare, tokens, device)
             if result["status"] == "ok":
                 result["note"] = f"round {r + 1}/{o.rounds}; mean {tokens / (result['step_ms_mean'] / 1e3):,.0f} tok/s"

@@ -42,8 +42,9 @@ def kernel_class(name: str) -> str:
     return "other (eager elementwise, reductions)"
 
 
-def profile_workload(name: str, seq_len: int, batch: int, compile_: bool, steps: int, device: torch.device,
-                     top: int) -> str:
+def profile_workload(
+    name: str, seq_len: int, batch: int, compile_: bool, steps: int, device: torch.device, top: int
+) -> str:
     """The class table and top kernels of `steps` profiled training steps of workload `name`."""
     torch.manual_seed(0)
     workload = make_workload(name, device, seq_len)
@@ -72,8 +73,10 @@ def profile_workload(name: str, seq_len: int, batch: int, compile_: bool, steps:
         per_class[kernel_class(e.key)] += us
         kernels.append((us, e.count, e.key))
     total = sum(per_class.values())
-    lines = [f"## {name}  T={seq_len} B={batch} compile={compile_}  timed step {median_ms:.2f} ms (median of 10), "
-             f"profiled {'device' if cuda else 'CPU'} time {total / 1e3 / steps:.2f} ms per step"]
+    lines = [
+        f"## {name}  T={seq_len} B={batch} compile={compile_}  timed step {median_ms:.2f} ms (median of 10), "
+        f"profiled {'device' if cuda else 'CPU'} time {total / 1e3 / steps:.2f} ms per step"
+    ]
     for label, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {label:<40} {us / 1e3 / steps:8.2f} ms/step  {100 * us / total:5.1f} %")
     lines.append(f"  top {top} kernels (ms/step, calls/step):")

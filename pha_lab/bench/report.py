@@ -28,28 +28,72 @@ from pha_lab.bench.spec import DECODE_PARTS, MODES, OVERHEAD_PARTS, TARGET_PARTS
 from pha_lab.config import flatten
 
 COLUMNS = [
-    "part", "model", "mode", "seq_len", "batch_size", "tokens_per_step", "status", "tokens_per_s", "step_ms_median",
-    "step_ms_p10", "step_ms_p90", "warmup_s", "peak_mem_gb",
-    "weights_gb", "optimizer_gb", "activations_gb", "cache_gb",  # memory parts: workloads.memory_columns
-    "prefill_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_per_seq", "cache_bytes_analytic",  # decode part
-    "cache_bytes_measured", "decode_peak_mem_gb",  # (pha_lab.bench.decode)
-    "mem_floor_gb", "flops_per_step", "tflops",
-    "mfu_measured_peak", "mfu_datasheet", "min_bytes_gb", "floor_ms", "prefill_floor_ms", "floor_bound", "n_params",
-    "gpu", "torch", "compile", "dtype", "git_sha", "note",
+    "part",
+    "model",
+    "mode",
+    "seq_len",
+    "batch_size",
+    "tokens_per_step",
+    "status",
+    "tokens_per_s",
+    "step_ms_median",
+    "step_ms_p10",
+    "step_ms_p90",
+    "warmup_s",
+    "peak_mem_gb",
+    "weights_gb",
+    "optimizer_gb",
+    "activations_gb",
+    "cache_gb",  # memory parts: workloads.memory_columns
+    "prefill_ms",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "decode_tok_s_per_seq",
+    "cache_bytes_analytic",  # decode part
+    "cache_bytes_measured",
+    "decode_peak_mem_gb",  # (pha_lab.bench.decode)
+    "mem_floor_gb",
+    "flops_per_step",
+    "tflops",
+    "mfu_measured_peak",
+    "mfu_datasheet",
+    "min_bytes_gb",
+    "floor_ms",
+    "prefill_floor_ms",
+    "floor_bound",
+    "n_params",
+    "gpu",
+    "torch",
+    "compile",
+    "dtype",
+    "git_sha",
+    "note",
 ]
 TEXT_COLUMNS = ("model", "mode", "part", "status", "note", "git_sha", "gpu", "torch", "dtype", "floor_bound")
-MLFLOW_METRICS = ("tokens_per_s", "step_ms_median", "peak_mem_gb", "tflops", "mfu_measured_peak", "mfu_datasheet",
-                  "prefill_ms", "decode_tok_s", "decode_tok_s_per_seq", "cache_bytes_measured", "decode_peak_mem_gb")
+MLFLOW_METRICS = (
+    "tokens_per_s",
+    "step_ms_median",
+    "peak_mem_gb",
+    "tflops",
+    "mfu_measured_peak",
+    "mfu_datasheet",
+    "prefill_ms",
+    "decode_tok_s",
+    "decode_tok_s_per_seq",
+    "cache_bytes_measured",
+    "decode_peak_mem_gb",
+)
 
 
 # --------------------------------------------------------------------------- header
-def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str], bandwidth: tuple[float, str],
-                datasheet: float) -> dict:
+def environment(
+    device: torch.device, spec: DictConfig, peak: tuple[float, str], bandwidth: tuple[float, str], datasheet: float
+) -> dict:
     """The header: what a reader needs to reproduce or compare the numbers."""
     cuda = device.type == "cuda"
     git = tracking.git_info()  # (PHA_GIT_SHA where the tree has no .git, as on the GPU machine)
     header = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "driver": tracking._driver_version() if cuda else "none",
         "cuda": torch.version.cuda or "none",
@@ -59,9 +103,11 @@ def environment(device: torch.device, spec: DictConfig, peak: tuple[float, str],
         "git_dirty": git["git_dirty"],
         "command": tracking.command_line(),
         "dtype": f"{spec.dtype}-autocast" if cuda and spec.dtype != "fp32" else "fp32",
-        "compile": (f"models={spec.compile} branches={spec.branches.compile} (None: as models) "
-                    f"targets={spec.targets.compile} overhead={spec.overhead.compile} "
-                    f"targets_mini={spec.targets_mini.compile} overhead_mini={spec.overhead_mini.compile}"),
+        "compile": (
+            f"models={spec.compile} branches={spec.branches.compile} (None: as models) "
+            f"targets={spec.targets.compile} overhead={spec.overhead.compile} "
+            f"targets_mini={spec.targets_mini.compile} overhead_mini={spec.overhead_mini.compile}"
+        ),
         "tokens_per_step": spec.tokens_per_step,
         "warmup_steps": spec.warmup,
         "timed_steps": spec.steps,
@@ -126,6 +172,7 @@ def _fmt(value: Any) -> Any:
 
 def read_csv(path: Path) -> list[dict]:
     """Rows of a bench CSV with numbers as numbers (for --from-csv and the tests)."""
+
     def num(v: str) -> Any:
         try:
             return int(v)
@@ -144,8 +191,10 @@ def progress_line(row: dict, elapsed_s: float) -> str:
     """One line per finished cell, printed as the run goes."""
     tps = f"{row['tokens_per_s']:>12,.0f} tok/s" if row["status"] == "ok" else ""
     mem = f"{row['peak_mem_gb']:.2f} GB" if row.get("peak_mem_gb") else ""
-    return (f"[{elapsed_s:6.0f}s] {row['part']:<9} {row['model']:<20} {row['mode']:<14} T={row['seq_len']:<6} "
-            f"B={row['batch_size']:<4} {row['status']:<7} {tps} {mem} {row.get('note', '')}")
+    return (
+        f"[{elapsed_s:6.0f}s] {row['part']:<9} {row['model']:<20} {row['mode']:<14} T={row['seq_len']:<6} "
+        f"B={row['batch_size']:<4} {row['status']:<7} {tps} {mem} {row.get('note', '')}"
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -163,27 +212,74 @@ def _formatted(rows: list[dict], cols: dict[str, str], fmt: dict[str, str]) -> s
 
 
 def decode_table(rows: list[dict]) -> str:
-    cols = {"model": "model", "seq_len": "context", "batch_size": "B", "status": "status", "prefill_ms": "prefill ms",
-            "prefill_floor_ms": "prefill floor", "decode_tok_s": "decode tok/s", "decode_tok_s_per_seq": "tok/s/seq",
-            "step_ms_median": "step ms", "floor_ms": "step floor", "cache_bytes_analytic": "cache MB",
-            "cache_bytes_measured": "measured MB", "peak_mem_gb": "mem GB", "decode_peak_mem_gb": "decode mem GB",
-            "note": "note"}
-    rows = [{**r, "cache_bytes_analytic": r.get("cache_bytes_analytic", math.nan) / 1e6,
-             "cache_bytes_measured": r.get("cache_bytes_measured", math.nan) / 1e6} for r in rows]
-    fmt = {"prefill ms": "{:,.1f}", "prefill floor": "{:,.1f}", "decode tok/s": "{:,.0f}", "tok/s/seq": "{:,.1f}",
-           "step ms": "{:.2f}", "step floor": "{:.3f}", "cache MB": "{:.4g}", "measured MB": "{:.4g}",
-           "mem GB": "{:.2f}", "decode mem GB": "{:.2f}"}
+    cols = {
+        "model": "model",
+        "seq_len": "context",
+        "batch_size": "B",
+        "status": "status",
+        "prefill_ms": "prefill ms",
+        "prefill_floor_ms": "prefill floor",
+        "decode_tok_s": "decode tok/s",
+        "decode_tok_s_per_seq": "tok/s/seq",
+        "step_ms_median": "step ms",
+        "floor_ms": "step floor",
+        "cache_bytes_analytic": "cache MB",
+        "cache_bytes_measured": "measured MB",
+        "peak_mem_gb": "mem GB",
+        "decode_peak_mem_gb": "decode mem GB",
+        "note": "note",
+    }
+    rows = [
+        {
+            **r,
+            "cache_bytes_analytic": r.get("cache_bytes_analytic", math.nan) / 1e6,
+            "cache_bytes_measured": r.get("cache_bytes_measured", math.nan) / 1e6,
+        }
+        for r in rows
+    ]
+    fmt = {
+        "prefill ms": "{:,.1f}",
+        "prefill floor": "{:,.1f}",
+        "decode tok/s": "{:,.0f}",
+        "tok/s/seq": "{:,.1f}",
+        "step ms": "{:.2f}",
+        "step floor": "{:.3f}",
+        "cache MB": "{:.4g}",
+        "measured MB": "{:.4g}",
+        "mem GB": "{:.2f}",
+        "decode mem GB": "{:.2f}",
+    }
     return _formatted(rows, cols, fmt)
 
 
 def _step_table(rows: list[dict]) -> str:
-    cols = {"part": "part", "model": "model", "mode": "mode", "seq_len": "T", "batch_size": "B", "status": "status",
-            "tokens_per_s": "tok/s", "step_ms_median": "ms", "peak_mem_gb": "mem GB", "activations_gb": "act GB",
-            "cache_gb": "cache GB", "tflops": "TFLOP/s",
-            "mfu_measured_peak": "MFU", "floor_ms": "floor ms", "compile": "compile"}
-    fmt = {"tok/s": "{:,.0f}", "ms": "{:.2f}", "mem GB": "{:.2f}", "act GB": "{:.2f}", "cache GB": "{:.4f}",
-           "TFLOP/s": "{:.1f}", "MFU": "{:.1%}",
-           "floor ms": "{:.2f}"}
+    cols = {
+        "part": "part",
+        "model": "model",
+        "mode": "mode",
+        "seq_len": "T",
+        "batch_size": "B",
+        "status": "status",
+        "tokens_per_s": "tok/s",
+        "step_ms_median": "ms",
+        "peak_mem_gb": "mem GB",
+        "activations_gb": "act GB",
+        "cache_gb": "cache GB",
+        "tflops": "TFLOP/s",
+        "mfu_measured_peak": "MFU",
+        "floor_ms": "floor ms",
+        "compile": "compile",
+    }
+    fmt = {
+        "tok/s": "{:,.0f}",
+        "ms": "{:.2f}",
+        "mem GB": "{:.2f}",
+        "act GB": "{:.2f}",
+        "cache GB": "{:.4f}",
+        "TFLOP/s": "{:.1f}",
+        "MFU": "{:.1%}",
+        "floor ms": "{:.2f}",
+    }
     return _formatted(rows, cols, fmt)
 
 
@@ -201,23 +297,34 @@ def summary(rows: list[dict]) -> list[str]:
             for r in trained:
                 if not r["model"].startswith("gpt2_") and r["seq_len"] == ref["seq_len"]:
                     ratio = r["tokens_per_s"] / ref["tokens_per_s"]
-                    lines.append(f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, "
-                                 f"compile={r['compile']}): {ratio:.3f}x tokens/s ({goal[part]})")
+                    lines.append(
+                        f"{r['model']} vs {ref['model']} (train, T={r['seq_len']}, B={r['batch_size']}, "
+                        f"compile={r['compile']}): {ratio:.3f}x tokens/s ({goal[part]})"
+                    )
         for r in trained:
             if not r["model"].startswith("gpt2_"):
-                pct = {k: f"{r[k]:.1%}" if math.isfinite(r.get(k, math.nan)) else "n/a"
-                       for k in ("mfu_measured_peak", "mfu_datasheet")}
-                lines.append(f"{r['model']} MFU (train, T={r['seq_len']}): {pct['mfu_measured_peak']} of the measured "
-                             f"peak, {pct['mfu_datasheet']} of the datasheet (PHA target >= 45% of measured)")
+                pct = {
+                    k: f"{r[k]:.1%}" if math.isfinite(r.get(k, math.nan)) else "n/a"
+                    for k in ("mfu_measured_peak", "mfu_datasheet")
+                }
+                lines.append(
+                    f"{r['model']} MFU (train, T={r['seq_len']}): {pct['mfu_measured_peak']} of the measured "
+                    f"peak, {pct['mfu_datasheet']} of the datasheet (PHA target >= 45% of measured)"
+                )
     for model, base in baseline_pairs({r["model"] for r in ok if r["part"] == "models"}):
         for mode in MODES:
-            both = [(r, find["models", base, mode, t]) for (part, m, md, t), r in find.items()
-                    if (part, m, md) == ("models", model, mode) and ("models", base, mode, t) in find]
+            both = [
+                (r, find["models", base, mode, t])
+                for (part, m, md, t), r in find.items()
+                if (part, m, md) == ("models", model, mode) and ("models", base, mode, t) in find
+            ]
             if both:
                 lines.append(f"{model} / {base} ({mode}, by T): " + "; ".join(_ratios(r, b) for r, b in both))
     if any(r["part"] == "models" for r in ok):
-        lines.append("(paper: PHA-180M 1.24x tokens/s, <= 0.6x memory at T >= 8k; issue 16: the attention-sparse "
-                     "PHA-180M >= 1.40x tokens/s, <= 0.55x peak training memory, cache <= 0.25x)")
+        lines.append(
+            "(paper: PHA-180M 1.24x tokens/s, <= 0.6x memory at T >= 8k; issue 16: the attention-sparse "
+            "PHA-180M >= 1.40x tokens/s, <= 0.55x peak training memory, cache <= 0.25x)"
+        )
     lines += decode_summary([r for r in ok if r["part"] in DECODE_PARTS])
     for part, twin_part in zip(OVERHEAD_PARTS, TARGET_PARTS):
         loops: dict[str, list[float]] = {}
@@ -228,15 +335,19 @@ def summary(rows: list[dict]) -> list[str]:
             continue
         plain, light = statistics.median(loops["loop_plain"]), statistics.median(loops["loop_lightning"])
         model = next(r for r in ok if r["part"] == part)
-        lines.append(f"{model['model']}: Lightning loop vs plain loop: {light / plain - 1:+.1%} tokens/s (median of "
-                     f"{len(loops['loop_plain'])} rounds each; target within 3%); rounds plain "
-                     f"{[round(v) for v in loops['loop_plain']]}, "
-                     f"Lightning {[round(v) for v in loops['loop_lightning']]}")
+        lines.append(
+            f"{model['model']}: Lightning loop vs plain loop: {light / plain - 1:+.1%} tokens/s (median of "
+            f"{len(loops['loop_plain'])} rounds each; target within 3%); rounds plain "
+            f"{[round(v) for v in loops['loop_plain']]}, "
+            f"Lightning {[round(v) for v in loops['loop_lightning']]}"
+        )
         ref = twins.get(twin_part)
         if ref is not None and (ref["seq_len"], ref["batch_size"]) == (model["seq_len"], model["batch_size"]):
-            lines.append(f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, "
-                         f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
-                         "(mini target >= 1.0x)")
+            lines.append(
+                f"{model['model']} through the Lightning loop vs {ref['model']} (plain loop, "
+                f"T={ref['seq_len']}, B={ref['batch_size']}): {light / ref['tokens_per_s']:.3f}x tokens/s "
+                "(mini target >= 1.0x)"
+            )
     return lines
 
 
@@ -247,17 +358,31 @@ def decode_summary(ok: list[dict]) -> list[str]:
     lines = []
     for model, base in baseline_pairs({r["model"] for r in ok}):
         for batch in sorted({r["batch_size"] for r in ok}):
-            both = [(r, find[base, batch, t]) for (m, b, t), r in sorted(find.items())
-                    if (m, b) == (model, batch) and (base, batch, t) in find]
+            both = [
+                (r, find[base, batch, t])
+                for (m, b, t), r in sorted(find.items())
+                if (m, b) == (model, batch) and (base, batch, t) in find
+            ]
             if both:
-                lines.append(f"{model} / {base} (decode, B={batch}, by context): " + "; ".join(
-                    f"T={r['seq_len']}: {r['decode_tok_s'] / b['decode_tok_s']:.2f}x tok/s, "
-                    f"{r['cache_bytes_measured'] / b['cache_bytes_measured']:.2f}x cache" for r, b in both))
+                lines.append(
+                    f"{model} / {base} (decode, B={batch}, by context): "
+                    + "; ".join(
+                        f"T={r['seq_len']}: {r['decode_tok_s'] / b['decode_tok_s']:.2f}x tok/s, "
+                        f"{r['cache_bytes_measured'] / b['cache_bytes_measured']:.2f}x cache"
+                        for r, b in both
+                    )
+                )
     if ok:
-        off = [f"{r['model']} T={r['seq_len']} B={r['batch_size']}" for r in ok
-               if r["cache_bytes_measured"] != r["cache_bytes_analytic"]]
-        lines.append("decode: measured cache = analytic in every cell" if not off else
-                     f"decode: measured cache != analytic in {', '.join(off)}")
+        off = [
+            f"{r['model']} T={r['seq_len']} B={r['batch_size']}"
+            for r in ok
+            if r["cache_bytes_measured"] != r["cache_bytes_analytic"]
+        ]
+        lines.append(
+            "decode: measured cache = analytic in every cell"
+            if not off
+            else f"decode: measured cache != analytic in {', '.join(off)}"
+        )
     return lines
 
 
@@ -280,8 +405,15 @@ def write_table(rows: list[dict], header: dict, out: Path) -> tuple[str, Path]:
 
 
 # --------------------------------------------------------------------------- MLflow
-def log_mlflow(rows: list[dict], header: dict, spec: dict, files: list[Path], tracking_uri: str | None,
-               runs_dir: str, experiment: str) -> str:
+def log_mlflow(
+    rows: list[dict],
+    header: dict,
+    spec: dict,
+    files: list[Path],
+    tracking_uri: str | None,
+    runs_dir: str,
+    experiment: str,
+) -> str:
     """One MLflow run: params = settings + header, metrics `{metric}/{part}/{model}/{mode}/{seq_len}` (the
     overhead rounds as steps; a decode row's mode is `decode_b{batch}`), the CSV and header as artifacts. Returns the
     run id."""
@@ -292,13 +424,14 @@ def log_mlflow(rows: list[dict], header: dict, spec: dict, files: list[Path], tr
     client = tracking.client(tracking.tracking_uri(tcfg))
     exp_id = tracking.ensure_experiment(client, experiment, tcfg)
     tags = {"gpu": str(header.get("gpu")), "git_sha": str(header.get("git_sha")), "kind": "bench"}
-    run = client.create_run(exp_id, run_name=f"{spec.get('name', 'bench')} {header.get('gpu')} {header.get('date')}",
-                            tags=tags)
+    run = client.create_run(
+        exp_id, run_name=f"{spec.get('name', 'bench')} {header.get('gpu')} {header.get('date')}", tags=tags
+    )
     run_id = run.info.run_id
     params = {**{f"bench.{k}": v for k, v in flatten(spec).items()}, **{f"env.{k}": v for k, v in header.items()}}
     plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(plist), 100):
-        client.log_batch(run_id, params=plist[i:i + 100])
+        client.log_batch(run_id, params=plist[i : i + 100])
     now, metrics, seen = int(time.time() * 1000), [], {}
     for r in rows:
         if r.get("status") != "ok":
@@ -311,7 +444,7 @@ def log_mlflow(rows: list[dict], header: dict, spec: dict, files: list[Path], tr
             if isinstance(value, (int, float)) and math.isfinite(value):
                 metrics.append(Metric(f"{name}/{key}", float(value), now, step))
     for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     for path in files:
         if path.is_file():
             client.log_artifact(run_id, str(path))

@@ -59,8 +59,15 @@ def datasheet_flops(device: torch.device, spec: DictConfig) -> float:
     return float(flops or spec.datasheet_tflops * 1e12)
 
 
-def floors(sizes: dict[str, int], flops_per_token: float, seq_len: int, batch: int, training: bool,
-           peak_flops: float, bandwidth: float) -> dict[str, Any]:
+def floors(
+    sizes: dict[str, int],
+    flops_per_token: float,
+    seq_len: int,
+    batch: int,
+    training: bool,
+    peak_flops: float,
+    bandwidth: float,
+) -> dict[str, Any]:
     """The analytic floor of one step (docs/perf-notes.md explains each term).
 
     min bytes (HBM traffic no implementation avoids, assuming elementwise ops fused into the matmuls):
@@ -75,23 +82,41 @@ def floors(sizes: dict[str, int], flops_per_token: float, seq_len: int, batch: i
       every Linear saved for backward + fp32 and bf16 logits (6V); prefill 4 B/param + bf16 logits."""
     tokens = seq_len * batch
     k = 3 if training else 1
-    per_token = (k * 2 * sizes["linear_io"] + (16 if training else 2) * sizes["vocab"] + k * 48 * sizes["gss_h"]
-                 + k * sizes.get("io_bytes", 0))
+    per_token = (
+        k * 2 * sizes["linear_io"]
+        + (16 if training else 2) * sizes["vocab"]
+        + k * 48 * sizes["gss_h"]
+        + k * sizes.get("io_bytes", 0)
+    )
     min_bytes = tokens * per_token + sizes["n_params"] * (42 if training else 6)
     mem = sizes["n_params"] * (16 if training else 4) + tokens * (
-        (2 * sizes["linear_in"] + 6 * sizes["vocab"]) if training else 2 * sizes["vocab"])
+        (2 * sizes["linear_in"] + 6 * sizes["vocab"]) if training else 2 * sizes["vocab"]
+    )
     flops = flops_per_token * tokens
     t_flops, t_bytes = flops / peak_flops, min_bytes / bandwidth
-    return {"flops_per_step": flops, "min_bytes_gb": min_bytes / 1e9, "mem_floor_gb": mem / 1e9,
-            "floor_ms": 1e3 * max(t_flops, t_bytes), "floor_bound": "compute" if t_flops >= t_bytes else "memory"}
+    return {
+        "flops_per_step": flops,
+        "min_bytes_gb": min_bytes / 1e9,
+        "mem_floor_gb": mem / 1e9,
+        "floor_ms": 1e3 * max(t_flops, t_bytes),
+        "floor_bound": "compute" if t_flops >= t_bytes else "memory",
+    }
 
 
-def workload_floors(workload: Workload, seq_len: int, batch: int, training: bool, peak_flops: float,
-                    bandwidth: float) -> dict[str, Any]:
+def workload_floors(
+    workload: Workload, seq_len: int, batch: int, training: bool, peak_flops: float, bandwidth: float
+) -> dict[str, Any]:
     """`floors` of one step of `workload`; without a known peak (NaN) no floor time or bound."""
     known = math.isfinite(peak_flops)
-    out = floors(workload.sizes(), workload.flops_per_token(seq_len, training), seq_len, batch, training,
-                 peak_flops if known else 1.0, bandwidth)
+    out = floors(
+        workload.sizes(),
+        workload.flops_per_token(seq_len, training),
+        seq_len,
+        batch,
+        training,
+        peak_flops if known else 1.0,
+        bandwidth,
+    )
     if not known:
         out.update(floor_ms=float("nan"), floor_bound="")
     return out
@@ -100,19 +125,30 @@ def workload_floors(workload: Workload, seq_len: int, batch: int, training: bool
 def utilisation(flops_per_step: float, step_ms: float, peak_flops: float, datasheet: float) -> dict[str, float]:
     """Achieved TFLOP/s and MFU against the measured (or configured) peak and the datasheet."""
     achieved = flops_per_step / (step_ms / 1e3)
-    return {"tflops": achieved / 1e12, "mfu_measured_peak": achieved / peak_flops,
-            "mfu_datasheet": achieved / datasheet}
+    return {
+        "tflops": achieved / 1e12,
+        "mfu_measured_peak": achieved / peak_flops,
+        "mfu_datasheet": achieved / datasheet,
+    }
 
 
-def decode_floors(workload: Workload, context: int, batch: int, prompt: int, cache_dtype_bytes: int,
-                  peak_flops: float, bandwidth: float) -> dict[str, Any]:
+def decode_floors(
+    workload: Workload,
+    context: int,
+    batch: int,
+    prompt: int,
+    cache_dtype_bytes: int,
+    peak_flops: float,
+    bandwidth: float,
+) -> dict[str, Any]:
     """The floor of one decode step of a preset (one token for each of `batch` sequences at `context`), and of the
     prefill of its `prompt` tokens before it (`prefill_floor_ms`).
 
     decode bytes: the weights once at `cache_dtype_bytes` per parameter (bf16 on a GPU: the decode part runs its
       steps in one autocast region, whose weight cache casts them once), the inference cache once (analytic,
-      pha_lab.models.memory: every KV cache at `context`, every window, every GSS state), the logits; FLOPs: `batch` x the forward FLOPs per token at `context` (attention against the
-      context or the window: what one new token does), without GSS's FFT part (a step runs the recurrence).
+      pha_lab.models.memory: every KV cache at `context`, every window, every GSS state), the logits; FLOPs:
+      `batch` x the forward FLOPs per token at `context` (attention against the context or the window: what one
+      new token does), without GSS's FFT part (a step runs the recurrence).
     prefill: `floors` of a forward over batch x prompt tokens with the LM head on the last token only (prefill's
       last_only), so neither the per-token logits' bytes nor their FLOPs count."""
     known = math.isfinite(peak_flops)
@@ -124,12 +160,24 @@ def decode_floors(workload: Workload, context: int, batch: int, prompt: int, cac
     cache = model.cache_bytes(batch, context, cache_dtype_bytes)
     moved = cache_dtype_bytes * (sizes["n_params"] + batch * sizes["vocab"]) + cache
     t_flops, t_bytes = flops / peak, moved / bandwidth
-    pre = floors({**sizes, "vocab": 0}, model.flops_per_token(prompt, training=False)["total"] - head, prompt, batch,
-                 False, peak, bandwidth)
+    pre = floors(
+        {**sizes, "vocab": 0},
+        model.flops_per_token(prompt, training=False)["total"] - head,
+        prompt,
+        batch,
+        False,
+        peak,
+        bandwidth,
+    )
     pre_ms = pre["floor_ms"] + 1e3 * batch * head / peak
-    out = {"flops_per_step": flops, "min_bytes_gb": moved / 1e9, "mem_floor_gb": (4 * sizes["n_params"] + cache) / 1e9,
-           "floor_ms": 1e3 * max(t_flops, t_bytes), "floor_bound": "compute" if t_flops >= t_bytes else "memory",
-           "prefill_floor_ms": pre_ms}
+    out = {
+        "flops_per_step": flops,
+        "min_bytes_gb": moved / 1e9,
+        "mem_floor_gb": (4 * sizes["n_params"] + cache) / 1e9,
+        "floor_ms": 1e3 * max(t_flops, t_bytes),
+        "floor_bound": "compute" if t_flops >= t_bytes else "memory",
+        "prefill_floor_ms": pre_ms,
+    }
     if not known:
         out.update(floor_ms=float("nan"), floor_bound="", prefill_floor_ms=float("nan"))
     return out

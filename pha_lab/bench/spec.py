@@ -8,13 +8,11 @@ yields its cells' results).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pha_lab.config import BENCH_DIR, ConfigError, load_yaml
 
@@ -31,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class BranchesSpec:
     of: str = "pha_180m"  # the preset whose width and branch settings are used
     names: list[str] = field(default_factory=lambda: ["gss", "attn", "ffn"])  # gss-chunked: model.gss.conv_impl=chunked
-    compile: Optional[bool] = None  # None: the spec's `compile`
+    compile: bool | None = None  # None: the spec's `compile`
 
 
 @dataclass
@@ -67,15 +65,16 @@ class DecodeSpec:
     """The decode part: per model x context x batch, the prompt is `context - warmup - steps` tokens, so the decoded
     tokens end at `context` and the state made for max_len = context is full when the cell ends."""
 
-    models: list[str] = field(default_factory=lambda: ["transformer_180m", "pha_180m", "pha_sparse_180m",
-                                                       "pha_swa_180m", "gss_125m"])
+    models: list[str] = field(
+        default_factory=lambda: ["transformer_180m", "pha_180m", "pha_sparse_180m", "pha_swa_180m", "gss_125m"]
+    )
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384, 32768])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
     prefill_warmup: int = 1  # untimed prefills (each from a fresh state)
     prefill_repeats: int = 2  # timed prefills: prefill_ms is their median
     warmup: int = 8  # untimed decode steps (one token per sequence each)
     steps: int = 32  # timed decode steps
-    max_cache_gb: Optional[float] = None  # a cell whose analytic cache + weights exceed it is a skipped row;
+    max_cache_gb: float | None = None  # a cell whose analytic cache + weights exceed it is a skipped row;
     # None: the GPU's memory (no limit on a CPU)
 
 
@@ -83,8 +82,9 @@ class DecodeSpec:
 class BenchSpec:
     name: str = "efficiency"
     parts: list[str] = field(default_factory=lambda: list(PARTS))
-    models: list[str] = field(default_factory=lambda: ["pha_125m", "transformer_125m", "pha_180m", "transformer_180m",
-                                                       "gss_125m"])
+    models: list[str] = field(
+        default_factory=lambda: ["pha_125m", "transformer_125m", "pha_180m", "transformer_180m", "gss_125m"]
+    )
     seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768])
     modes: list[str] = field(default_factory=lambda: list(MODES))
     tokens_per_step: int = 32768  # batch = tokens_per_step // seq_len (at least 1)
@@ -97,8 +97,9 @@ class BenchSpec:
     targets: TargetsSpec = field(default_factory=TargetsSpec)
     overhead: OverheadSpec = field(default_factory=OverheadSpec)
     # the mini scale (~30M): mini_transformer beside a plain GPT loop of its shape, and its Lightning-vs-plain loops
-    targets_mini: TargetsSpec = field(default_factory=lambda: TargetsSpec(
-        models=["gpt2_mini", "mini_transformer", "mini_pha"], batch_size=16))
+    targets_mini: TargetsSpec = field(
+        default_factory=lambda: TargetsSpec(models=["gpt2_mini", "mini_transformer", "mini_pha"], batch_size=16)
+    )
     overhead_mini: OverheadSpec = field(default_factory=lambda: OverheadSpec(model="mini_transformer", batch_size=16))
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
@@ -108,27 +109,34 @@ class BenchSpec:
     cpu_threads: int = 1
     experiment: str = "efficiency"
     seed: int = 0
-    cpu: Optional[dict[str, Any]] = None  # overrides that make the tiny CPU version
+    cpu: dict[str, Any] | None = None  # overrides that make the tiny CPU version
 
 
 def load_spec(name_or_path: str = "efficiency", overrides: list[str] = (), tiny: bool = False) -> DictConfig:
     """Schema <- bench YAML (its `extends:` chain) <- its `cpu:` section when `tiny` <- key=value overrides."""
     spec = load_yaml(BenchSpec, name_or_path, BENCH_DIR, "bench spec", overrides, sections={"cpu": tiny})
-    for key, values, valid in (("parts", spec.parts, PARTS), ("modes", spec.modes, MODES),
-                               ("targets.modes", spec.targets.modes, MODES),
-                               ("targets_mini.modes", spec.targets_mini.modes, MODES),
-                               ("dtype", [spec.dtype], tuple(DTYPES))):
+    for key, values, valid in (
+        ("parts", spec.parts, PARTS),
+        ("modes", spec.modes, MODES),
+        ("targets.modes", spec.targets.modes, MODES),
+        ("targets_mini.modes", spec.targets_mini.modes, MODES),
+        ("dtype", [spec.dtype], tuple(DTYPES)),
+    ):
         bad = [v for v in values if v not in valid]
         if bad:
             raise ConfigError(f"bench {key}: unknown {bad}; choose from {', '.join(valid)}")
     d = spec.decode
     decoded = d.warmup + d.steps
     if d.warmup < 0 or d.steps < 1 or d.prefill_warmup < 0 or d.prefill_repeats < 1:
-        raise ConfigError(f"bench decode: need warmup >= 0, steps >= 1, prefill_warmup >= 0, prefill_repeats >= 1 "
-                          f"(got {d.warmup}, {d.steps}, {d.prefill_warmup}, {d.prefill_repeats})")
+        raise ConfigError(
+            f"bench decode: need warmup >= 0, steps >= 1, prefill_warmup >= 0, prefill_repeats >= 1 "
+            f"(got {d.warmup}, {d.steps}, {d.prefill_warmup}, {d.prefill_repeats})"
+        )
     if any(t <= decoded for t in d.contexts) or any(b < 1 for b in d.batch_sizes):
-        raise ConfigError(f"bench decode.contexts={list(d.contexts)} must each exceed decode.warmup + decode.steps = "
-                          f"{decoded} (the prompt is the rest), and decode.batch_sizes={list(d.batch_sizes)} be >= 1")
+        raise ConfigError(
+            f"bench decode.contexts={list(d.contexts)} must each exceed decode.warmup + decode.steps = "
+            f"{decoded} (the prompt is the rest), and decode.batch_sizes={list(d.batch_sizes)} be >= 1"
+        )
     return spec
 
 
@@ -148,8 +156,11 @@ class Cell:
 
 def overhead_cells(o: OverheadSpec | DictConfig, part: str = "overhead") -> list[Cell]:
     """Plain loop, Lightning loop, plain loop, ...: `rounds` of both, on one module."""
-    return [Cell(part, o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
-            for _ in range(o.rounds) for mode in OVERHEAD_LOOPS]
+    return [
+        Cell(part, o.model, mode, o.seq_len, o.batch_size, o.compile, o.warmup, o.steps)
+        for _ in range(o.rounds)
+        for mode in OVERHEAD_LOOPS
+    ]
 
 
 def plan(spec: DictConfig) -> list[Cell]:
@@ -160,20 +171,35 @@ def plan(spec: DictConfig) -> list[Cell]:
     for part in spec.parts:
         if part in TARGET_PARTS:
             t = spec[part]
-            cells += [Cell(part, m, mode, t.seq_len, t.batch_size, t.compile, t.warmup, spec.steps)
-                      for m in t.models for mode in t.modes]
+            cells += [
+                Cell(part, m, mode, t.seq_len, t.batch_size, t.compile, t.warmup, spec.steps)
+                for m in t.models
+                for mode in t.modes
+            ]
         elif part in OVERHEAD_PARTS:
             cells += overhead_cells(spec[part], part)
         elif part in DECODE_PARTS:
             d = spec[part]
-            cells += [Cell(part, m, "decode", t, b, False, d.warmup, d.steps)
-                      for m in d.models for t in d.contexts for b in d.batch_sizes]
+            cells += [
+                Cell(part, m, "decode", t, b, False, d.warmup, d.steps)
+                for m in d.models
+                for t in d.contexts
+                for b in d.batch_sizes
+            ]
         else:
-            names = {"models": list(spec.models),
-                     "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],
-                     "dss": [f"{spec.dss.of}:dss-{v}" + (f"-{spec.dss.chunk}" if v == "chunked" else "")
-                             for v in spec.dss.variants]}[part]
+            names = {
+                "models": list(spec.models),
+                "branches": [f"{spec.branches.of}:{b}" for b in spec.branches.names],
+                "dss": [
+                    f"{spec.dss.of}:dss-{v}" + (f"-{spec.dss.chunk}" if v == "chunked" else "")
+                    for v in spec.dss.variants
+                ],
+            }[part]
             compile = spec.compile if part != "branches" or spec.branches.compile is None else spec.branches.compile
-            cells += [Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), compile, spec.warmup, spec.steps)
-                      for m in names for mode in spec.modes for t in spec.seq_lens]
+            cells += [
+                Cell(part, m, mode, t, max(1, spec.tokens_per_step // t), compile, spec.warmup, spec.steps)
+                for m in names
+                for mode in spec.modes
+                for t in spec.seq_lens
+            ]
     return cells

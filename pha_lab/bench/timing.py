@@ -18,8 +18,9 @@ import itertools
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,8 +74,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return contextlib.nullcontext()
 
 
-def train_step(loss_of: Callable[[Any], torch.Tensor], batches: Sequence, optimizer: torch.optim.Optimizer,
-               amp: AbstractContextManager) -> Callable[[], torch.Tensor]:
+def train_step(
+    loss_of: Callable[[Any], torch.Tensor],
+    batches: Sequence,
+    optimizer: torch.optim.Optimizer,
+    amp: AbstractContextManager,
+) -> Callable[[], torch.Tensor]:
     """A function doing one training step per call on the next of `batches` (in turn): forward and loss
     under `amp`, backward, optimizer step, gradients set to None. It returns the (detached) loss."""
     batch_iter = itertools.cycle(batches)
@@ -133,9 +138,16 @@ def measure(prepare: Callable[[], Callable[[], list[float]]], tokens_per_step: i
         traceback.print_exc(file=sys.stderr)
         return {"status": "error", "note": f"{type(exc).__name__}: {_first_line(exc)}"}
     p10, p50, p90 = percentiles(times)
-    result = {"status": "ok", "note": "", "step_ms_median": p50, "step_ms_p10": p10, "step_ms_p90": p90,
-              "step_ms_mean": sum(times) / len(times), "tokens_per_s": tokens_per_step / (p50 / 1e3),
-              "warmup_s": elapsed - sum(times) / 1e3}
+    result = {
+        "status": "ok",
+        "note": "",
+        "step_ms_median": p50,
+        "step_ms_p10": p10,
+        "step_ms_p90": p90,
+        "step_ms_mean": sum(times) / len(times),
+        "tokens_per_s": tokens_per_step / (p50 / 1e3),
+        "warmup_s": elapsed - sum(times) / 1e3,
+    }
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result

@@ -24,10 +24,43 @@ from torch.utils.flop_counter import flop_registry
 from pha_lab.bench.workloads import make_workload
 from pha_lab.models.gss import DSS
 
-FREE = {"view", "_unsafe_view", "transpose", "t", "permute", "slice", "select", "expand", "as_strided", "unsqueeze",
-        "squeeze", "alias", "detach", "narrow", "real", "imag", "view_as_real", "view_as_complex", "conj", "_conj",
-        "split", "split_with_sizes", "unbind", "diagonal", "lift_fresh", "empty", "new_empty", "empty_like",
-        "empty_strided", "_reshape_alias", "resolve_conj", "_neg_view", "resolve_neg", "clone_", "flip_view"}
+FREE = {
+    "view",
+    "_unsafe_view",
+    "transpose",
+    "t",
+    "permute",
+    "slice",
+    "select",
+    "expand",
+    "as_strided",
+    "unsqueeze",
+    "squeeze",
+    "alias",
+    "detach",
+    "narrow",
+    "real",
+    "imag",
+    "view_as_real",
+    "view_as_complex",
+    "conj",
+    "_conj",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "diagonal",
+    "lift_fresh",
+    "empty",
+    "new_empty",
+    "empty_like",
+    "empty_strided",
+    "_reshape_alias",
+    "resolve_conj",
+    "_neg_view",
+    "resolve_neg",
+    "clone_",
+    "flip_view",
+}
 FFT_OPS = {"_fft_r2c", "_fft_c2r", "_fft_c2c"}
 
 
@@ -84,8 +117,15 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def count_step(name: str, seq_len: int, batch: int, training: bool = True, dtype: torch.dtype = torch.bfloat16,
-               peak_flops: float = 788e12, bandwidth: float = 4.3e12) -> Traffic:
+def count_step(
+    name: str,
+    seq_len: int,
+    batch: int,
+    training: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    peak_flops: float = 788e12,
+    bandwidth: float = 4.3e12,
+) -> Traffic:
     """One step of workload `name` (forward, and backward in training; no optimizer) on the meta device, its
     parameters and float inputs in `dtype` (what autocast makes of the activations; a DSS keeps its fp32 inside).
     Defaults: the bf16 matmul peak and copy bandwidth measured on this workplace's H200 (KINDS.md, 2026-10-28)."""
@@ -94,8 +134,10 @@ def count_step(name: str, seq_len: int, batch: int, training: bool = True, dtype
     for m in wl.module.modules():  # autocast keeps parameters fp32; the DSS layers compute with them in fp32
         if isinstance(m, DSS):
             m.float()
-    inputs = [t.to(dtype).detach().requires_grad_(training) if t.is_floating_point() else t
-              for t in wl.batch(batch, seq_len, torch.device("meta"), None)]
+    inputs = [
+        t.to(dtype).detach().requires_grad_(training) if t.is_floating_point() else t
+        for t in wl.batch(batch, seq_len, torch.device("meta"), None)
+    ]
     traffic = Traffic(peak_flops, bandwidth)
     with traffic:
         if training:
@@ -118,14 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     tokens = a.seq_len * a.batch
     for name in a.names:
-        t = count_step(name, a.seq_len, a.batch, not a.prefill, peak_flops=a.peak_tflops * 1e12,
-                       bandwidth=a.bandwidth_tbs * 1e12)
+        t = count_step(
+            name, a.seq_len, a.batch, not a.prefill, peak_flops=a.peak_tflops * 1e12, bandwidth=a.bandwidth_tbs * 1e12
+        )
         wl = make_workload(name, "meta", a.seq_len)
         h = wl.d_model if wl.kind == "dss" else wl.sizes()["gss_h"] or 1
-        print(f"\n{name}  T={a.seq_len} B={a.batch} {'prefill' if a.prefill else 'train (fwd+bwd)'}: "
-              f"{sum(t.bytes.values()) / 1e9:.2f} GB, {sum(t.calls.values())} ops, "
-              f"{1e3 * sum(t.seconds.values()):.2f} ms at {a.peak_tflops:g} TFLOP/s and {a.bandwidth_tbs:g} TB/s; "
-              f"{sum(t.bytes.values()) / tokens / h:.0f} B per GSS channel per token")
+        print(
+            f"\n{name}  T={a.seq_len} B={a.batch} {'prefill' if a.prefill else 'train (fwd+bwd)'}: "
+            f"{sum(t.bytes.values()) / 1e9:.2f} GB, {sum(t.calls.values())} ops, "
+            f"{1e3 * sum(t.seconds.values()):.2f} ms at {a.peak_tflops:g} TFLOP/s and {a.bandwidth_tbs:g} TB/s; "
+            f"{sum(t.bytes.values()) / tokens / h:.0f} B per GSS channel per token"
+        )
         for op, b in t.bytes.most_common():
             print(f"  {op:<28} {t.calls[op]:>4} x  {b / 1e9:8.3f} GB  {1e3 * t.seconds[op]:7.3f} ms")
 

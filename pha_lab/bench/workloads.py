@@ -10,9 +10,9 @@ computes it), `gpt2_*` (pha_lab.bench.gpt2_reference: the loss inside its forwar
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -89,16 +89,24 @@ class Workload:
         """Per-token widths behind the byte floors: sum of Linear (in+out) and of Linear in, GSS channels;
         io_bytes: a DSS layer's own input and output (bf16)."""
         linears = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
-        return {"n_params": sum(p.numel() for p in self.module.parameters()),
-                "linear_io": sum(m.in_features + m.out_features for m in linears),
-                "linear_in": sum(m.in_features for m in linears),
-                "gss_h": sum(m.dss.skip.numel() for m in self.module.modules() if isinstance(m, GSS)),
-                "vocab": self.vocab if self.kind in ("lm", "gpt2") else 0,
-                "io_bytes": 4 * self.d_model if self.kind == "dss" else 0}
+        return {
+            "n_params": sum(p.numel() for p in self.module.parameters()),
+            "linear_io": sum(m.in_features + m.out_features for m in linears),
+            "linear_in": sum(m.in_features for m in linears),
+            "gss_h": sum(m.dss.skip.numel() for m in self.module.modules() if isinstance(m, GSS)),
+            "vocab": self.vocab if self.kind in ("lm", "gpt2") else 0,
+            "io_bytes": 4 * self.d_model if self.kind == "dss" else 0,
+        }
 
 
-def memory_columns(workload: Workload, batch: int, seq_len: int, cache_dtype_bytes: int, optimizer_bytes: int | None,
-                   peak_mem_gb: float | None) -> dict[str, float]:
+def memory_columns(
+    workload: Workload,
+    batch: int,
+    seq_len: int,
+    cache_dtype_bytes: int,
+    optimizer_bytes: int | None,
+    peak_mem_gb: float | None,
+) -> dict[str, float]:
     """A cell's memory parts (GB = 1e9 bytes; pha_lab.models.memory): weights_gb, the parameters as stored (fp32:
     autocast reads them); cache_gb (presets only), the analytic inference cache (KV + recurrent state) of `batch`
     sequences at context `seq_len`, `cache_dtype_bytes` per number; optimizer_gb, the AdamW moments allocated
@@ -119,8 +127,9 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of the tensors an optimizer holds in its state (AdamW: two moments per parameter and a step count)."""
     if optimizer is None:
         return 0
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-               if torch.is_tensor(t))
+    return sum(
+        t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+    )
 
 
 def analytic_flops_per_token(module: nn.Module, seq_len: int, training: bool) -> float:
@@ -141,7 +150,7 @@ def make_workload(name: str, device: torch.device | str, max_len: int = 1024) ->
             cfg = load_config(preset, [f"model.gss.conv_impl={impl}"] if impl else []).model
             branch = "gss" if impl else branch
             if branch.startswith("dss-"):
-                variant, _, chunk = branch[len("dss-"):].partition("-")
+                variant, _, chunk = branch[len("dss-") :].partition("-")
                 module = DSSBench(cfg.gss.d_hidden, cfg.gss.n_modes, variant, int(chunk or 128))
                 return Workload(name, "dss", module, 0, cfg.gss.d_hidden)
             return Workload(name, "branch", BranchStack(cfg, branch), 0, cfg.d_model)
@@ -149,7 +158,7 @@ def make_workload(name: str, device: torch.device | str, max_len: int = 1024) ->
         return Workload(name, "lm", build_model(cfg), cfg.vocab_size, cfg.d_model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta_workload(name: str, max_len: int) -> Workload:
     """The workload on the meta device (no memory, no init): its sizes and FLOPs for the floors and the plan."""
     return make_workload(name, "meta", max_len)
@@ -159,12 +168,19 @@ def make_optimizer(module: nn.Module, device: torch.device) -> torch.optim.Optim
     """AdamW as the suite trains (fused on CUDA); one group: the fused kernel's cost doesn't depend on it.
     Deliberately not training/optim.py's `build_optimizer`: a workload is a bare module (a branch stack, a DSS
     kernel, a model) timed in an independent reference loop, with no experiment config to build from."""
-    return torch.optim.AdamW(module.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                             fused=True if device.type == "cuda" else None)
+    return torch.optim.AdamW(
+        module.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True if device.type == "cuda" else None
+    )
 
 
-def build_step(mode: str, workload: Workload, fwd: Callable, optimizer: torch.optim.Optimizer | None,
-               batches: list, amp: AbstractContextManager) -> Callable[[], object]:
+def build_step(
+    mode: str,
+    workload: Workload,
+    fwd: Callable,
+    optimizer: torch.optim.Optimizer | None,
+    batches: list,
+    amp: AbstractContextManager,
+) -> Callable[[], object]:
     """The function one timed step calls: train = forward, loss, backward, optimizer step; prefill = the
     inference forward of every position under inference_mode."""
     if mode == "train":

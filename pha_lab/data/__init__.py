@@ -19,8 +19,20 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 __all__ = [
-    "IGNORE_INDEX", "SOURCES", "DataError", "Tokenizer", "TokenSplit", "build_datamodule", "build_tokenizer",
-    "data_root", "eval_windows", "lm_metrics", "splits", "token_split", "LMDataModule", "MQARDataModule",
+    "IGNORE_INDEX",
+    "SOURCES",
+    "DataError",
+    "Tokenizer",
+    "TokenSplit",
+    "build_datamodule",
+    "build_tokenizer",
+    "data_root",
+    "eval_windows",
+    "lm_metrics",
+    "splits",
+    "token_split",
+    "LMDataModule",
+    "MQARDataModule",
 ]
 
 

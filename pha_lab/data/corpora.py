@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from pha_lab import PROJECT_ROOT
 from pha_lab.data.mqar import MQARSplit
@@ -40,7 +40,7 @@ NOVELS_TEST_BOOKS = (
 
 
 # --------------------------------------------------------------------------- locations
-def data_root(d: DictConfig, required: bool = False) -> Optional[Path]:
+def data_root(d: DictConfig, required: bool = False) -> Path | None:
     """Local data root: `data.data_dir`, else `$PHA_DATA_DIR`, else `../shared/data` beside the project if present."""
     for value, key in ((d.data_dir, "data.data_dir"), (os.environ.get("PHA_DATA_DIR"), "$PHA_DATA_DIR")):
         if value:
@@ -67,7 +67,7 @@ def cache_root(d: DictConfig) -> Path:
 
 
 # --------------------------------------------------------------------------- path helpers
-def _resolve(entry: str, key: str, root: Optional[Path]) -> Path:
+def _resolve(entry: str, key: str, root: Path | None) -> Path:
     """A configured path: absolute, or relative to the data root, else to the cwd."""
     p = Path(entry).expanduser()
     tried = [p] if p.is_absolute() else ([root / p] if root else []) + [Path.cwd() / p]
@@ -80,7 +80,7 @@ def _resolve(entry: str, key: str, root: Optional[Path]) -> Path:
     )
 
 
-def _expand(entries: list[str], key: str, root: Optional[Path]) -> list[Path]:
+def _expand(entries: list[str], key: str, root: Path | None) -> list[Path]:
     """Files as given; a folder stands for every *.txt below it (sorted), so folders with README/MANIFEST work."""
     out: list[Path] = []
     for entry in entries:
@@ -184,7 +184,13 @@ def _wikitext(d: DictConfig, size: str) -> dict[str, SplitSource]:
             )
         files = (found,) if found else ()
         out[split] = SplitSource(
-            config, split, files, "wikitext", (WIKITEXT_REPO, config, hub_split), d.hub_revision, missing=missing,
+            config,
+            split,
+            files,
+            "wikitext",
+            (WIKITEXT_REPO, config, hub_split),
+            d.hub_revision,
+            missing=missing,
             data_dir=root,
         )
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
@@ -106,8 +107,13 @@ class _DataModule(L.LightningDataModule):
         t = self.trainer
         accumulate = t.accumulate_grad_batches if t is not None else self.cfg.trainer.accumulate_grad_batches
         world = t.world_size if t is not None else 1
-        return {"seed": int(self.cfg.seed), "batch_size": int(self.d.batch_size), "accumulate": int(accumulate),
-                "world_size": int(world), "seq_len": int(self.d.seq_len)}
+        return {
+            "seed": int(self.cfg.seed),
+            "batch_size": int(self.d.batch_size),
+            "accumulate": int(accumulate),
+            "world_size": int(world),
+            "seq_len": int(self.d.seq_len),
+        }
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
@@ -159,7 +165,7 @@ class _DataModule(L.LightningDataModule):
             self._splits = corpora.splits(self.d)
         return self._splits
 
-    def _stage_splits(self, stage: Optional[str]) -> tuple[str, ...]:
+    def _stage_splits(self, stage: str | None) -> tuple[str, ...]:
         wanted = STAGE_SPLITS.get(stage or "", ("train", "valid", "test"))
         return tuple(s for s in wanted if s in corpora.split_names(self.d))
 
@@ -169,7 +175,7 @@ class LMDataModule(_DataModule):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        self._tokenizer: Optional[Tokenizer] = None
+        self._tokenizer: Tokenizer | None = None
         self._tokens: dict[str, TokenSplit] = {}
         self._bytes: dict[str, int] = {}
 
@@ -187,8 +193,11 @@ class LMDataModule(_DataModule):
         model_vocab = int(self.cfg.model.vocab_size)
         if self.vocab_size > model_vocab:
             tk = self.d.tokenizer
-            which = f"data.tokenizer.train_vocab_size={tk.train_vocab_size}" if tk.train_vocab_size else (
-                f"data.tokenizer.name={tk.name}" + (f", data.tokenizer.path={tk.path}" if tk.path else ""))
+            which = (
+                f"data.tokenizer.train_vocab_size={tk.train_vocab_size}"
+                if tk.train_vocab_size
+                else (f"data.tokenizer.name={tk.name}" + (f", data.tokenizer.path={tk.path}" if tk.path else ""))
+            )
             raise DataError(
                 f"the tokenizer ({which}: {self.tokenizer.name}, {self.vocab_size} tokens) does not fit "
                 f"model.vocab_size={model_vocab}; raise model.vocab_size to >= {self.vocab_size} "
@@ -214,7 +223,7 @@ class LMDataModule(_DataModule):
         for split in self._stage_splits(stage):
             self.token_split(split)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         self.check_vocab()
         for split in self._stage_splits(stage):
             if split == "train":
@@ -273,7 +282,7 @@ class MQARDataModule(_DataModule):
                 f"raise model.vocab_size"
             )
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         self.check_vocab()
         for split in self._stage_splits(stage):
             if split != "train":

@@ -146,8 +146,11 @@ class MQARDataset:
     def __init__(self, d: DictConfig, split: str, seed: int, num_examples: int) -> None:
         q = d.mqar
         self.args = dict(
-            vocab_size=int(q.vocab_size), seq_len=int(d.seq_len), num_kv_pairs=int(q.num_kv_pairs),
-            power_a=float(q.power_a), random_non_queries=bool(q.random_non_queries),
+            vocab_size=int(q.vocab_size),
+            seq_len=int(d.seq_len),
+            num_kv_pairs=int(q.num_kv_pairs),
+            power_a=float(q.power_a),
+            random_non_queries=bool(q.random_non_queries),
         )
         check_args(self.args["vocab_size"], self.args["seq_len"], self.args["num_kv_pairs"], self.args["power_a"])
         self.seed, self.code, self.num_examples = int(seed), SPLIT_CODE[split], int(num_examples)

@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from pha_lab.errors import DataError
 
 
-def hub_unreachable() -> Optional[str]:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be used right now (offline flag or no DNS), else None; saves datasets' 25 s of retries."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
@@ -93,11 +93,11 @@ class SplitSource:
     split: str
     files: tuple[Path, ...] = ()
     documents: str = "file"
-    hub: Optional[tuple[str, Optional[str], str]] = None  # (repo, config, hub split), used when `files` is empty
+    hub: tuple[str, str | None, str] | None = None  # (repo, config, hub split), used when `files` is empty
     revision: str = "main"
-    carve: Optional[tuple[int, float, float]] = None  # (seed, valid_fraction, test_fraction) over loaded documents
-    missing: Optional[str] = None  # why the split cannot be loaded (raised on first use)
-    data_dir: Optional[Path] = field(default=None, compare=False)
+    carve: tuple[int, float, float] | None = None  # (seed, valid_fraction, test_fraction) over loaded documents
+    missing: str | None = None  # why the split cannot be loaded (raised on first use)
+    data_dir: Path | None = field(default=None, compare=False)
 
     def check(self) -> None:
         if self.missing:
@@ -160,14 +160,14 @@ class SplitSource:
         return ds
 
 
-def _rel(p: Path, root: Optional[Path]) -> str:
+def _rel(p: Path, root: Path | None) -> str:
     try:
         return str(p.relative_to(root)) if root else str(p)
     except ValueError:
         return str(p)
 
 
-def _load_hub(repo: str, config: Optional[str], split: str, revision: str, what: str):
+def _load_hub(repo: str, config: str | None, split: str, revision: str, what: str):
     import datasets  # start-up time: see SplitSource.load
 
     why = hub_unreachable()
@@ -182,4 +182,3 @@ def _load_hub(repo: str, config: Optional[str], split: str, revision: str, what:
         f"(data.data_dir or $PHA_DATA_DIR; layout in docs/data.md), or use data.source=text with data.train_files. "
         f"(A hub repo that still ships a loading script may need data.hub_revision=refs/convert/parquet.)"
     )
-

@@ -14,10 +14,11 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tokenizers
@@ -157,8 +158,10 @@ def load_tokenizer(d: DictConfig) -> Tokenizer:
         if value:
             path = Path(value).expanduser()
             if not path.exists():
-                raise DataError(f"{key}={value} does not exist; point it at a folder with tokenizer.json "
-                                f"(or vocab.json + merges.txt), or unset it")
+                raise DataError(
+                    f"{key}={value} does not exist; point it at a folder with tokenizer.json "
+                    f"(or vocab.json + merges.txt), or unset it"
+                )
             try:
                 return _from_dir(path, t.name if path.is_file() else path.name)
             except DataError as exc:
@@ -264,7 +267,7 @@ def trained_bpe(d: DictConfig) -> Tokenizer:
     return Tokenizer(hf, f"bpe{vocab}", origin)
 
 
-def build_tokenizer(d: DictConfig) -> Optional[Tokenizer]:
+def build_tokenizer(d: DictConfig) -> Tokenizer | None:
     """The tokenizer `cfg.data` asks for; None for MQAR, whose tokens are synthetic ids."""
     if d.source == "mqar":
         return None

@@ -18,11 +18,12 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,7 +63,7 @@ class TokenSplit:
     def __getstate__(self) -> dict:
         return {"bin_path": self.bin_path, "meta": self.meta}
 
-    def documents(self) -> "Documents":
+    def documents(self) -> Documents:
         """Where each document lies in the stream, read from its `<|endoftext|>` tokens (every document is
         preceded by one), checked against the document count the cache recorded. A document whose text holds
         the literal string `<|endoftext|>` (encoded as that token) would split in two: refused, naming the counts."""
@@ -88,7 +89,7 @@ class Documents:
 
     starts: np.ndarray
     lengths: np.ndarray
-    names: Optional[tuple[str, ...]]
+    names: tuple[str, ...] | None
 
     def name(self, k: int) -> str:
         return self.names[k] if self.names else f"document {k}"
@@ -146,7 +147,7 @@ def load_split(d: DictConfig, split: str, tok: Tokenizer) -> TokenSplit:
     return token_split(source, tok, d)
 
 
-def _open(base: Path) -> Optional[TokenSplit]:
+def _open(base: Path) -> TokenSplit | None:
     meta_path, bin_path = base.with_suffix(".json"), base.with_suffix(".bin")
     if not meta_path.is_file():
         return None
@@ -310,13 +311,18 @@ def eval_windows(n_targets: int, seq_len: int, stride: int) -> np.ndarray:
 class EvalWindows:
     """Map-style dataset of `eval_windows`, padded to seq_len (input: EOT, label: IGNORE_INDEX = not scored)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, stride: Optional[int], max_tokens: Optional[int], name: str):
+    def __init__(self, split: TokenSplit, seq_len: int, stride: int | None, max_tokens: int | None, name: str):
         available = split.n_tokens - 1
         if available < 1:
             raise DataError(f"the {name} split has no token to score")
         if available < seq_len:
-            log.warning("the %s split has %d tokens to score, fewer than one window (data.seq_len=%d): it is scored "
-                        "in one partial window", name, available, seq_len)
+            log.warning(
+                "the %s split has %d tokens to score, fewer than one window (data.seq_len=%d): it is scored "
+                "in one partial window",
+                name,
+                available,
+                seq_len,
+            )
         self.split, self.seq_len = split, int(seq_len)
         self.stride = int(stride or seq_len)
         self.n_targets = min(available, int(max_tokens)) if max_tokens else available
@@ -337,7 +343,7 @@ class EvalWindows:
         return {"input_ids": inputs, "labels": labels}
 
 
-def lm_metrics(sum_nll: float, n_tokens: int, n_bytes: Optional[int]) -> dict[str, float]:
+def lm_metrics(sum_nll: float, n_tokens: int, n_bytes: int | None) -> dict[str, float]:
     """Token-level loss/PPL and bits per byte from the *summed* NLL (nats) over the scored tokens of a split.
     Sum over batches (partial windows score fewer tokens; a mean of batch means is biased)."""
     loss = sum_nll / n_tokens

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype,
-                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    seq_len: int, head_dim: int, base: float, device, dtype, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [T, head_dim/2] for positions offset..offset+T-1, computed in fp32 (fp64 for float64 reference
     checks); a position's row is the same whatever the offset (decoding rotates one token at its position)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -78,7 +79,7 @@ class GroupedQueryAttention(nn.Module):
         return rope_cos_sin(t, self.head_dim, self.rope_base, device, dtype, offset=offset)
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> "GroupedQueryAttention":
+    def from_config(cls, cfg, d_model: int) -> GroupedQueryAttention:
         """cfg: a model.attn section (pha_lab.branches.AttnConfig)."""
         return cls(d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, cfg.dropout)
 
@@ -93,7 +94,12 @@ class GroupedQueryAttention(nn.Module):
     def _attend(self, q, k, v, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, _, t, _ = q.shape
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.W_o(y.transpose(1, 2).reshape(b, t, -1))
@@ -112,8 +118,10 @@ class GroupedQueryAttention(nn.Module):
         the cached prefix and the new tokens up to itself. From an empty cache this is the forward's computation."""
         p, t = state.pos, h.shape[1]
         if p + t > state.max_len:
-            raise ValueError(f"attention KV cache full: {p} cached + {t} new tokens > max_len={state.max_len}; "
-                             f"pass a larger max_len to init_state")
+            raise ValueError(
+                f"attention KV cache full: {p} cached + {t} new tokens > max_len={state.max_len}; "
+                f"pass a larger max_len to init_state"
+            )
         q, k, v = self._qkv(h, p)
         state.k[:, :, p : p + t] = k
         state.v[:, :, p : p + t] = v

@@ -48,6 +48,7 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, states: dict, mode: str) -> torch.Tensor:
         """The layer over new tokens x [B, T, D] with each branch's `mode` ("prefill" | "step") on its entry of
         `states` (branch name -> state, updated)."""
+
         def run(name: str, h: torch.Tensor) -> torch.Tensor:
             y, states[name] = getattr(self.branches[name], mode)(h, states[name])
             return self._post(name, y)

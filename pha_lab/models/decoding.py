@@ -97,8 +97,10 @@ class DecodeState:
     def reserve(self, n: int) -> None:
         """Refuse `n` more tokens beyond max_len, before any layer runs."""
         if self.pos + n > self.max_len:
-            raise ValueError(f"decoding state full: {self.pos} tokens seen + {n} new > max_len={self.max_len}; "
-                             f"start from init_state(batch, max_len) with max_len >= prompt + new tokens")
+            raise ValueError(
+                f"decoding state full: {self.pos} tokens seen + {n} new > max_len={self.max_len}; "
+                f"start from init_state(batch, max_len) with max_len >= prompt + new tokens"
+            )
 
 
 def check_decodable(model) -> None:
@@ -107,9 +109,11 @@ def check_decodable(model) -> None:
         for name, branch in block.branches.items():
             missing = [m for m in DECODE_METHODS if not callable(getattr(branch, m, None))]
             if missing:
-                raise TypeError(f"layer {i}: branch '{name}' ({type(branch).__name__}) has no {', '.join(missing)}, "
-                                f"so this model cannot decode; add init_state/prefill/step to the module "
-                                f"(the contract: pha_lab.models.decoding)")
+                raise TypeError(
+                    f"layer {i}: branch '{name}' ({type(branch).__name__}) has no {', '.join(missing)}, "
+                    f"so this model cannot decode; add init_state/prefill/step to the module "
+                    f"(the contract: pha_lab.models.decoding)"
+                )
 
 
 def init_state(model, batch: int, max_len: int, device=None, dtype=None) -> DecodeState:
@@ -120,8 +124,10 @@ def init_state(model, batch: int, max_len: int, device=None, dtype=None) -> Deco
     if dtype is None:  # inside autocast, the dtype the activations (so the keys and values) will have
         autocast = device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else model.wte.weight.dtype
-    layers = [{name: branch.init_state(batch, max_len, device=device, dtype=dtype)
-               for name, branch in block.branches.items()} for block in model.blocks]
+    layers = [
+        {name: branch.init_state(batch, max_len, device=device, dtype=dtype) for name, branch in block.branches.items()}
+        for block in model.blocks
+    ]
     return DecodeState(layers, batch, max_len, device=device)
 
 
@@ -186,8 +192,16 @@ def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, gen
 
 
 @torch.no_grad()
-def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+def generate(
+    model,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> torch.Tensor:
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise ValueError(f"generate: ids of shape {tuple(ids.shape)}, expected [batch, prompt tokens >= 1]")

@@ -21,7 +21,7 @@ class FFN(nn.Module):
         self.W_out.is_residual_out = True
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> "FFN":
+    def from_config(cls, cfg, d_model: int) -> FFN:
         """cfg: a model.ffn section (pha_lab.branches.FFNConfig)."""
         return cls(d_model, cfg.kind, cfg.expansion, cfg.hidden)
 

@@ -118,8 +118,9 @@ def mode_powers(lam_re: torch.Tensor, lam_im: torch.Tensor, length: int, dtype: 
     return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
-def dss_kernel(modes: DiscreteDSS, length: int, dtype: torch.dtype = torch.float32,
-               skip: torch.Tensor | None = None) -> torch.Tensor:
+def dss_kernel(
+    modes: DiscreteDSS, length: int, dtype: torch.dtype = torch.float32, skip: torch.Tensor | None = None
+) -> torch.Tensor:
     """K[h, l] = Re sum_n coef[h, n] exp(lambda_n l)  -> [H, L] in `dtype`; with `skip` [H], D is added to K[:, 0]
     (K * v + D v = (K + D delta) * v: the skip becomes part of the convolution instead of three passes over v)."""
     re, im = mode_powers(modes.lam_re, modes.lam_im, length, dtype)
@@ -263,8 +264,16 @@ def state_dtype(dtype: torch.dtype | None) -> torch.dtype:
 class DSS(nn.Module):
     """Diagonal state space layer: H channels sharing N complex modes, kernel `dss_exp` or `s4d_lin_noscale`."""
 
-    def __init__(self, d_hidden: int, n_modes: int, dt_min: float = 1e-3, dt_max: float = 1e-1, kernel: str = "dss_exp",
-                 conv_impl: str = "fft", chunk: int = 128):
+    def __init__(
+        self,
+        d_hidden: int,
+        n_modes: int,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        kernel: str = "dss_exp",
+        conv_impl: str = "fft",
+        chunk: int = 128,
+    ):
         super().__init__()
         if kernel not in DSS_KERNELS:
             raise ValueError(f"unknown DSS kernel '{kernel}'; choose one of: {', '.join(DSS_KERNELS)}")
@@ -295,7 +304,9 @@ class DSS(nn.Module):
         """The per-mode discrete exponents lambda and per-channel coefficients, in float64 (shared by the
         convolution kernel and a step-by-step recurrence)."""
         if self.kind == "s4d_lin_noscale":
-            return DiscreteDSS(-torch.exp(self.log_neg_re.double()), self.im.double(), self.c_re.double(), self.c_im.double())
+            return DiscreteDSS(
+                -torch.exp(self.log_neg_re.double()), self.im.double(), self.c_re.double(), self.c_im.double()
+            )
         dt = torch.exp(self.log_dt.double())
         lam_re, lam_im = -torch.exp(self.log_neg_re.double()), self.im.double()  # continuous-time Lambda
         z_re, z_im = dt * lam_re, dt * lam_im  # dt Lambda
@@ -304,7 +315,10 @@ class DSS(nn.Module):
         e_re = torch.expm1(z_re) * torch.cos(z_im) - 2 * torch.sin(z_im / 2) ** 2
         e_im = torch.exp(z_re) * torch.sin(z_im)
         norm = lam_re**2 + lam_im**2  # > 0: Re Lambda < 0
-        b_re, b_im = (e_re * lam_re + e_im * lam_im) / norm, (e_im * lam_re - e_re * lam_im) / norm  # (exp(z) - 1) / Lambda
+        b_re, b_im = (
+            (e_re * lam_re + e_im * lam_im) / norm,
+            (e_im * lam_re - e_re * lam_im) / norm,
+        )  # (exp(z) - 1) / Lambda
         w_re, w_im = self.w_re.double(), self.w_im.double()
         return DiscreteDSS(z_re, z_im, w_re * b_re - w_im * b_im, w_re * b_im + w_im * b_re)
 
@@ -343,8 +357,11 @@ class DSS(nn.Module):
             fresh = torch.complex(torch.einsum("nl,blh->bhn", w_re, x), torch.einsum("nl,blh->bhn", w_im, x))
             if state.pos:  # what the earlier tokens' state adds: to the outputs, and decayed T steps to the new state
                 r = state.coef * state.x
-                y = (y.to(work) + torch.einsum("bhn,nt->bth", r.real, p_re[:, 1:])
-                     - torch.einsum("bhn,nt->bth", r.imag, p_im[:, 1:])).to(v.dtype)
+                y = (
+                    y.to(work)
+                    + torch.einsum("bhn,nt->bth", r.real, p_re[:, 1:])
+                    - torch.einsum("bhn,nt->bth", r.imag, p_im[:, 1:])
+                ).to(v.dtype)
                 fresh = fresh + torch.complex(p_re[:, t], p_im[:, t]) * state.x
         state.x, state.pos = fresh.to(state.x.dtype), state.pos + t
         return y
@@ -362,8 +379,18 @@ class DSS(nn.Module):
 class GSS(nn.Module):
     flops_part = "fft"  # its part of pha_lab.models.flops.flops_per_token: the long convolution
 
-    def __init__(self, d_model: int, expansion: float, d_hidden: int, n_modes: int, dt_min: float, dt_max: float,
-                 kernel: str = "dss_exp", conv_impl: str = "fft", chunk: int = 128):
+    def __init__(
+        self,
+        d_model: int,
+        expansion: float,
+        d_hidden: int,
+        n_modes: int,
+        dt_min: float,
+        dt_max: float,
+        kernel: str = "dss_exp",
+        conv_impl: str = "fft",
+        chunk: int = 128,
+    ):
         super().__init__()
         d_gate = round_to(expansion * d_model)  # F
         self.W_u = nn.Linear(d_model, d_gate, bias=False)
@@ -374,10 +401,19 @@ class GSS(nn.Module):
         self.W_o.is_residual_out = True  # scaled init, see LanguageModel._init_weights
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> "GSS":
+    def from_config(cls, cfg, d_model: int) -> GSS:
         """cfg: a model.gss section (pha_lab.branches.GSSConfig)."""
-        return cls(d_model, cfg.expansion, cfg.d_hidden, cfg.n_modes, cfg.dt_min, cfg.dt_max, cfg.kernel, cfg.conv_impl,
-                   cfg.chunk)
+        return cls(
+            d_model,
+            cfg.expansion,
+            cfg.d_hidden,
+            cfg.n_modes,
+            cfg.dt_min,
+            cfg.dt_max,
+            cfg.kernel,
+            cfg.conv_impl,
+            cfg.chunk,
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self._gated(h, self.dss)

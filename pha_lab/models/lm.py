@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ class LanguageModel(nn.Module):
         self.wte.weight.no_weight_decay = True  # also the tied LM head's; an untied head is decayed
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            ParallelBlock(s["branches"], s["mixer"], cfg, s["sections"]) if s["layout"] == "parallel"
+            ParallelBlock(s["branches"], s["mixer"], cfg, s["sections"])
+            if s["layout"] == "parallel"
             else SerialBlock(s["branches"], cfg, s["sections"])
             for s in self.specs
         )
@@ -97,8 +98,16 @@ class LanguageModel(nn.Module):
         """ids [B] or [B, 1] -> (logits [B, V], state advanced by one)."""
         return decoding.step(self, ids, state)
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_id: int | None = None,
+    ) -> torch.Tensor:
         """ids [B, T] followed by up to max_new_tokens sampled tokens, [B, T + n] (temperature 0: greedy)."""
         return decoding.generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
 

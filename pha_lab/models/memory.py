@@ -40,8 +40,10 @@ def cache_bytes_by_branch(blocks: nn.ModuleList, batch: int, seq_len: int, dtype
         for name, branch in block.branches.items():
             count = getattr(branch, "cache_bytes", None)
             if not callable(count):
-                raise TypeError(f"layer {i}: branch '{name}' ({type(branch).__name__}) has no cache_bytes(batch, "
-                                f"seq_len, dtype_bytes), so the model's cache cannot be counted: add it to the module "
-                                f"(pha_lab.branches, the contract)")
+                raise TypeError(
+                    f"layer {i}: branch '{name}' ({type(branch).__name__}) has no cache_bytes(batch, "
+                    f"seq_len, dtype_bytes), so the model's cache cannot be counted: add it to the module "
+                    f"(pha_lab.branches, the contract)"
+                )
             parts[name] += count(batch, seq_len, dtype_bytes)
     return parts

@@ -95,7 +95,9 @@ class ConcatMixer(Mixer):
         self.proj = nn.Linear(n_branches * d_model, d_model, bias=False)
         with torch.no_grad():  # start as the mean of the branches plus a small perturbation
             eye = torch.eye(d_model) / n_branches
-            self.proj.weight.copy_(torch.cat([eye] * n_branches, dim=1) + 0.02 / n_branches * torch.randn_like(self.proj.weight))
+            self.proj.weight.copy_(
+                torch.cat([eye] * n_branches, dim=1) + 0.02 / n_branches * torch.randn_like(self.proj.weight)
+            )
         self.proj.weight.no_init = True  # keep this init when the model initialises its Linears
         self.proj.weight.no_weight_decay = True
 

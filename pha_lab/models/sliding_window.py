@@ -55,6 +55,7 @@ def sliding_block_mask(window: int, seq_len: int, device: torch.device):
 def band_mod(window: int):
     """The band as a flex mask_mod, one function object per window: the compiled flex_attention guards on it, so a
     new length with the same window needs no new one."""
+
     def in_band(b, h, q, kv):
         return (q >= kv) & (q - kv < window)
 
@@ -76,8 +77,11 @@ def _build_block_mask(window: int, seq_len: int, device: torch.device):
     except Exception as exc:  # a correct mask either way; the eager one costs memory once per length
         if build is create_block_mask:
             raise
-        warnings.warn(f"compiled create_block_mask failed ({type(exc).__name__}: {str(exc)[:200]}); building the "
-                      f"sliding-window mask eagerly (T x T int64 temporaries)")
+        warnings.warn(
+            f"compiled create_block_mask failed ({type(exc).__name__}: {str(exc)[:200]}); building the "
+            f"sliding-window mask eagerly (T x T int64 temporaries)",
+            stacklevel=2,
+        )
         mask = create_block_mask(*args, device=device)
     if len(_BLOCK_MASKS) >= 64:  # lengths seen by a bench or an evaluation sweep; a few MB each at most
         _BLOCK_MASKS.clear()
@@ -132,8 +136,9 @@ class RingKV:
 class SlidingWindowAttention(GroupedQueryAttention):
     flops_part = "attention"
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, window: int, rope_base: float = 10000.0,
-                 dropout: float = 0.0):
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, window: int, rope_base: float = 10000.0, dropout: float = 0.0
+    ):
         super().__init__(d_model, n_heads, n_kv_heads, rope_base, dropout)
         if window < 1:
             raise ValueError(f"window={window} must be >= 1")
@@ -141,7 +146,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         self.impl = "auto"
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> "SlidingWindowAttention":
+    def from_config(cls, cfg, d_model: int) -> SlidingWindowAttention:
         """cfg: a model.swa section (pha_lab.branches.SlidingWindowConfig)."""
         return cls(d_model, cfg.n_heads, cfg.n_kv_heads, cfg.window, cfg.rope_base, cfg.dropout)
 
@@ -166,8 +171,9 @@ class SlidingWindowAttention(GroupedQueryAttention):
                 raise ValueError("impl='flex' has no attention dropout: use impl='sdpa' or dropout=0")
             return flex(q, k, v, sliding_block_mask(self.window, t, q.device), gqa)
         pos = torch.arange(t, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(pos, pos, self.window), dropout_p=dropout,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=band_mask(pos, pos, self.window), dropout_p=dropout, enable_gqa=gqa
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self._out(self._window_attend(*self._qkv(h)))
@@ -187,9 +193,11 @@ class SlidingWindowAttention(GroupedQueryAttention):
 
     def _check_room(self, state: RingKV, t: int) -> None:
         if state.slots < self.window and state.pos + t > state.slots:
-            raise ValueError(f"this sliding-window state has {state.slots} slots (init_state's max_len) and the window "
-                             f"is {self.window}: positions {state.pos}..{state.pos + t - 1} do not fit; make the "
-                             f"state with max_len >= {state.pos + t}")
+            raise ValueError(
+                f"this sliding-window state has {state.slots} slots (init_state's max_len) and the window "
+                f"is {self.window}: positions {state.pos}..{state.pos + t - 1} do not fit; make the "
+                f"state with max_len >= {state.pos + t}"
+            )
 
     def _write(self, state: RingKV, k: torch.Tensor, v: torch.Tensor) -> RingKV:
         """Keep the last min(T, slots) of the new keys/values in their slots; the state moves on by T positions (in
@@ -197,8 +205,8 @@ class SlidingWindowAttention(GroupedQueryAttention):
         t = k.shape[2]
         n = min(t, state.slots)
         slots = torch.remainder(torch.arange(state.pos + t - n, state.pos + t, device=k.device), state.slots)
-        state.k.index_copy_(2, slots, k[:, :, t - n:].to(state.k.dtype))
-        state.v.index_copy_(2, slots, v[:, :, t - n:].to(state.v.dtype))
+        state.k.index_copy_(2, slots, k[:, :, t - n :].to(state.k.dtype))
+        state.v.index_copy_(2, slots, v[:, :, t - n :].to(state.v.dtype))
         state.pos += t
         return state
 
@@ -215,8 +223,9 @@ class SlidingWindowAttention(GroupedQueryAttention):
             v_all = torch.cat([state.v.to(v.dtype), v], dim=2)
             q_pos = torch.arange(state.pos, state.pos + t, device=h.device)
             mask = band_mask(q_pos, torch.cat([state.slot_positions(), q_pos]), self.window)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self._out(y), self._write(state, k, v)
 
     def step(self, h: torch.Tensor, state: RingKV) -> tuple[torch.Tensor, RingKV]:
@@ -227,6 +236,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         state = self._write(state, k, v)
         filled = state.pos >= state.slots
         mask = None if filled else (torch.arange(state.slots, device=h.device) < state.pos)[None]
-        y = F.scaled_dot_product_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self._out(y), state

@@ -26,8 +26,10 @@ class PruneAtStep(L.Callback):
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise RuntimeError(f"pruning: the validation logged no '{self.monitor}' (the sweep's objective.metric); "
-                               f"it logged {sorted(trainer.callback_metrics)}")
+            raise RuntimeError(
+                f"pruning: the validation logged no '{self.monitor}' (the sweep's objective.metric); "
+                f"it logged {sorted(trainer.callback_metrics)}"
+            )
         step = trainer.global_step
         self.trial.report(float(value), step=step)
         if not self.trial.should_prune():
@@ -36,5 +38,6 @@ class PruneAtStep(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.set_tag(logger.run_id, "pruned_at_step", str(step))
-        raise optuna.TrialPruned(f"at step {step}: {self.monitor} {float(value):.4g} is worse than the median "
-                                 "of earlier trials at this step")
+        raise optuna.TrialPruned(
+            f"at step {step}: {self.monitor} {float(value):.4g} is worse than the median of earlier trials at this step"
+        )

@@ -23,7 +23,12 @@ def parent_run(spec: SweepSpec, tracking_cfg: DictConfig, sweep_path: Path, stud
     if found:
         run_id = found[0].info.run_id
     else:
-        tags = {**tracking.git_info(), "sweep": spec.name, "sweep_parent": "true", "mlflow.note.content": spec.description}
+        tags = {
+            **tracking.git_info(),
+            "sweep": spec.name,
+            "sweep_parent": "true",
+            "mlflow.note.content": spec.description,
+        }
         run_id = client.create_run(exp_id, run_name=f"sweep:{spec.name}", tags=tags).info.run_id
         client.log_artifact(run_id, str(sweep_path))
         client.log_text(run_id, spec.to_yaml(), "sweep.resolved.yaml")  # after `extends:`
@@ -46,8 +51,10 @@ def progress(study, spec: SweepSpec) -> str:
         best = f"best {spec.metric} {study.best_value:.4g} ({study.best_trial.params.get('cell')})"
     except ValueError:
         best = "best: none yet"
-    return (f"[sweep {spec.name}] done {done}/{total}  running {count[TrialState.RUNNING]}  "
-            f"failed {failed}  left {left}  | {best}")
+    return (
+        f"[sweep {spec.name}] done {done}/{total}  running {count[TrialState.RUNNING]}  "
+        f"failed {failed}  left {left}  | {best}"
+    )
 
 
 def summary_table(study):
@@ -55,11 +62,18 @@ def summary_table(study):
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "cell": t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell"),
-                     "state": t.state.name, "value": t.value, "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
-                     "failure_reason": t.user_attrs.get("failure_reason"),
-                     "retry_of": t.system_attrs.get("failed_trial"),
-                     **{k: v for k, v in t.params.items() if k != "cell"}})
+        rows.append(
+            {
+                "trial": t.number,
+                "cell": t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell"),
+                "state": t.state.name,
+                "value": t.value,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                "failure_reason": t.user_attrs.get("failure_reason"),
+                "retry_of": t.system_attrs.get("failed_trial"),
+                **{k: v for k, v in t.params.items() if k != "cell"},
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -14,7 +14,6 @@
   pha_lab.sweep.report) and a nested child run per trial tagged with sweep, cell, seed and trial number.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -34,8 +33,17 @@ from pha_lab.config import load_config, to_yaml
 from pha_lab.sweep.report import finish, parent_run, progress
 from pha_lab.sweep.spec import SweepSpec, load_sweep, suggest
 from pha_lab.sweep.study import (  # (callers import the study's names from here too: `x as x` re-exports)
-    Heartbeat, claim_waiting as claim_waiting, create_study_once, default_storage, enqueue_grid, next_trial,
-    open_study, tell, wait_for_creator, worker_seed)
+    Heartbeat,
+    claim_waiting as claim_waiting,
+    create_study_once,
+    default_storage,
+    enqueue_grid,
+    next_trial,
+    open_study,
+    tell,
+    wait_for_creator,
+    worker_seed,
+)
 from pha_lab.training import handoff
 
 
@@ -59,9 +67,15 @@ def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg: DictCon
     cfg.tracking.tracking_uri = tracking_cfg.tracking_uri
     cfg.tracking.experiment = spec.name
     cfg.tracking.run_name = f"{spec.name}:{cell_key}"
-    cfg.tracking.tags = {**cfg.tracking.tags, "mlflow.parentRunId": parent_id, "sweep": spec.name,
-                         "cell": cell_key, "seed": str(cfg.seed), "trial_number": str(trial.number),
-                         **{f"search.{k}": str(v) for k, v in params.items()}}
+    cfg.tracking.tags = {
+        **cfg.tracking.tags,
+        "mlflow.parentRunId": parent_id,
+        "sweep": spec.name,
+        "cell": cell_key,
+        "seed": str(cfg.seed),
+        "trial_number": str(trial.number),
+        **{f"search.{k}": str(v) for k, v in params.items()},
+    }
     if spec.gpus_per_trial > 1:
         cfg.trainer.devices = spec.gpus_per_trial // cfg.trainer.num_nodes  # per node (num_nodes: the SLURM launcher)
     previous = trial.user_attrs.get("mlflow_run_id")
@@ -79,7 +93,9 @@ def trial_config(spec: SweepSpec, trial, extra: list[str], tracking_cfg: DictCon
     return cell_key, cfg
 
 
-def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking_cfg: DictConfig, parent_id: str) -> str:
+def run_trial(
+    spec: SweepSpec, study, storage, trial, extra: list[str], tracking_cfg: DictConfig, parent_id: str
+) -> str:
     """Run one claimed trial to COMPLETE / PRUNED / FAIL; re-raise an interruption after re-queueing."""
     import optuna
     from optuna.trial import TrialState
@@ -120,16 +136,24 @@ def run_trial(spec: SweepSpec, study, storage, trial, extra: list[str], tracking
         except Exception as exc:
             trial.set_user_attr("failure_reason", f"{type(exc).__name__}: {exc}"[:2000])
             tell(study, trial, state=TrialState.FAIL)
-            print(f"[sweep {spec.name}] trial {trial.number} ({cell_key}) FAILED: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            print(
+                f"[sweep {spec.name}] trial {trial.number} ({cell_key}) FAILED: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
             return "FAIL"
         value = objective_value(client, result.run_id, spec.metric, spec.direction)
         tell(study, trial, value)
         return "COMPLETE"
 
 
-def worker_loop(spec: SweepSpec, storage_url: str, extra: list[str], tracking_cfg: DictConfig, sampler_seed: int,
-                should_stop=lambda: False) -> None:
+def worker_loop(
+    spec: SweepSpec,
+    storage_url: str,
+    extra: list[str],
+    tracking_cfg: DictConfig,
+    sampler_seed: int,
+    should_stop=lambda: False,
+) -> None:
     """Claim and run trials until the grid (or the search budget) is exhausted, or `should_stop()` (a
     launcher's hook: the SLURM worker's stop signal)."""
     study, storage = open_study(spec, storage_url, sampler_seed)
@@ -152,7 +176,9 @@ def worker_groups(gpus_per_trial: int, workers: int | None) -> list[str | None]:
     if n:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = (visible.split(",") if visible else [str(i) for i in range(n)])[:n]
-        groups = [",".join(ids[i : i + gpus_per_trial]) for i in range(0, len(ids) - gpus_per_trial + 1, gpus_per_trial)]
+        groups = [
+            ",".join(ids[i : i + gpus_per_trial]) for i in range(0, len(ids) - gpus_per_trial + 1, gpus_per_trial)
+        ]
         if not groups:
             raise RuntimeError(f"gpus_per_trial={gpus_per_trial} but only {n} GPU(s) are visible")
     else:
@@ -161,8 +187,14 @@ def worker_groups(gpus_per_trial: int, workers: int | None) -> list[str | None]:
     return groups if len(groups) > 1 else [None]
 
 
-def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracking_uri: str | None = None,
-            runs_dir: str | None = None, retry_failed: bool = False):
+def prepare(
+    name: str,
+    extra: list[str] = (),
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    runs_dir: str | None = None,
+    retry_failed: bool = False,
+):
     """Validate the sweep, open (or create) its study and MLflow parent run, queue the grid."""
     base = load_config(None, [o for o in extra if o.startswith("tracking.")])
     tracking_cfg = base.tracking
@@ -181,8 +213,11 @@ def prepare(name: str, extra: list[str] = (), storage: str | None = None, tracki
     sweep_path = Path(name) if Path(name).is_file() else Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml"
     parent_id = parent_run(spec, tracking_cfg, sweep_path, study)
     tracking.client(tracking_cfg.tracking_uri).update_run(parent_id, status="RUNNING")
-    print(f"[sweep {spec.name}] {len(spec.cells())} cells ({added} newly queued); study '{spec.name}' in {storage_url}; "
-          f"MLflow experiment '{spec.name}' at {tracking_cfg.tracking_uri} (parent run {parent_id})", flush=True)
+    print(
+        f"[sweep {spec.name}] {len(spec.cells())} cells ({added} newly queued); study '{spec.name}' in {storage_url}; "
+        f"MLflow experiment '{spec.name}' at {tracking_cfg.tracking_uri} (parent run {parent_id})",
+        flush=True,
+    )
     return spec, study, storage_url, tracking_cfg, parent_id
 
 
@@ -198,12 +233,21 @@ def join_ddp_trial() -> bool:
     return True
 
 
-def run_sweep(name: str, extra: list[str] = (), storage: str | None = None, tracking_uri: str | None = None,
-              runs_dir: str | None = None, retry_failed: bool = False, workers: int | None = None) -> Any:
+def run_sweep(
+    name: str,
+    extra: list[str] = (),
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    runs_dir: str | None = None,
+    retry_failed: bool = False,
+    workers: int | None = None,
+) -> Any:
     """Set up, run the workers, log the summary table to the parent run. Returns the summary."""
     if join_ddp_trial():
         return None
-    spec, study, storage_url, tracking_cfg, parent_id = prepare(name, extra, storage, tracking_uri, runs_dir, retry_failed)
+    spec, study, storage_url, tracking_cfg, parent_id = prepare(
+        name, extra, storage, tracking_uri, runs_dir, retry_failed
+    )
     print(progress(study, spec), flush=True)
     status = "FINISHED"
     try:
@@ -230,9 +274,21 @@ def _run_worker_processes(spec, name, groups, seeds, storage_url, extra, trackin
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for group, seed in zip(groups, seeds):
-        cmd = [sys.executable, "-m", "pha_lab.sweep.runner", name, *extra, "--storage", storage_url,
-               "--tracking-uri", tracking_cfg.tracking_uri, "--runs-dir", str(tracking.runs_dir(tracking_cfg)),
-               "--sampler-seed", str(seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pha_lab.sweep.runner",
+            name,
+            *extra,
+            "--storage",
+            storage_url,
+            "--tracking-uri",
+            tracking_cfg.tracking_uri,
+            "--runs-dir",
+            str(tracking.runs_dir(tracking_cfg)),
+            "--sampler-seed",
+            str(seed),
+        ]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
         label = f"gpu{group.replace(',', '_')}" if group else f"cpu{len(procs)}"
         log = open(log_dir / f"worker-{label}.log", "a")

@@ -66,8 +66,10 @@ def task_layout(spec: SweepSpec, opts: SlurmOptions) -> tuple[int, int, int]:
     if n <= per_node:
         return 1, n, n
     if n % per_node:
-        raise ConfigError(f"gpus_per_trial={n} is not a multiple of --gpus-per-node {per_node}: "
-                          "a multi-node DDP trial takes whole nodes")
+        raise ConfigError(
+            f"gpus_per_trial={n} is not a multiple of --gpus-per-node {per_node}: "
+            "a multi-node DDP trial takes whole nodes"
+        )
     return n // per_node, per_node, per_node
 
 
@@ -85,17 +87,27 @@ def _sbatch_options(lines: list[str]) -> dict[str, object]:
 def executor_parameters(spec: SweepSpec, opts: SlurmOptions) -> dict:
     """SlurmExecutor parameters of one array task (see submitit.slurm.slurm._make_sbatch_string)."""
     if not opts.time_min or opts.time_min < 1:
-        raise ConfigError("--launcher slurm needs --time-limit MINUTES (each array task's walltime; "
-                          "a task that reaches it checkpoints its trial and is requeued)")
+        raise ConfigError(
+            "--launcher slurm needs --time-limit MINUTES (each array task's walltime; "
+            "a task that reaches it checkpoints its trial and is requeued)"
+        )
     nodes, tasks, gpus = task_layout(spec, opts)
     params: dict = {
-        "job_name": f"pha-{spec.name}", "time": opts.time_min, "nodes": nodes, "ntasks_per_node": tasks,
+        "job_name": f"pha-{spec.name}",
+        "time": opts.time_min,
+        "nodes": nodes,
+        "ntasks_per_node": tasks,
         "signal_delay_s": opts.signal_delay_s,
         "srun_args": ["--kill-on-bad-exit=1"],  # a DDP rank that dies takes the others down (no hang)
         "additional_parameters": {"requeue": True, **_sbatch_options(opts.sbatch)},
     }
-    for key, value in (("gpus_per_node", gpus or None), ("partition", opts.partition), ("account", opts.account),
-                       ("cpus_per_task", opts.cpus_per_task), ("array_parallelism", opts.max_parallel)):
+    for key, value in (
+        ("gpus_per_node", gpus or None),
+        ("partition", opts.partition),
+        ("account", opts.account),
+        ("cpus_per_task", opts.cpus_per_task),
+        ("array_parallelism", opts.max_parallel),
+    ):
         if value is not None:
             params[key] = value
     if opts.setup:
@@ -120,17 +132,29 @@ def sbatch_script(params: dict, folder: Path, n_tasks: int, python: str = sys.ex
 
 def _check_shared_backends(storage: str | None, uri: str) -> None:
     if not storage or storage.split(":", 1)[0].split("+", 1)[0] not in SERVER_SCHEMES:
-        raise ConfigError("--launcher slurm needs --storage postgresql://USER:PW@HOST/DB "
-                          f"(got {storage or 'the SQLite default'}): SQLite on a network filesystem loses updates "
-                          "between nodes")
+        raise ConfigError(
+            "--launcher slurm needs --storage postgresql://USER:PW@HOST/DB "
+            f"(got {storage or 'the SQLite default'}): SQLite on a network filesystem loses updates "
+            "between nodes"
+        )
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        raise ConfigError("--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT "
-                          f"(got {uri or 'the SQLite default'}): the array's tasks log through one MLflow tracking "
-                          "server")
+        raise ConfigError(
+            "--launcher slurm needs --tracking-uri http://MLFLOW-HOST:PORT "
+            f"(got {uri or 'the SQLite default'}): the array's tasks log through one MLflow tracking "
+            "server"
+        )
 
 
-def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None = None, tracking_uri: str | None = None,
-           runs_dir: str | None = None, retry_failed: bool = False, dry_run: bool = False):
+def submit(
+    name: str,
+    extra: list[str],
+    opts: SlurmOptions,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    runs_dir: str | None = None,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+):
     """Prepare the sweep and submit its workers as a job array; return the submitit jobs (None for a dry run)."""
     from pha_lab.sweep.runner import prepare
 
@@ -144,25 +168,31 @@ def submit(name: str, extra: list[str], opts: SlurmOptions, storage: str | None 
     folder = Path(opts.folder).resolve() if opts.folder else root / "slurm" / spec.name
     worker_extra = trial_overrides(spec, opts, list(extra))
     if dry_run:
-        print(f"# pha-lab sweep {name} --launcher slurm: {n_tasks} array task(s), each one worker of "
-              f"{spec.gpus_per_trial} GPU(s); trial overrides: {' '.join(worker_extra) or '(none)'}")
+        print(
+            f"# pha-lab sweep {name} --launcher slurm: {n_tasks} array task(s), each one worker of "
+            f"{spec.gpus_per_trial} GPU(s); trial overrides: {' '.join(worker_extra) or '(none)'}"
+        )
         print(sbatch_script(params, folder, n_tasks))
         return None
     uri = tracking_uri or base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     _check_shared_backends(storage, uri)
-    spec, study, storage_url, tracking_cfg, parent_id = prepare(name, worker_extra, storage, uri, runs_dir,
-                                                                retry_failed)
+    spec, study, storage_url, tracking_cfg, parent_id = prepare(
+        name, worker_extra, storage, uri, runs_dir, retry_failed
+    )
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
     executor.update_parameters(**params)
     sweep = str(Path(name).resolve()) if Path(name).is_file() else name
-    worker = SweepWorker(sweep, worker_extra, storage_url, tracking_cfg.tracking_uri,
-                         str(tracking.runs_dir(tracking_cfg)))
+    worker = SweepWorker(
+        sweep, worker_extra, storage_url, tracking_cfg.tracking_uri, str(tracking.runs_dir(tracking_cfg))
+    )
     with executor.batch():
         jobs = [executor.submit(worker) for _ in range(n_tasks)]
     array_id = jobs[0].job_id.split("_")[0]
-    print(f"[sweep {spec.name}] submitted {n_tasks} worker(s) as SLURM job {array_id}; scripts and logs in {folder}\n"
-          f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}",
-          flush=True)
+    print(
+        f"[sweep {spec.name}] submitted {n_tasks} worker(s) as SLURM job {array_id}; scripts and logs in {folder}\n"
+        f"  watch: squeue -j {array_id}; the last worker to end logs the summary on MLflow run {parent_id}",
+        flush=True,
+    )
     return jobs
 
 
@@ -203,8 +233,9 @@ class SweepWorker(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         env = submitit.JobEnvironment()
-        tracking_cfg = load_config(None, [f"tracking.runs_dir={self.runs_dir}",
-                                          f"tracking.tracking_uri={self.tracking_uri}"]).tracking
+        tracking_cfg = load_config(
+            None, [f"tracking.runs_dir={self.runs_dir}", f"tracking.tracking_uri={self.tracking_uri}"]
+        ).tracking
         if env.global_rank > 0:
             return follow_rank_zero(tracking_cfg)
         return self._work(env, tracking_cfg)
@@ -218,14 +249,18 @@ class SweepWorker(submitit.helpers.Checkpointable):
         signals = _StopOnSignals()
         spec = load_sweep(self.sweep, self.extra)
         study, _ = open_study(spec, self.storage)
-        print(f"[sweep {spec.name}] worker {env.job_id} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}) on "
-              f"{env.hostname}: {env.num_tasks} task(s)", flush=True)
+        print(
+            f"[sweep {spec.name}] worker {env.job_id} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}) on "
+            f"{env.hostname}: {env.num_tasks} task(s)",
+            flush=True,
+        )
         # distinct per array task; a requeued task sees a larger study, so it does not replay its first draws
         seed = worker_seed(spec, int(env.array_task_id or 0), len(study.get_trials(deepcopy=False)))
         status = "KILLED"
         try:
-            worker_loop(spec, self.storage, self.extra, tracking_cfg, seed,
-                        should_stop=lambda: signals.received is not None)
+            worker_loop(
+                spec, self.storage, self.extra, tracking_cfg, seed, should_stop=lambda: signals.received is not None
+            )
             status = "FINISHED" if signals.received is None else "KILLED"
         except RunInterrupted as exc:  # the trial checkpointed and is queued again
             print(f"[sweep {spec.name}] worker {env.job_id}: {exc}", flush=True)
@@ -250,7 +285,11 @@ def follow_rank_zero(tracking_cfg: DictConfig) -> str:
         except RunInterrupted:
             pass  # rank 0 stopped at the same step and re-queues the trial
         except Exception as exc:  # rank 0 records the failure; follow it to its next trial
-            print(f"rank {os.environ.get('SLURM_PROCID')}: run {os.environ.get(handoff.RUN_ID)} failed: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            print(
+                f"rank {os.environ.get('SLURM_PROCID')}: run {os.environ.get(handoff.RUN_ID)} failed: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
         trained += 1
     return f"rank {os.environ.get('SLURM_PROCID')}: {trained} trial(s)"

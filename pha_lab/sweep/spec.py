@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -48,7 +48,7 @@ class SearchSpace:
     low: Any = None
     high: Any = None
     log: bool = False
-    choices: Optional[list[Any]] = None
+    choices: list[Any] | None = None
 
 
 @dataclass
@@ -72,10 +72,10 @@ class SweepSpec:
     experiment: str = MISSING
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)  # axis -> list of values, or mapping label -> bundle
-    search: dict[str, Optional[SearchSpace]] = field(default_factory=dict)
+    search: dict[str, SearchSpace | None] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     objective: Objective = field(default_factory=Objective)
-    n_trials: Optional[int] = None  # search sweeps: total sampled trials (the grid cell is sampled too)
+    n_trials: int | None = None  # search sweeps: total sampled trials (the grid cell is sampled too)
     sampler: str = "tpe"  # tpe | random (search sweeps)
     pruning: Pruning = field(default_factory=Pruning)
     gpus_per_trial: int = 1
@@ -109,12 +109,17 @@ class SweepSpec:
                 labels[axis] = label
             for seed in self.seeds:
                 key = ",".join([f"{a}={lab}" for a, lab in labels.items()] + [f"seed={seed}"])
-                result[key] = {"experiment": experiment, "overrides": {**overrides, "seed": seed},
-                               "seed": seed, "labels": labels}
+                result[key] = {
+                    "experiment": experiment,
+                    "overrides": {**overrides, "seed": seed},
+                    "seed": seed,
+                    "labels": labels,
+                }
         return result
 
-    def cell_config(self, cell: dict[str, Any], params: dict[str, Any] | None = None,
-                    extra: list[str] = ()) -> DictConfig:
+    def cell_config(
+        self, cell: dict[str, Any], params: dict[str, Any] | None = None, extra: list[str] = ()
+    ) -> DictConfig:
         overrides = {**cell["overrides"], **(params or {})}
         return load_config(cell["experiment"], [f"{k}={_yaml_value(v)}" for k, v in overrides.items()] + list(extra))
 
@@ -152,10 +157,15 @@ def sweep_names() -> list[str]:
 
 def sweep_path(name_or_path: str) -> Path:
     """A sweep YAML path, or a bare name in sweeps/ (a bench spec's name gets pointed to `pha-lab bench`)."""
-    if not Path(name_or_path).is_file() and not (SWEEPS_DIR / f"{name_or_path}.yaml").is_file() \
-            and (BENCH_DIR / f"{name_or_path}.yaml").is_file():
-        raise ConfigError(f"'{name_or_path}' is a benchmark spec ({BENCH_DIR.name}/{name_or_path}.yaml), not a sweep: "
-                          f"run it with `pha-lab bench {name_or_path}` (bench specs live in {BENCH_DIR}, sweeps in {SWEEPS_DIR})")
+    if (
+        not Path(name_or_path).is_file()
+        and not (SWEEPS_DIR / f"{name_or_path}.yaml").is_file()
+        and (BENCH_DIR / f"{name_or_path}.yaml").is_file()
+    ):
+        raise ConfigError(
+            f"'{name_or_path}' is a benchmark spec ({BENCH_DIR.name}/{name_or_path}.yaml), not a sweep: "
+            f"run it with `pha-lab bench {name_or_path}` (bench specs live in {BENCH_DIR}, sweeps in {SWEEPS_DIR})"
+        )
     return resolve_yaml(name_or_path, SWEEPS_DIR, "sweep")
 
 
@@ -197,7 +207,9 @@ def validate_sweep(spec: SweepSpec, extra: list[str], path: Path | str = "sweep"
             raise ConfigError(f"{path}: search.{key} needs low < high")
     for axis, values in spec.grid.items():
         if not isinstance(values, (list, dict)) or not values:
-            raise ConfigError(f"{path}: grid axis '{axis}' must be a non-empty list of values or a mapping of named bundles")
+            raise ConfigError(
+                f"{path}: grid axis '{axis}' must be a non-empty list of values or a mapping of named bundles"
+            )
     try:
         spec.post_eval.check()
     except ConfigError as exc:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from omegaconf import DictConfig
 
@@ -63,8 +63,11 @@ def wait_for_creator(study, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while "mlflow_parent_run_id" not in study.user_attrs:
         if time.monotonic() > deadline:
-            print(f"[sweep {study.study_name}] the study has no MLflow parent run {timeout_s:.0f} s after it was "
-                  "created elsewhere (that process stopped?): finding or creating it here", flush=True)
+            print(
+                f"[sweep {study.study_name}] the study has no MLflow parent run {timeout_s:.0f} s after it was "
+                "created elsewhere (that process stopped?): finding or creating it here",
+                flush=True,
+            )
             return
         time.sleep(1)
 
@@ -95,13 +98,26 @@ def open_study(spec: SweepSpec, storage_url: str, sampler_seed: int | None = Non
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries),
     )
     # constant_liar: a TPE worker treats the others' running trials as bad, so it samples elsewhere
-    sampler = (optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if spec.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=sampler_seed))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=spec.pruning.n_startup_trials,
-                                          n_warmup_steps=spec.pruning.n_warmup_steps)
-              if spec.pruning.enabled else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    sampler = (
+        optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+        if spec.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=sampler_seed)
+    )
+    pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=spec.pruning.n_startup_trials, n_warmup_steps=spec.pruning.n_warmup_steps
+        )
+        if spec.pruning.enabled
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        direction=spec.direction,
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
     return study, storage
 
 
@@ -118,7 +134,7 @@ def _transition(storage, trial_id: int, old, new) -> bool:
     from optuna.storages._rdb.models import TrialModel
     from optuna.trial import TrialState
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna stores naive UTC datetimes
+    now = datetime.now(UTC).replace(tzinfo=None)  # Optuna stores naive UTC datetimes
     trials = TrialModel.__table__
     values = {"state": new}
     if new == TrialState.RUNNING:
@@ -126,8 +142,9 @@ def _transition(storage, trial_id: int, old, new) -> bool:
     if new.is_finished():
         values["datetime_complete"] = now
     with storage.engine.begin() as conn:
-        changed = conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id, trials.c.state == old)
-                               .values(**values)).rowcount
+        changed = conn.execute(
+            sa.update(trials).where(trials.c.trial_id == trial_id, trials.c.state == old).values(**values)
+        ).rowcount
     return changed == 1
 
 
@@ -185,11 +202,15 @@ def enqueue_grid(study, storage, spec: SweepSpec, retry_failed: bool = False) ->
     added = 0
     with Session(storage.engine) as session, session.begin():
         studies = models.StudyModel.__table__
-        session.execute(sa.update(studies).where(studies.c.study_id == study_id)
-                        .values(study_name=studies.c.study_name))  # the lock, held to commit
+        session.execute(
+            sa.update(studies).where(studies.c.study_id == study_id).values(study_name=studies.c.study_name)
+        )  # the lock, held to commit
         by_cell: dict[str, set] = {}
-        rows = session.execute(sa.select(Trial.state, System.value_json).join(System, System.trial_id == Trial.trial_id)
-                               .where(Trial.study_id == study_id, System.key == "fixed_params"))
+        rows = session.execute(
+            sa.select(Trial.state, System.value_json)
+            .join(System, System.trial_id == Trial.trial_id)
+            .where(Trial.study_id == study_id, System.key == "fixed_params")
+        )
         for state, fixed in rows:
             by_cell.setdefault(json.loads(fixed).get("cell"), set()).add(state)
         for key in spec.cells():
@@ -200,8 +221,12 @@ def enqueue_grid(study, storage, spec: SweepSpec, retry_failed: bool = False) ->
             session.add(trial)
             session.flush()
             trial.number = trial.count_past_trials(session)
-            session.add_all([System(trial_id=trial.trial_id, key="fixed_params", value_json=json.dumps({"cell": key})),
-                             User(trial_id=trial.trial_id, key="retry_of_failed", value_json=json.dumps(bool(states)))])
+            session.add_all(
+                [
+                    System(trial_id=trial.trial_id, key="fixed_params", value_json=json.dumps({"cell": key})),
+                    User(trial_id=trial.trial_id, key="retry_of_failed", value_json=json.dumps(bool(states))),
+                ]
+            )
             added += 1
     return added
 
@@ -218,8 +243,11 @@ def tell(study, trial, value: float | None = None, state=None) -> bool:
         now = study._storage.get_trial(trial._trial_id).state
         if not now.is_finished():
             raise
-        print(f"[sweep {study.study_name}] trial {trial.number} was already {now.name} (failed as stale by "
-              f"another worker?); its result ({state.name if state else value}) is not recorded", file=sys.stderr)
+        print(
+            f"[sweep {study.study_name}] trial {trial.number} was already {now.name} (failed as stale by "
+            f"another worker?); its result ({state.name if state else value}) is not recorded",
+            file=sys.stderr,
+        )
         return False
 
 
@@ -231,8 +259,11 @@ def next_trial(study, storage, spec: SweepSpec):
     fail_stale_trials(study, storage)  # dead workers' trials -> FAIL + re-queued copy
     trial = claim_waiting(study, storage)
     if trial is None and spec.is_search:
-        started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
-                   and "failed_trial" not in t.system_attrs]
+        started = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.WAITING and "failed_trial" not in t.system_attrs
+        ]
         if len(started) < spec.n_trials:
             trial = study.ask()
     return trial

@@ -93,8 +93,9 @@ class Interruption(L.Callback):
         else:
             return  # (every rank is at the same step: they all take or skip the decision together)
         if stop:
-            raise RunInterrupted(f"{self.requested or 'a signal to another rank'} received; "
-                                 f"stopped after step {trainer.global_step}")
+            raise RunInterrupted(
+                f"{self.requested or 'a signal to another rank'} received; stopped after step {trainer.global_step}"
+            )
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if is_interruption(exception):
@@ -170,10 +171,13 @@ class ThroughputAtLogSteps(ThroughputMonitor):
         self._batches[stage] += batches
         self._samples[stage] += samples
         self._lengths[stage] += tokens
-        self._throughputs[stage].update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
-                                        samples=self._samples[stage],
-                                        lengths=self._lengths[stage] if self.length_fn is not None else None,
-                                        flops=flops)
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage] if self.length_fn is not None else None,
+            flops=flops,
+        )
         self._pending = [0, 0, 0, 0.0]
 
 
@@ -292,7 +296,9 @@ class MixerIntrospection(L.Callback):
         rows = []
         for i, (w, rms) in enumerate(zip(weights, self.rms or [{}] * len(pl_module.model.blocks))):
             for b in pl_module.model.blocks[i].names:
-                rows.append({"layer": i, "branch": b, "weight": w.get(b, float("nan")), "rms": rms.get(b, float("nan"))})
+                rows.append(
+                    {"layer": i, "branch": b, "weight": w.get(b, float("nan")), "rms": rms.get(b, float("nan"))}
+                )
         return pd.DataFrame(rows)
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -34,8 +34,10 @@ def locate(target: str, overrides: list[str], which: str = "last") -> tuple[Path
 
     saved = checkpoint_dir(base, target) / "config.yaml"
     if not saved.is_file():
-        raise ConfigError(f"{target} is neither a checkpoint file nor a run id with a saved config ({saved} is "
-                          f"missing): check the id, or point --runs-dir (tracking.runs_dir) at the runs the run used")
+        raise ConfigError(
+            f"{target} is neither a checkpoint file nor a run id with a saved config ({saved} is "
+            f"missing): check the id, or point --runs-dir (tracking.runs_dir) at the runs the run used"
+        )
     cfg = resume_config(target, base)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     validate(cfg)
@@ -56,8 +58,14 @@ def load_module(ckpt: Path, cfg: DictConfig):
     return module
 
 
-def evaluate(target: str, overrides: list[str] = (), split: str = "test", knockout: list[str] = (),
-             per_layer: bool = False, which: str = "last") -> pd.DataFrame:
+def evaluate(
+    target: str,
+    overrides: list[str] = (),
+    split: str = "test",
+    knockout: list[str] = (),
+    per_layer: bool = False,
+    which: str = "last",
+) -> pd.DataFrame:
     """One row per condition (intact, each knockout) with loss/ppl/bpb or accuracy and the delta."""
     import lightning as L
     import torch
@@ -81,8 +89,14 @@ def evaluate(target: str, overrides: list[str] = (), split: str = "test", knocko
         layer_sets = [[i] for i, blk in enumerate(model.blocks) if branch in blk.branches] if per_layer else [None]
         for layers in layer_sets:
             with model.knockout(branch, layers):
-                rows.append({"condition": f"-{branch}", "branch": branch,
-                             "layer": "all" if layers is None else layers[0], **measure()})
+                rows.append(
+                    {
+                        "condition": f"-{branch}",
+                        "branch": branch,
+                        "layer": "all" if layers is None else layers[0],
+                        **measure(),
+                    }
+                )
     table = pd.DataFrame(rows)
     key = "accuracy" if cfg.data.source == "mqar" else "ppl"
     table[f"delta_{key}"] = table[key] - table.loc[0, key]
@@ -110,4 +124,3 @@ def _log(table: pd.DataFrame, cfg: DictConfig, run_id: str, stage: str, key: str
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
         client.log_artifact(run_id, str(out))
-

@@ -14,9 +14,19 @@ from pha_lab.config import ConfigError
 from pha_lab.training.evaluate import load_module, locate
 
 
-def generate_text(target: str, prompt: str, max_new_tokens: int, overrides: list[str] = (), *,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
-                  device: str | None = None, which: str = "last") -> str:
+def generate_text(
+    target: str,
+    prompt: str,
+    max_new_tokens: int,
+    overrides: list[str] = (),
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+    device: str | None = None,
+    which: str = "last",
+) -> str:
     """The prompt followed by its sampled continuation, as text (see the module docstring)."""
     import torch
 
@@ -29,16 +39,24 @@ def generate_text(target: str, prompt: str, max_new_tokens: int, overrides: list
         raise ConfigError(f"pha-lab generate: {exc}") from None
     ckpt, cfg, _ = locate(target, list(overrides), which)
     if cfg.data.source == "mqar":
-        raise ConfigError(f"{target} is an MQAR run (data.source=mqar): its tokens are synthetic ids, there is no text "
-                          f"to generate")
+        raise ConfigError(
+            f"{target} is an MQAR run (data.source=mqar): its tokens are synthetic ids, there is no text to generate"
+        )
     tok = build_tokenizer(cfg.data)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_module(ckpt, cfg).model.to(dev).eval()
     prompt_ids = tok.encode(prompt)
     ids = prompt_ids or [tok.eot_id]
-    out = model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, eos_id=tok.eot_id)
-    new = out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids], device=dev),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_id=tok.eot_id,
+    )
+    new = out[0, len(ids) :].tolist()
     if new and new[-1] == tok.eot_id:
         new.pop()
     return tok.decode(prompt_ids + new)

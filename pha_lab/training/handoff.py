@@ -49,9 +49,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,9 +95,11 @@ def joined_run_id(tracking_cfg: DictConfig) -> str:
         return os.environ[RUN_ID]
     if srun_world() is not None:
         return receive(tracking_cfg)["run_id"]
-    raise ConfigError("this process is a DDP rank > 0 (RANK, NODE_RANK or LOCAL_RANK > 0) but no rank 0 handed it its "
-                      f"MLflow run (${RUN_ID} unset, not started by srun): start multi-device runs with "
-                      "trainer.devices=N on one machine, or with srun under SLURM (see pha_lab/training/handoff.py)")
+    raise ConfigError(
+        "this process is a DDP rank > 0 (RANK, NODE_RANK or LOCAL_RANK > 0) but no rank 0 handed it its "
+        f"MLflow run (${RUN_ID} unset, not started by srun): start multi-device runs with "
+        "trainer.devices=N on one machine, or with srun under SLURM (see pha_lab/training/handoff.py)"
+    )
 
 
 def publish_run(run_id: str, cfg: DictConfig) -> None:

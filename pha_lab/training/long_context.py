@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,11 +45,11 @@ class LongContextSpec:
     `post_eval.long_context` section (pha_lab.sweep.spec)."""
 
     contexts: list[int] = field(default_factory=list)  # evaluation contexts C; empty: the run's training context
-    stride: Optional[int] = None  # S <= every C; None: S = C (non-overlapping windows)
+    stride: int | None = None  # S <= every C; None: S = C (non-overlapping windows)
     split: str = "test"  # valid | test
     window_bucket: int = 256  # tokens per position-in-window bucket
     book_bucket: int = 1024  # first position-in-book bucket [0, b); then [b, 2b), [2b, 4b), ...
-    max_book_tokens: Optional[int] = None  # score only each book's first N tokens (positions stay exact); None: whole
+    max_book_tokens: int | None = None  # score only each book's first N tokens (positions stay exact); None: whole
     batch_tokens: int = 32768  # window tokens per forward pass (batch = max(1, batch_tokens // C))
     ckpt: str = "last"  # last | best
 
@@ -64,8 +64,10 @@ class LongContextSpec:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{key(name)}={value} must be a positive integer")
         if self.stride is not None and self.contexts and self.stride > min(self.contexts):
-            raise ConfigError(f"{key('stride')}={self.stride} exceeds the shortest context {min(self.contexts)}: "
-                              f"a stride must be <= every context")
+            raise ConfigError(
+                f"{key('stride')}={self.stride} exceeds the shortest context {min(self.contexts)}: "
+                f"a stride must be <= every context"
+            )
         if self.split not in ("valid", "test"):
             raise ConfigError(f"{key('split')}={self.split}: use valid or test")
         if self.ckpt not in ("last", "best"):
@@ -77,8 +79,10 @@ class LongContextSpec:
             raise ConfigError("the long-context evaluation scores books: an MQAR run (data.source=mqar) has none")
         contexts = list(self.contexts) or [int(cfg.data.seq_len)]
         if self.stride is not None and self.stride > min(contexts):
-            raise ConfigError(f"stride {self.stride} exceeds the context {min(contexts)} (the training context when no "
-                              f"contexts are given): a stride must be <= every context")
+            raise ConfigError(
+                f"stride {self.stride} exceeds the context {min(contexts)} (the training context when no "
+                f"contexts are given): a stride must be <= every context"
+            )
         return contexts
 
 
@@ -86,13 +90,25 @@ class LongContextSpec:
 def book_windows(lengths: np.ndarray, context: int, stride: int) -> np.ndarray:
     """Rows (book, begin, end, scored_from) of every window of every book, in the book's own stream coordinates
     (position 0 is its `<|endoftext|>`, targets 1..length): the data layer's `eval_windows` per book."""
-    rows = [np.column_stack([np.full(len(w), k), w]) for k, n in enumerate(lengths) if n > 0
-            for w in [eval_windows(int(n), context, stride)]]
+    rows = [
+        np.column_stack([np.full(len(w), k), w])
+        for k, n in enumerate(lengths)
+        if n > 0
+        for w in [eval_windows(int(n), context, stride)]
+    ]
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 4), np.int64)
 
 
-def score_books(model, split: TokenSplit, docs: Documents, context: int, stride: int, batch_tokens: int = 32768,
-                max_book_tokens: Optional[int] = None, bf16: bool = False) -> pd.DataFrame:
+def score_books(
+    model,
+    split: TokenSplit,
+    docs: Documents,
+    context: int,
+    stride: int,
+    batch_tokens: int = 32768,
+    max_book_tokens: int | None = None,
+    bf16: bool = False,
+) -> pd.DataFrame:
     """One row per scored token: `book`, `position` (in the book, 0-based), `window` (in its window, 0-based),
     `target` (the token id) and `nll` (float64 nats). `model`: a LanguageModel in eval mode, on its own device,
     scored by the training loss's own path (pha_lab.training.loss.token_nll: the LM head in chunks, fp32 or wider, no
@@ -124,10 +140,22 @@ def score_books(model, split: TokenSplit, docs: Documents, context: int, stride:
             hidden = model(torch.from_numpy(inputs).to(device), return_hidden=True)
             nll = token_nll(hidden, model.lm_head.weight, torch.from_numpy(targets).to(device)).double().cpu().numpy()
             r, j = np.nonzero(targets != IGNORE_INDEX)
-            pieces.append(pd.DataFrame({"book": chunk[r, 0], "position": chunk[r, 1] + j, "window": j,
-                                        "target": targets[r, j], "nll": nll[r, j]}))
-    return pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["book", "position", "window",
-                                                                                     "target", "nll"])
+            pieces.append(
+                pd.DataFrame(
+                    {
+                        "book": chunk[r, 0],
+                        "position": chunk[r, 1] + j,
+                        "window": j,
+                        "target": targets[r, j],
+                        "nll": nll[r, j],
+                    }
+                )
+            )
+    return (
+        pd.concat(pieces, ignore_index=True)
+        if pieces
+        else pd.DataFrame(columns=["book", "position", "window", "target", "nll"])
+    )
 
 
 def position_edges(book_bucket: int, longest: int) -> np.ndarray:
@@ -138,8 +166,15 @@ def position_edges(book_bucket: int, longest: int) -> np.ndarray:
     return np.array(edges, dtype=np.int64)
 
 
-def buckets(scored: pd.DataFrame, token_bytes: np.ndarray, context: int, stride: int, window_bucket: int,
-            book_bucket: int, names: Optional[tuple[str, ...]] = None) -> pd.DataFrame:
+def buckets(
+    scored: pd.DataFrame,
+    token_bytes: np.ndarray,
+    context: int,
+    stride: int,
+    window_bucket: int,
+    book_bucket: int,
+    names: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
     """Every bucket of the scored tokens: rows (context, stride, kind, bucket, lo, hi, tokens, bytes, nll_sum, loss,
     ppl, bpb); kind `all` (one row), `window` ([lo, hi) in the window), `position` ([lo, hi) in the book), `book`
     ([lo, hi) = its scored positions; bucket = the book's name)."""
@@ -152,27 +187,47 @@ def buckets(scored: pd.DataFrame, token_bytes: np.ndarray, context: int, stride:
         "all": pd.DataFrame({"lo": 0, "hi": longest}, index=frame.index),
         "window": pd.DataFrame({"lo": win_lo, "hi": np.minimum(win_lo + window_bucket, context)}),
         "position": pd.DataFrame({"lo": edges[pos_idx], "hi": edges[pos_idx + 1]}, index=frame.index),
-        "book": pd.DataFrame({"book": frame["book"], "lo": 0,
-                              "hi": frame.groupby("book")["position"].transform("max") + 1}),
+        "book": pd.DataFrame(
+            {"book": frame["book"], "lo": 0, "hi": frame.groupby("book")["position"].transform("max") + 1}
+        ),
     }
     rows = []
     for kind, key in keys.items():
         grouped = frame[["nll", "bytes"]].join(key).groupby(list(key.columns), sort=True)
         for group, g in grouped:
             values = dict(zip(key.columns, group if isinstance(group, tuple) else (group,)))
-            label = (names[values["book"]] if names else f"document {values['book']}") if kind == "book" else \
-                "all" if kind == "all" else f"{values['lo']}-{values['hi']}"
+            label = (
+                (names[values["book"]] if names else f"document {values['book']}")
+                if kind == "book"
+                else "all"
+                if kind == "all"
+                else f"{values['lo']}-{values['hi']}"
+            )
             nll, n, n_bytes = float(g["nll"].sum()), len(g), int(g["bytes"].sum())
-            rows.append({"context": context, "stride": stride, "kind": kind, "bucket": label, "lo": int(values["lo"]),
-                         "hi": int(values["hi"]), "tokens": n, "bytes": n_bytes, "nll_sum": nll,
-                         **lm_metrics(nll, n, n_bytes)})
-    return pd.DataFrame(rows, columns=["context", "stride", "kind", "bucket", "lo", "hi", "tokens", "bytes", "nll_sum",
-                                       "loss", "ppl", "bpb"])
+            rows.append(
+                {
+                    "context": context,
+                    "stride": stride,
+                    "kind": kind,
+                    "bucket": label,
+                    "lo": int(values["lo"]),
+                    "hi": int(values["hi"]),
+                    "tokens": n,
+                    "bytes": n_bytes,
+                    "nll_sum": nll,
+                    **lm_metrics(nll, n, n_bytes),
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=["context", "stride", "kind", "bucket", "lo", "hi", "tokens", "bytes", "nll_sum", "loss", "ppl", "bpb"],
+    )
 
 
 # --------------------------------------------------------------------------- a run
-def evaluate_long_context(target: str, overrides: list[str] = (), spec: LongContextSpec | None = None,
-                          log=print) -> pd.DataFrame:
+def evaluate_long_context(
+    target: str, overrides: list[str] = (), spec: LongContextSpec | None = None, log=print
+) -> pd.DataFrame:
     """Score the books of `spec.split` at each context for a run id or a .ckpt path; every bucket of every context
     as one frame (`buckets` rows). With a run id, each context's results are logged to the run as they finish."""
     import torch
@@ -196,9 +251,11 @@ def evaluate_long_context(target: str, overrides: list[str] = (), spec: LongCont
         scored = score_books(model, split, docs, context, stride, spec.batch_tokens, spec.max_book_tokens, bf16=on_gpu)
         table = buckets(scored, tok.token_bytes, context, stride, spec.window_bucket, spec.book_bucket, docs.names)
         whole = table.iloc[0]
-        log(f"[long context] {spec.split} C={context} stride={stride}: {int(whole.tokens):,} tokens of "
+        log(
+            f"[long context] {spec.split} C={context} stride={stride}: {int(whole.tokens):,} tokens of "
             f"{len(docs.starts)} books, PPL {whole.ppl:.3f}, {whole.bpb:.4f} bits/byte "
-            f"({time.perf_counter() - start:.1f} s)")
+            f"({time.perf_counter() - start:.1f} s)"
+        )
         if run_id is not None:
             precision = "bf16-mixed" if on_gpu else "32-true"
             protocol = _protocol(spec, cfg, split, docs, tok, ckpt, context, stride, precision)
@@ -207,18 +264,39 @@ def evaluate_long_context(target: str, overrides: list[str] = (), spec: LongCont
     return pd.concat(frames, ignore_index=True)
 
 
-def _protocol(spec: LongContextSpec, cfg: DictConfig, split: TokenSplit, docs: Documents, tok, ckpt, context: int,
-              stride: int, precision: str) -> dict[str, Any]:
+def _protocol(
+    spec: LongContextSpec,
+    cfg: DictConfig,
+    split: TokenSplit,
+    docs: Documents,
+    tok,
+    ckpt,
+    context: int,
+    stride: int,
+    precision: str,
+) -> dict[str, Any]:
     scored = docs.lengths if spec.max_book_tokens is None else np.minimum(docs.lengths, spec.max_book_tokens)
     books = "; ".join(docs.name(k) for k in range(len(docs.starts)))
     return {
-        "dataset": split.meta["dataset"], "split": spec.split, "source": split.meta["source"],
+        "dataset": split.meta["dataset"],
+        "split": spec.split,
+        "source": split.meta["source"],
         "books": books if len(books) <= MAX_TAG else books[:MAX_TAG] + f" ... ({len(docs.starts)} books)",
-        "n_books": len(docs.starts), "books_within_context": int((scored <= context).sum()),
-        "context": context, "stride": stride, "train_context": int(cfg.data.seq_len),
-        "window_bucket": spec.window_bucket, "book_bucket": spec.book_bucket, "max_book_tokens": spec.max_book_tokens,
-        "tokenizer": tok.name, "tokenizer_sha256": tok.fingerprint[:16], "bytes_exact": tok.byte_level,
-        "eot_scored": False, "ckpt": str(ckpt), "precision": precision, "code_git_sha": tracking.git_info()["git_sha"],
+        "n_books": len(docs.starts),
+        "books_within_context": int((scored <= context).sum()),
+        "context": context,
+        "stride": stride,
+        "train_context": int(cfg.data.seq_len),
+        "window_bucket": spec.window_bucket,
+        "book_bucket": spec.book_bucket,
+        "max_book_tokens": spec.max_book_tokens,
+        "tokenizer": tok.name,
+        "tokenizer_sha256": tok.fingerprint[:16],
+        "bytes_exact": tok.byte_level,
+        "eot_scored": False,
+        "ckpt": str(ckpt),
+        "precision": precision,
+        "code_git_sha": tracking.git_info()["git_sha"],
     }
 
 
@@ -234,8 +312,9 @@ def _log(cfg: DictConfig, run_id: str, split: str, table: pd.DataFrame, protocol
     whole = table[table["kind"] == "all"].iloc[0]
     metrics = [Metric(f"{prefix}/{m}", float(whole[m]), now, 0) for m in ("ppl", "bpb", "loss", "tokens")]
     for row in table[table["kind"].isin(["window", "position"])].itertuples():
-        metrics += [Metric(f"{prefix}/{row.kind}/{row.lo}-{row.hi}/{m}", float(getattr(row, m)), now, 0)
-                    for m in ("ppl", "bpb")]
+        metrics += [
+            Metric(f"{prefix}/{row.kind}/{row.lo}-{row.hi}/{m}", float(getattr(row, m)), now, 0) for m in ("ppl", "bpb")
+        ]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     tags = [RunTag(f"longctx.{split}.C{protocol['context']}.{k}", str(v)) for k, v in protocol.items()]
@@ -246,4 +325,3 @@ def _log(cfg: DictConfig, run_id: str, split: str, table: pd.DataFrame, protocol
     described = table.assign(**{k: protocol[k] for k in ("split", "window_bucket", "book_bucket", "tokenizer")})
     described.to_csv(out, index=False)
     client.log_artifact(run_id, str(out), "longctx")
-

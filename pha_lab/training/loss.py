@@ -105,8 +105,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=weight.device) \
-            if want_w else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=weight.device)
+            if want_w
+            else None
+        )
         partial = torch.empty_like(w) if want_w and grad_w.dtype != dtype else None  # one chunk's share, then added
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         for start in range(0, h.shape[0], chunk):
@@ -127,12 +130,24 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (None if grad_h is None else (grad_h * grad_total).to(h_dtype),
-                None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None, None, None)
+        return (
+            None if grad_h is None else (grad_h * grad_total).to(h_dtype),
+            None if grad_w is None else (grad_w * grad_total).to(w_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduction: str = "none",
-              chunk_tokens: int = CHUNK_TOKENS, compiled: bool = False) -> torch.Tensor:
+def token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "none",
+    chunk_tokens: int = CHUNK_TOKENS,
+    compiled: bool = False,
+) -> torch.Tensor:
     """Negative log-likelihood of `labels` under logits = hidden @ weight.T, in fp32 (float64 for float64 inputs),
     chunk by chunk (see the module docstring).
 
@@ -144,12 +159,14 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must agree but for hidden's "
-                         "last dimension")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must agree but for hidden's last dimension"
+        )
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if needs_grad and reduction == "none":
-        raise ValueError("per-position NLL (reduction='none') is for evaluation, without gradients; "
-                         "train on reduction='sum'")
+        raise ValueError(
+            "per-position NLL (reduction='none') is for evaluation, without gradients; train on reduction='sum'"
+        )
     dtype = _compute_dtype(hidden, weight)
     flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     with _no_autocast(hidden.device):
@@ -157,8 +174,13 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
             return _LinearCrossEntropySum.apply(flat_h, weight, flat_y, chunk_tokens, dtype, compiled)
         kernel = _kernels(compiled)[0]
         h, w = flat_h.to(dtype), weight.to(dtype)
-        nll = torch.cat([kernel(h[s:s + chunk_tokens] @ w.T, flat_y[s:s + chunk_tokens])
-                         for s in range(0, h.shape[0], chunk_tokens)] or [flat_h.new_zeros(0, dtype=torch.float32)])
+        nll = torch.cat(
+            [
+                kernel(h[s : s + chunk_tokens] @ w.T, flat_y[s : s + chunk_tokens])
+                for s in range(0, h.shape[0], chunk_tokens)
+            ]
+            or [flat_h.new_zeros(0, dtype=torch.float32)]
+        )
     return nll.sum() if reduction == "sum" else nll.view(labels.shape)
 
 
@@ -169,5 +191,5 @@ def argmax_tokens(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int 
     flat = hidden.reshape(-1, hidden.shape[-1])
     with _no_autocast(hidden.device):
         h, w = flat.to(dtype), weight.to(dtype)
-        best = [(h[s:s + chunk_tokens] @ w.T).argmax(-1) for s in range(0, h.shape[0], chunk_tokens)]
+        best = [(h[s : s + chunk_tokens] @ w.T).argmax(-1) for s in range(0, h.shape[0], chunk_tokens)]
     return (torch.cat(best) if best else flat.new_zeros(0, dtype=torch.long)).view(hidden.shape[:-1])

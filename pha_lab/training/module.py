@@ -22,7 +22,6 @@ from pha_lab.training.device import compile_enabled
 from pha_lab.training.loss import argmax_tokens, token_nll
 from pha_lab.training.optim import build_optimizer, build_schedule
 
-
 EVAL_SPLITS = {"val": "valid", "test": "test"}  # Lightning stage -> data split
 
 
@@ -53,7 +52,9 @@ class LMModule(L.LightningModule):
         self.eval_nll = SumMetric(nan_strategy="disable")
         self.eval_tokens = SumMetric(nan_strategy="disable")
         if self.is_mqar:
-            self.eval_acc = MulticlassAccuracy(num_classes=cfg.model.vocab_size, ignore_index=IGNORE_INDEX, average="micro")
+            self.eval_acc = MulticlassAccuracy(
+                num_classes=cfg.model.vocab_size, ignore_index=IGNORE_INDEX, average="micro"
+            )
         self.compiled = compile_enabled(cfg)
         if self.compiled:  # the whole LanguageModel, one graph (tests/test_compile.py: no graph breaks)
             self.model.compile(mode=cfg.trainer.compile_mode)
@@ -74,8 +75,9 @@ class LMModule(L.LightningModule):
         """(final hidden states [B, T, D], summed NLL over the scored tokens, their count)."""
         hidden = self.model(batch["input_ids"], return_hidden=True)
         labels = batch["labels"]
-        nll = token_nll(hidden, self.model.lm_head.weight, labels, "sum", self.cfg.trainer.loss_chunk_tokens,
-                        compiled=self.compiled)
+        nll = token_nll(
+            hidden, self.model.lm_head.weight, labels, "sum", self.cfg.trainer.loss_chunk_tokens, compiled=self.compiled
+        )
         return hidden, nll, (labels != IGNORE_INDEX).sum()
 
     @torch.no_grad()
@@ -83,8 +85,14 @@ class LMModule(L.LightningModule):
         """NLL of every position [B, T] (0 where the label is IGNORE_INDEX), by the training loss's own path:
         for evaluations that need more than the sums (e.g. loss by position)."""
         hidden = self.model(batch["input_ids"], return_hidden=True)
-        return token_nll(hidden, self.model.lm_head.weight, batch["labels"], "none",
-                         self.cfg.trainer.loss_chunk_tokens, compiled=self.compiled)
+        return token_nll(
+            hidden,
+            self.model.lm_head.weight,
+            batch["labels"],
+            "none",
+            self.cfg.trainer.loss_chunk_tokens,
+            compiled=self.compiled,
+        )
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -133,18 +141,29 @@ class LMModule(L.LightningModule):
         if not step:
             return
         loss, norm = self._bad_values.tolist()
-        what = f"training loss ({loss}) at step {step} (gradient norm {norm})" if not math.isfinite(loss) else \
-            f"gradient norm ({norm}) at step {step} (training loss {loss})"
-        skipped = ("the optimizer step was not taken" if step > self.global_step  # (raised before that step)
-                   else "the fused AdamW skipped that step and every one after it")
-        raise NonFiniteLossError(f"non-finite {what}; {skipped}, and the run stopped at step {self.global_step} "
-                                 "before any checkpoint of them")
+        what = (
+            f"training loss ({loss}) at step {step} (gradient norm {norm})"
+            if not math.isfinite(loss)
+            else f"gradient norm ({norm}) at step {step} (training loss {loss})"
+        )
+        skipped = (
+            "the optimizer step was not taken"
+            if step > self.global_step  # (raised before that step)
+            else "the fused AdamW skipped that step and every one after it"
+        )
+        raise NonFiniteLossError(
+            f"non-finite {what}; {skipped}, and the run stopped at step {self.global_step} "
+            "before any checkpoint of them"
+        )
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         """Read the device flag at the logging steps (where the loggers read the device anyway) and the last step."""
         step = self.global_step
-        if step and step != self._checked_step and (step % self.cfg.trainer.log_every_n_steps == 0
-                                                    or step >= self.trainer.max_steps):
+        if (
+            step
+            and step != self._checked_step
+            and (step % self.cfg.trainer.log_every_n_steps == 0 or step >= self.trainer.max_steps)
+        ):
             self._checked_step = step
             self.raise_if_nonfinite()
 
@@ -167,8 +186,10 @@ class LMModule(L.LightningModule):
         hidden, nll, count = self._losses(batch)
         self._last_batch_size = batch["input_ids"].shape[0]
         if not torch.isfinite(nll):
-            raise NonFiniteLossError(f"non-finite {stage} loss ({nll.item()}) in {stage} batch {batch_idx} "
-                                     f"(after training step {self.global_step}): the model's outputs are not finite")
+            raise NonFiniteLossError(
+                f"non-finite {stage} loss ({nll.item()}) in {stage} batch {batch_idx} "
+                f"(after training step {self.global_step}): the model's outputs are not finite"
+            )
         self.eval_nll.update(nll.detach().float())
         self.eval_tokens.update(count.float())
         if self.is_mqar:

@@ -29,21 +29,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, device: torch.device,
-                    precision: str) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, optim_cfg: DictConfig, device: torch.device, precision: str
+) -> torch.optim.AdamW:
     """AdamW over `param_groups(model)`, fused when `optim.fused` (on CUDA and the CPU: the model's parameters on
     `device`). The fused kernel is what lets LMModule skip a non-finite step on the device, without a host sync
     (its `found_inf` input). Not fused under "16-mixed": the fused kernel unscales fp16 gradients itself, after
     LMModule's clipping, so it is used only where no gradient scaler is involved."""
     o = optim_cfg
     fused = o.fused and torch.device(device).type in ("cuda", "cpu") and precision != "16-mixed"
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None
+    )
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig,
-                   max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then cosine (`lr_lambda`), stepped once per optimizer step."""
     o = optim_cfg
-    return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                             lambda s: lr_lambda(s, o.warmup_steps, max_steps, o.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, max_steps, o.min_lr_ratio)
+    )

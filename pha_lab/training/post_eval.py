@@ -7,7 +7,6 @@ section of `PostEval` (today: `long_context`, pha_lab.training.long_context), ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -20,7 +19,7 @@ class PostEval:
     """Evaluations a sweep runs on each trial's run right after it trained (a sweep file's `post_eval:`), logged to
     that run; one optional section per kind of evaluation."""
 
-    long_context: Optional[LongContextSpec] = None  # pha_lab.training.long_context
+    long_context: LongContextSpec | None = None  # pha_lab.training.long_context
 
     def check(self, cfg: DictConfig | None = None) -> None:
         """Refuse bad values; with a trial's config, also what does not fit it (an MQAR run, a stride > context)."""
@@ -35,11 +34,15 @@ def post_evaluate(post: PostEval, run_id: str, tracking_cfg: DictConfig) -> None
     raises, naming the run, which is trained and checkpointed by then and can be evaluated again by hand."""
     if post.long_context is None:
         return
-    where = [f"tracking.runs_dir={tracking_cfg.runs_dir}",
-             f"tracking.tracking_uri={tracking.tracking_uri(tracking_cfg)}"]
+    where = [
+        f"tracking.runs_dir={tracking_cfg.runs_dir}",
+        f"tracking.tracking_uri={tracking.tracking_uri(tracking_cfg)}",
+    ]
     try:
         evaluate_long_context(run_id, where, post.long_context)
     except Exception as exc:
-        raise RuntimeError(f"post_eval.long_context failed on run {run_id} ({type(exc).__name__}: {exc}); the run "
-                           f"is trained and checkpointed: evaluate it with `pha-lab eval {run_id} --by-position "
-                           f"...`") from exc
+        raise RuntimeError(
+            f"post_eval.long_context failed on run {run_id} ({type(exc).__name__}: {exc}); the run "
+            f"is trained and checkpointed: evaluate it with `pha-lab eval {run_id} --by-position "
+            f"...`"
+        ) from exc

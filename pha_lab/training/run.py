@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,8 +64,10 @@ def check_resume_compatible(saved: DictConfig, cfg: DictConfig) -> list[str]:
     bad = [k for k in changed if k.startswith(SHAPE_KEYS)]
     if bad:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad)
-        raise ConfigError(f"cannot resume run {cfg.resume}: shape-changing config differs ({detail}); "
-                          "start a new run instead or restore these values")
+        raise ConfigError(
+            f"cannot resume run {cfg.resume}: shape-changing config differs ({detail}); "
+            "start a new run instead or restore these values"
+        )
     return changed
 
 
@@ -79,9 +81,11 @@ def prepare_determinism(cfg: DictConfig) -> None:
     if not cfg.trainer.deterministic or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8"):
         return
     if torch.cuda.is_initialized():
-        raise ConfigError("trainer.deterministic=true: this process already uses CUDA without CUBLAS_WORKSPACE_CONFIG, "
-                          "so cuBLAS may not be deterministic; start it with CUBLAS_WORKSPACE_CONFIG=:4096:8 in the "
-                          "environment (e.g. a sweep that mixes deterministic and non-deterministic trials)")
+        raise ConfigError(
+            "trainer.deterministic=true: this process already uses CUDA without CUBLAS_WORKSPACE_CONFIG, "
+            "so cuBLAS may not be deterministic; start it with CUBLAS_WORKSPACE_CONFIG=:4096:8 in the "
+            "environment (e.g. a sweep that mixes deterministic and non-deterministic trials)"
+        )
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
 
 
@@ -143,15 +147,26 @@ class TrackedRun:
             params = {k: v for k, v in params.items() if k not in logged}
         MLFlowLogger(tracking_uri=self.uri, run_id=self.run_id).log_hyperparams(params)
         model = module.model
-        self.tag({"n_params": model.n_params(), "n_params_non_embedding": model.n_params(non_embedding=True),
-                  "flops_per_token": f"{module.flops_per_token:.6g}", "checkpoint_dir": self.ckpt_dir,
-                  "precision": precision})
+        self.tag(
+            {
+                "n_params": model.n_params(),
+                "n_params_non_embedding": model.n_params(non_embedding=True),
+                "flops_per_token": f"{module.flops_per_token:.6g}",
+                "checkpoint_dir": self.ckpt_dir,
+                "precision": precision,
+            }
+        )
 
     def finish(self, trainer, datamodule, test_ckpt: str | None) -> int:
         """Tokens seen (logged), the test protocol and checkpoint as tags; returns the tokens seen."""
         c = self.cfg
-        tokens_seen = (trainer.global_step * c.data.batch_size * c.trainer.accumulate_grad_batches * c.data.seq_len
-                       * trainer.world_size)
+        tokens_seen = (
+            trainer.global_step
+            * c.data.batch_size
+            * c.trainer.accumulate_grad_batches
+            * c.data.seq_len
+            * trainer.world_size
+        )
         if self.rank_zero:
             self.tag({f"protocol.{k}": v for k, v in datamodule.eval_protocol("test").items()})
             self.client.log_metric(self.run_id, "train/tokens_seen", tokens_seen, step=trainer.global_step)
@@ -214,8 +229,11 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
         except BaseException as exc:
             status, reason = _outcome(exc)
             if is_interruption(exc):
-                raise RunInterrupted(f"run {run.run_id} interrupted ({reason}); checkpoint at {run.last_ckpt}",
-                                     run_id=run.run_id, ckpt_path=run.last_ckpt) from exc
+                raise RunInterrupted(
+                    f"run {run.run_id} interrupted ({reason}); checkpoint at {run.last_ckpt}",
+                    run_id=run.run_id,
+                    ckpt_path=run.last_ckpt,
+                ) from exc
             raise
         finally:
             if reason:
@@ -237,11 +255,15 @@ def per_step_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     t = cfg.trainer
     window_steps = max(2, min(50, t.max_steps // 4))  # throughput averaged over about this many steps
     return [
-        Interruption(ckpt_dir / "last.ckpt"), PeakMemory(), LearningRateMonitor(logging_interval="step"),
+        Interruption(ckpt_dir / "last.ckpt"),
+        PeakMemory(),
+        LearningRateMonitor(logging_interval="step"),
         TokensProgressBar(refresh_rate=t.log_every_n_steps * t.accumulate_grad_batches),
-        ThroughputAtLogSteps(batch_size_fn=lambda b: b["input_ids"].shape[0],
-                             length_fn=lambda b: b["input_ids"].numel(),
-                             window_size=max(2, window_steps // t.log_every_n_steps + 1)),
+        ThroughputAtLogSteps(
+            batch_size_fn=lambda b: b["input_ids"].shape[0],
+            length_fn=lambda b: b["input_ids"].numel(),
+            window_size=max(2, window_steps // t.log_every_n_steps + 1),
+        ),
     ]
 
 
@@ -258,24 +280,50 @@ def build_trainer(cfg: DictConfig, run: TrackedRun, extra_callbacks: list | None
 
     t, ckpt_dir = cfg.trainer, run.ckpt_dir
     objective, mode = ("val/accuracy", "max") if cfg.data.source == "mqar" else ("val/loss", "min")
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=objective, mode=mode, save_top_k=1,
-                           enable_version_counter=False, auto_insert_metric_name=False)
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=objective,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     periodic = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=t.ckpt_every_n_steps)
-    callbacks = [best, periodic, MixerIntrospection(ckpt_dir / "introspection"), *per_step_callbacks(cfg, ckpt_dir),
-                 *(extra_callbacks or [])]
+    callbacks = [
+        best,
+        periodic,
+        MixerIntrospection(ckpt_dir / "introspection"),
+        *per_step_callbacks(cfg, ckpt_dir),
+        *(extra_callbacks or []),
+    ]
     if t.early_stop_value is not None:
-        callbacks.append(EarlyStopping(monitor=objective, mode=mode, stopping_threshold=t.early_stop_value,
-                                       patience=10**9, check_on_train_epoch_end=False))
+        callbacks.append(
+            EarlyStopping(
+                monitor=objective,
+                mode=mode,
+                stopping_threshold=t.early_stop_value,
+                patience=10**9,
+                check_on_train_epoch_end=False,
+            )
+        )
     if t.cpu_threads and not on_gpu(cfg):
         torch.set_num_threads(t.cpu_threads)
     return L.Trainer(
         max_steps=t.max_steps,
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,  # counts micro-batches
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,  # clipping: LMModule.on_before_optimizer_step
-        precision=precision(cfg), accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        precision=precision(cfg),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
         deterministic=t.deterministic,
-        logger=MLFlowLogger(tracking_uri=run.uri, run_id=run.run_id), callbacks=callbacks, default_root_dir=ckpt_dir,
+        logger=MLFlowLogger(tracking_uri=run.uri, run_id=run.run_id),
+        callbacks=callbacks,
+        default_root_dir=ckpt_dir,
         enable_model_summary=False,
     )
 

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from services import Cluster, ServiceError  # noqa: E402
 
+
 @pytest.fixture(scope="session")
 def cluster(request):
     """PostgreSQL + an MLflow server on it + a one-node SLURM; a component that cannot start fails the test."""
@@ -26,7 +27,9 @@ def cluster(request):
     request.addfinalizer(services.stop)
     if report is not None:  # shown even under output capture: what each component took to start
         with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-            report.write_line("\n[cluster] started: " + ", ".join(f"{k} {v:.1f} s" for k, v in services.timings.items()))
+            report.write_line(
+                "\n[cluster] started: " + ", ".join(f"{k} {v:.1f} s" for k, v in services.timings.items())
+            )
     return services
 
 
@@ -38,8 +41,7 @@ class Processes:
 
     def start(self, cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append((proc, log))
         return proc
 
@@ -49,7 +51,9 @@ class Processes:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            pytest.fail(f"`{' '.join(proc.args)}` still running after {timeout:.0f} s; end of {log}:\n{tail}", pytrace=False)
+            pytest.fail(
+                f"`{' '.join(proc.args)}` still running after {timeout:.0f} s; end of {log}:\n{tail}", pytrace=False
+            )
 
     def kill_all(self) -> None:
         for proc, _ in self.procs:

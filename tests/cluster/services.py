@@ -49,7 +49,9 @@ def _run(step: str, cmd: list[str], timeout: float = 120, **kw) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ServiceError(f"{step}: `{' '.join(cmd)}` could not run: {exc}") from None
     if out.returncode != 0:
-        raise ServiceError(f"{step}: `{' '.join(cmd)}` exited {out.returncode}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        raise ServiceError(
+            f"{step}: `{' '.join(cmd)}` exited {out.returncode}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
+        )
     return out.stdout
 
 
@@ -57,7 +59,9 @@ def _wait(step: str, ready, proc: subprocess.Popen | None, log: Path, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise ServiceError(f"{step}: the process exited with {proc.returncode} before it was ready; log {log}:\n{_tail(log)}")
+            raise ServiceError(
+                f"{step}: the process exited with {proc.returncode} before it was ready; log {log}:\n{_tail(log)}"
+            )
         try:
             if ready():
                 return
@@ -91,11 +95,17 @@ def install_debian_packages() -> list[str]:
     if not missing:
         return []
     if os.geteuid() != 0:
-        raise ServiceError(f"install: {', '.join(missing)} missing and not root: run `apt-get install -y {' '.join(missing)}`")
+        raise ServiceError(
+            f"install: {', '.join(missing)} missing and not root: run `apt-get install -y {' '.join(missing)}`"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run("install (apt-get update)", ["apt-get", "update", "-q"], timeout=600, env=env)
-    _run(f"install ({' '.join(missing)})", ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-         timeout=900, env=env)
+    _run(
+        f"install ({' '.join(missing)})",
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        timeout=900,
+        env=env,
+    )
     return missing
 
 
@@ -113,7 +123,9 @@ class Postgres:
     def _bin(self, name: str) -> str:
         found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
         if not found:
-            raise ServiceError(f"postgres: no {name} under /usr/lib/postgresql/*/bin (is Debian's postgresql installed?)")
+            raise ServiceError(
+                f"postgres: no {name} under /usr/lib/postgresql/*/bin (is Debian's postgresql installed?)"
+            )
         return str(found[-1])
 
     @property
@@ -123,7 +135,7 @@ class Postgres:
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
@@ -133,15 +145,46 @@ class Postgres:
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
         as_postgres = self._as_postgres
-        _run("postgres (initdb)", [*as_postgres, self._bin("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                   "-E", "UTF8", "--no-sync"])
+        _run(
+            "postgres (initdb)",
+            [
+                *as_postgres,
+                self._bin("initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
         self.log.touch()
         os.chown(self.log, user.pw_uid, user.pw_gid)
         # max_connections: every worker holds Optuna and MLflow-server connection pools
         self.proc = subprocess.Popen(
-            [*as_postgres, self._bin("postgres"), "-D", str(data), "-p", str(self.port), "-k", str(sock),
-             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", "-c", "fsync=off"],
-            stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                *as_postgres,
+                self._bin("postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(sock),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=open(self.log, "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         _wait("postgres (server start)", self._accepts, self.proc, self.log, 60)
         for db in self.databases:
             self.sql(f"CREATE DATABASE {db}")
@@ -161,8 +204,22 @@ class Postgres:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:  # "fast" shutdown: ends open client sessions too
-            subprocess.run([*self._as_postgres, self._bin("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
-                            "-w", "-t", "30", "stop"], capture_output=True, timeout=60)
+            subprocess.run(
+                [
+                    *self._as_postgres,
+                    self._bin("pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "30",
+                    "stop",
+                ],
+                capture_output=True,
+                timeout=60,
+            )
         _stop(self.proc)
 
 
@@ -181,14 +238,27 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow), "server", "--backend-store-uri", self.backend_uri, "--artifacts-destination",
-               str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"]
+        cmd = [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "2",
+        ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         _wait(f"mlflow server (`{' '.join(cmd)}`)", self._healthy, self.proc, self.log, 120)
         return self
 
@@ -216,9 +286,11 @@ class Slurm:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def start(self) -> "Slurm":
+    def start(self) -> Slurm:
         if os.geteuid() != 0:
-            raise ServiceError("slurm: slurmd must run as root here (it starts jobs as their user); run the tests as root")
+            raise ServiceError(
+                "slurm: slurmd must run as root here (it starts jobs as their user); run the tests as root"
+            )
         munge_dir = self.munge_socket.parent
         munge_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(munge_dir, 0o755)
@@ -227,60 +299,86 @@ class Slurm:
         os.chmod(key, 0o400)
         log = munge_dir / "munged.log"
         self.procs["munged"] = subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-             f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={log}", f"--seed-file={munge_dir / 'munged.seed'}"],
-            stdout=open(munge_dir / "munged.out", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait("munge (munged)", lambda: subprocess.run(
-            ["munge", "-n", f"--socket={self.munge_socket}"], capture_output=True).returncode == 0,
-            self.procs["munged"], log, 30)
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--log-file={log}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+            ],
+            stdout=open(munge_dir / "munged.out", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait(
+            "munge (munged)",
+            lambda: (
+                subprocess.run(["munge", "-n", f"--socket={self.munge_socket}"], capture_output=True).returncode == 0
+            ),
+            self.procs["munged"],
+            log,
+            30,
+        )
 
         node = _run("slurm (slurmd -C)", ["slurmd", "-C"]).splitlines()[0]  # NodeName=... CPUs=... RealMemory=...
         host = socket.gethostname()
         node = " ".join(w for w in node.split() if not w.startswith(("NodeName=", "UpTime=")))
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text("\n".join([
-            "ClusterName=phatest",
-            f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
-            f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
-            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU",
-            "SchedulerType=sched/backfill",
-            "MpiDefault=none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            "ReturnToService=2",
-            "JobRequeue=1",
-            "KillWait=30",
-            "MinJobAge=900",
-            "InactiveLimit=0",
-            f"NodeName={host} NodeAddr=127.0.0.1 {node} State=UNKNOWN",
-            "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=phatest",
+                    f"SlurmctldHost={host}(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    f"StateSaveLocation={self.root / 'state'}",
+                    f"SlurmdSpoolDir={self.root / 'spool'}",
+                    f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "SchedulerType=sched/backfill",
+                    "MpiDefault=none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "ReturnToService=2",
+                    "JobRequeue=1",
+                    "KillWait=30",
+                    "MinJobAge=900",
+                    "InactiveLimit=0",
+                    f"NodeName={host} NodeAddr=127.0.0.1 {node} State=UNKNOWN",
+                    "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         for daemon in ("slurmctld", "slurmd"):
             log = self.root / "log" / f"{daemon}.log"
             extra = ["-c"] if daemon == "slurmctld" else []  # -c: a fresh state (no jobs from a previous test)
-            self.procs[daemon] = subprocess.Popen([daemon, "-D", "-f", str(self.conf), *extra], env=self.env,
-                                                  stdout=open(self.root / "log" / f"{daemon}.out", "a"),
-                                                  stderr=subprocess.STDOUT, start_new_session=True)
-        _wait("slurm (node idle in `sinfo`)", self._node_idle, self.procs["slurmd"],
-              self.root / "log" / "slurmd.log", 90)
+            self.procs[daemon] = subprocess.Popen(
+                [daemon, "-D", "-f", str(self.conf), *extra],
+                env=self.env,
+                stdout=open(self.root / "log" / f"{daemon}.out", "a"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait(
+            "slurm (node idle in `sinfo`)", self._node_idle, self.procs["slurmd"], self.root / "log" / "slurmd.log", 90
+        )
         if self.procs["slurmctld"].poll() is not None:
             raise ServiceError(f"slurm (slurmctld) exited; log:\n{_tail(self.root / 'log' / 'slurmctld.log')}")
         return self
@@ -295,11 +393,19 @@ class Slurm:
     def stop(self) -> None:
         """Cancel every job of this cluster and let slurmstepd end their processes, then stop the daemons."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name], env=self.env,
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                ["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name],
+                env=self.env,
+                capture_output=True,
+                timeout=30,
+            )
             deadline = time.monotonic() + 60  # > KillWait
-            while time.monotonic() < deadline and subprocess.run(
-                    ["squeue", "-h"], capture_output=True, text=True, env=self.env, timeout=10).stdout.strip():
+            while (
+                time.monotonic() < deadline
+                and subprocess.run(
+                    ["squeue", "-h"], capture_output=True, text=True, env=self.env, timeout=10
+                ).stdout.strip()
+            ):
                 time.sleep(1)
         for name in ("slurmd", "slurmctld", "munged"):
             _stop(self.procs.get(name))
@@ -315,7 +421,7 @@ class Cluster:
         self.with_slurm = slurm
         self.timings: dict[str, float] = {}
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         try:
             t = time.monotonic()
             installed = install_debian_packages()
@@ -347,8 +453,10 @@ class Cluster:
 
 if __name__ == "__main__":
     cluster = Cluster().start()
-    print(f"postgres  {cluster.postgres.url('optuna')}\nmlflow    {cluster.mlflow.url}\n"
-          f"slurm     SLURM_CONF={cluster.slurm.conf}\ntimings   {cluster.timings}")
+    print(
+        f"postgres  {cluster.postgres.url('optuna')}\nmlflow    {cluster.mlflow.url}\n"
+        f"slurm     SLURM_CONF={cluster.slurm.conf}\ntimings   {cluster.timings}"
+    )
     try:
         input("Enter stops everything\n")
     finally:

@@ -23,21 +23,33 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 PHA = [sys.executable, "-m", "pha_lab.cli"]
 # tiny trials, long enough (40 steps, a checkpoint every 5) to be interrupted in the middle
-TRIAL = {"trainer.max_steps": 40, "trainer.val_every_n_steps": 20, "trainer.ckpt_every_n_steps": 5,
-         "trainer.log_every_n_steps": 5, "data.max_eval_tokens": 2048, "optim.warmup_steps": 2,
-         "trainer.cpu_threads": 1, "trainer.accelerator": "cpu"}
+TRIAL = {
+    "trainer.max_steps": 40,
+    "trainer.val_every_n_steps": 20,
+    "trainer.ckpt_every_n_steps": 5,
+    "trainer.log_every_n_steps": 5,
+    "data.max_eval_tokens": 2048,
+    "optim.warmup_steps": 2,
+    "trainer.cpu_threads": 1,
+    "trainer.accelerator": "cpu",
+}
 
 
 def sweep_file(tmp_path: Path, name: str, **spec) -> str:
-    spec = {"name": name, "experiment": "tiny_pha", "overrides": dict(TRIAL), "heartbeat_interval": 1,
-            "grace_period": 5, **spec}
+    spec = {
+        "name": name,
+        "experiment": "tiny_pha",
+        "overrides": dict(TRIAL),
+        "heartbeat_interval": 1,
+        "grace_period": 5,
+        **spec,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -53,8 +65,13 @@ def checkpointed_running_trials(cluster, name: str) -> list:
         trials = study_trials(cluster, name)
     except KeyError:  # the study does not exist yet
         return []
-    return [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("ckpt_dir")
-            and (Path(t.user_attrs["ckpt_dir"]) / "last.ckpt").is_file()]
+    return [
+        t
+        for t in trials
+        if t.state.name == "RUNNING"
+        and t.user_attrs.get("ckpt_dir")
+        and (Path(t.user_attrs["ckpt_dir"]) / "last.ckpt").is_file()
+    ]
 
 
 def search(cluster, name: str) -> pd.DataFrame:
@@ -137,17 +154,27 @@ def test_workers_starting_together_create_one_study_and_one_experiment(cluster, 
         "created = create_study_once(SweepSpec(name='race', experiment='tiny_pha'), sys.argv[1])\n"
         "cfg = load_config(None, [f'tracking.runs_dir={sys.argv[4]}'])\n"
         "exp = tracking.ensure_experiment(tracking.client(sys.argv[2]), 'race', cfg.tracking)\n"
-        "print(created, exp)\n")
+        "print(created, exp)\n"
+    )
     start = time.time() + 8  # after every interpreter has imported optuna and mlflow
-    procs = [subprocess.Popen([sys.executable, str(script), url, cluster.mlflow.url, str(start), str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), url, cluster.mlflow.url, str(start), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
     results = [out.split()[-2:] for out, _ in outs]
     assert sorted(created for created, _ in results) == ["False", "False", "False", "True"]
     assert len({exp for _, exp in results}) == 1
     assert [s.study_name for s in optuna.get_all_study_summaries(storage=url)] == ["race"]
-    assert [e.name for e in mlflow.MlflowClient(cluster.mlflow.url).search_experiments(filter_string="name = 'race'")] == ["race"]
+    assert [
+        e.name for e in mlflow.MlflowClient(cluster.mlflow.url).search_experiments(filter_string="name = 'race'")
+    ] == ["race"]
 
 
 # --------------------------------------------------------------------------- three machines
@@ -161,9 +188,20 @@ def three_machines(cluster, processes, tmp_path_factory):
     runs = [root / f"machine{i}" for i in range(3)]
 
     def machine(i: int):
-        return processes.start([*PHA, "sweep", path, "--storage", cluster.postgres.url("optuna"),
-                                "--tracking-uri", cluster.mlflow.url, "--runs-dir", str(runs[i])],
-                               runs[i] / "sweep.log")
+        return processes.start(
+            [
+                *PHA,
+                "sweep",
+                path,
+                "--storage",
+                cluster.postgres.url("optuna"),
+                "--tracking-uri",
+                cluster.mlflow.url,
+                "--runs-dir",
+                str(runs[i]),
+            ],
+            runs[i] / "sweep.log",
+        )
 
     procs = [machine(i) for i in range(3)]
     victim = wait_for("a trial with a checkpoint", lambda: checkpointed_running_trials(cluster, name), 300)[0]
@@ -181,7 +219,11 @@ def test_three_machines_run_every_cell_once_and_the_killed_trial_resumes(cluster
     m = three_machines
     children = assert_every_cell_once_and_resumed(cluster, m["name"], 6, [m["victim"]])
     # the work was shared: trials completed in more than one machine's runs folder
-    done_in = {Path(t.user_attrs["ckpt_dir"]).parents[1] for t in study_trials(cluster, m["name"]) if t.state.name == "COMPLETE"}
+    done_in = {
+        Path(t.user_attrs["ckpt_dir"]).parents[1]
+        for t in study_trials(cluster, m["name"])
+        if t.state.name == "COMPLETE"
+    }
     assert len(done_in) >= 2, done_in
     assert_artifacts_went_through_the_server(cluster, children, m["runs"])
 
@@ -191,26 +233,76 @@ def test_train_eval_and_tables_against_the_tracking_server(cluster, three_machin
     metrics and artifacts live on the server; the tables are built from the three machines' runs."""
     uri, runs = cluster.mlflow.url, tmp_path / "runs"
     short = [f"{k}={v}" for k, v in {**TRIAL, "trainer.max_steps": 6}.items()]
-    out = subprocess.run([*PHA, "train", "tiny_pha", *short, "tracking.experiment=single", "--tracking-uri", uri,
-                          "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *PHA,
+            "train",
+            "tiny_pha",
+            *short,
+            "tracking.experiment=single",
+            "--tracking-uri",
+            uri,
+            "--runs-dir",
+            str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run_id = out.stdout.split("run      ")[1].split()[0]
-    out = subprocess.run([*PHA, "eval", run_id, "data.max_eval_tokens=2048", "--knockout", "ffn", "--tracking-uri", uri,
-                          "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *PHA,
+            "eval",
+            run_id,
+            "data.max_eval_tokens=2048",
+            "--knockout",
+            "ffn",
+            "--tracking-uri",
+            uri,
+            "--runs-dir",
+            str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = mlflow.MlflowClient(uri).get_run(run_id)
-    assert run.info.status == "FINISHED" and "eval/test/loss" in run.data.metrics and "knockout/ffn/all/ppl" in run.data.metrics
+    assert (
+        run.info.status == "FINISHED"
+        and "eval/test/loss" in run.data.metrics
+        and "knockout/ffn/all/ppl" in run.data.metrics
+    )
     exp_id = run.info.experiment_id
     for artifact in ("config.yaml", "knockout.csv", "mixer_weights.csv"):
         assert (cluster.mlflow.artifacts / exp_id / run_id / "artifacts" / artifact).is_file(), artifact
 
     tables = tmp_path / "tables"
-    out = subprocess.run([*PHA, "tables", "--tracking-uri", uri, "--out", str(tables), "--notebooks", "perplexity",
-                          "--sweeps", f"perplexity={three_machines['name']}"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            *PHA,
+            "tables",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tables),
+            "--notebooks",
+            "perplexity",
+            "--sweeps",
+            f"perplexity={three_machines['name']}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     table = pd.read_csv(tables / "perplexity-text.csv").set_index("config")  # tiny_pha's data.source is `text`
     df = search(cluster, three_machines["name"])
-    children = df[df["tags.sweep_parent"] != "true"].assign(config=lambda d: d["tags.cell"].str.replace(r",seed=\d+", "", regex=True))
+    children = df[df["tags.sweep_parent"] != "true"].assign(
+        config=lambda d: d["tags.cell"].str.replace(r",seed=\d+", "", regex=True)
+    )
     assert sorted(table.index) == sorted(children.config.unique()) and (table["n"] == 2).all()
     for config, runs_of in children.groupby("config"):
         assert set(table.loc[config, "runs"].split(",")) == set(runs_of.run_id)
@@ -225,8 +317,20 @@ def test_a_trial_whose_checkpoint_is_out_of_sight_restarts_in_its_own_run(cluste
     path = sweep_file(tmp_path, name, grid={"model.mixer": ["static"]})
 
     def machine(runs: Path):
-        return processes.start([*PHA, "sweep", path, "--storage", cluster.postgres.url("optuna"),
-                                "--tracking-uri", cluster.mlflow.url, "--runs-dir", str(runs)], runs / "sweep.log")
+        return processes.start(
+            [
+                *PHA,
+                "sweep",
+                path,
+                "--storage",
+                cluster.postgres.url("optuna"),
+                "--tracking-uri",
+                cluster.mlflow.url,
+                "--runs-dir",
+                str(runs),
+            ],
+            runs / "sweep.log",
+        )
 
     proc = machine(a)
     victim = wait_for("a trial with a checkpoint", lambda: checkpointed_running_trials(cluster, name), 300)[0]
@@ -257,16 +361,44 @@ def test_slurm_array_tasks_requeued_mid_trial_resume(cluster, processes, tmp_pat
     each interrupted trial resumed from its checkpoint in its own MLflow run."""
     name, runs = "array", tmp_path / "runs"
     path = sweep_file(tmp_path, name, grid={"model.mixer": ["static", "mean", "scalar", "gate"]})
-    out = subprocess.run([*PHA, "sweep", path, "--launcher", "slurm", "--storage", cluster.postgres.url("optuna"),
-                          "--tracking-uri", cluster.mlflow.url, "--runs-dir", str(runs), "--partition", "cpu",
-                          "--gpus-per-node", "0", "--array-tasks", "2", "--time-limit", "30", "--cpus-per-task", "1"],
-                         capture_output=True, text=True, timeout=300, env=cluster.slurm.env)
+    out = subprocess.run(
+        [
+            *PHA,
+            "sweep",
+            path,
+            "--launcher",
+            "slurm",
+            "--storage",
+            cluster.postgres.url("optuna"),
+            "--tracking-uri",
+            cluster.mlflow.url,
+            "--runs-dir",
+            str(runs),
+            "--partition",
+            "cpu",
+            "--gpus-per-node",
+            "0",
+            "--array-tasks",
+            "2",
+            "--time-limit",
+            "30",
+            "--cpus-per-task",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cluster.slurm.env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     array = out.stdout.split("as SLURM job ")[1].split(";")[0]
     assert (runs / "slurm" / name / f"{array}_submission.sh").is_file()
 
     def one_per_task():
-        by_task = {slurm_task_of(int(t.user_attrs["worker"].split(":")[1])): t for t in checkpointed_running_trials(cluster, name)}
+        by_task = {
+            slurm_task_of(int(t.user_attrs["worker"].split(":")[1])): t
+            for t in checkpointed_running_trials(cluster, name)
+        }
         return by_task if len(by_task) == 2 else None
 
     victims = wait_for("both array tasks in the middle of a checkpointed trial", one_per_task, 400)
@@ -288,12 +420,38 @@ def test_slurm_two_task_ddp_trials(cluster, tmp_path):
     """gpus_per_trial: 2 on the CPU partition: each trial is one DDP job over two srun tasks (gloo), rank 1
     trains the trials rank 0 claims; one MLflow run per trial, with both ranks' tokens counted."""
     name, runs = "ddp", tmp_path / "runs"
-    path = sweep_file(tmp_path, name, grid={"model.mixer": ["static", "mean"]}, gpus_per_trial=2,
-                      overrides={**TRIAL, "trainer.max_steps": 6, "trainer.val_every_n_steps": 3})
-    out = subprocess.run([*PHA, "sweep", path, "--launcher", "slurm", "--storage", cluster.postgres.url("optuna"),
-                          "--tracking-uri", cluster.mlflow.url, "--runs-dir", str(runs), "--gpus-per-node", "0",
-                          "--array-tasks", "1", "--time-limit", "30"],
-                         capture_output=True, text=True, timeout=300, env=cluster.slurm.env)
+    path = sweep_file(
+        tmp_path,
+        name,
+        grid={"model.mixer": ["static", "mean"]},
+        gpus_per_trial=2,
+        overrides={**TRIAL, "trainer.max_steps": 6, "trainer.val_every_n_steps": 3},
+    )
+    out = subprocess.run(
+        [
+            *PHA,
+            "sweep",
+            path,
+            "--launcher",
+            "slurm",
+            "--storage",
+            cluster.postgres.url("optuna"),
+            "--tracking-uri",
+            cluster.mlflow.url,
+            "--runs-dir",
+            str(runs),
+            "--gpus-per-node",
+            "0",
+            "--array-tasks",
+            "1",
+            "--time-limit",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cluster.slurm.env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     job = out.stdout.split("as SLURM job ")[1].split(";")[0]
     wait_for("the DDP job to end", lambda: not cluster.slurm.command("squeue", "-h", "-j", job).strip(), 600, 2)
