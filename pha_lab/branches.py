@@ -68,7 +68,7 @@ The contract, stated once:
   dtype_bytes) -> int`, the bytes it keeps between decoding steps for `batch` sequences at context `seq_len` (KV
   cache, recurrent state; 0 for a position-wise branch), summed by LanguageModel.cache_bytes, which names a branch
   lacking it (pha_lab.models.memory).
-- decoding (issue 14): optional `init_state(batch, max_len, *, device, dtype) -> state`, `prefill(h [B, T, D], state)
+- decoding: optional `init_state(batch, max_len, *, device, dtype) -> state`, `prefill(h [B, T, D], state)
   -> (out, state)` (the forward's math over a prompt, after the state's tokens) and `step(h [B, 1, D], state) -> (out,
   state)`; the state is the module's own object, carries its position `pos` and is advanced in place. A model decodes
   when every branch of every layer has the three (else an error names the branch); pha_lab.models.decoding states

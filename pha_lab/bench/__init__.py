@@ -6,7 +6,7 @@ Modules, in import order: each imports only from those listed before it (tests/t
                   memory freeing, `measure` (a result row, OOM and errors recorded); no pha_lab imports
   spec            the bench YAML's schema (dataclasses), `load_spec`, the cells of each part (`plan`)
   gpt2_reference  the plain nanoGPT-style loop the suite is compared with
-  dss_variants    the DSS long convolution's implementations (before issue 13, the model's fft and chunked)
+  dss_variants    the DSS long convolution's implementations (before the GSS rewrite, the model's fft and chunked)
   workloads       workload name -> module, batches, loss, optimizer, sizes, FLOPs
   traffic         eager bytes moved per op on the meta device: the predictions in docs/perf-notes.md
   roofline        matmul peak, copy bandwidth, analytic floors, MFU

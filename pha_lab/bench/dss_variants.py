@@ -1,7 +1,7 @@
 """The DSS long convolution (the GSS branch's y = K * v + D v) in each implementation the bench times side by
 side. All compute the same function; tests check them against a float64 O(L^2) reference.
 
-  fft_autograd  the model's path before issue 13 (kept as the baseline to measure against): fp32 rfft/irfft of
+  fft_autograd  the model's path before the GSS rewrite (kept as the baseline to measure against): fp32 rfft/irfft of
                 exactly 2L through autograd's own FFT backward, v cast and transposed, the skip D * v as three
                 separate elementwise passes
   fft           the model's `conv_impl: fft` (pha_lab.models.gss.causal_fft_conv): D folded into K[:, 0], one
@@ -24,7 +24,7 @@ VARIANTS = ("fft_autograd", "fft", "chunked")
 
 
 def fft_autograd(v: torch.Tensor, dss: DSS) -> torch.Tensor:
-    """The pre-issue-13 model path, verbatim in effect: y = irfft(rfft(v, 2L) rfft(K, 2L))[:L] + D v."""
+    """The model path before the GSS rewrite, verbatim in effect: y = irfft(rfft(v, 2L) rfft(K, 2L))[:L] + D v."""
     length = v.shape[1]
     n = 2 * length
     work = torch.promote_types(v.dtype, torch.float32)

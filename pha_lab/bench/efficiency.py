@@ -1,13 +1,13 @@
 """`pha-lab bench`: training and prefill throughput, peak memory and MFU vs context length.
 
 One call runs the parts a bench YAML lists (bench/efficiency.yaml), in its order:
-  targets   issue 6's T=1024 checks, compiled: the GPT-2 reference vs transformer_125m, PHA-125M MFU
+  targets   the T=1024 speed targets, compiled: the GPT-2 reference vs transformer_125m, PHA-125M MFU
   overhead  the same LMModule trained by a plain PyTorch loop and by Lightning with the suite's callbacks
   models    every preset x context length x {prefill, train} at a constant number of tokens per step
   branches  one branch alone: n_layers x (RMSNorm -> branch -> residual) of a preset's width, on random
             activations (no embedding or LM head), so the cost of GSS, GQA and FFN is seen separately
   dss       one DSS long convolution (a preset's H, N) in each candidate implementation of
-            pha_lab.bench.dss_variants (the FFT path before issue 13, the model's conv_impl fft and chunked)
+            pha_lab.bench.dss_variants (the FFT path before the GSS rewrite, the model's conv_impl fft and chunked)
   decode    a prompt's prefill, then one token at a time from the decoding state, by context x batch, and the
             cache that state holds (pha_lab.bench.decode; bench/decode.yaml runs only this part)
 Each cell is timed by pha_lab.bench.timing (CUDA events, `steps` timed steps after `warmup`, median and

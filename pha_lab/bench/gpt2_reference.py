@@ -1,7 +1,7 @@
 """A plain-PyTorch GPT-2 training loop (nanoGPT style): the yardstick for the suite's speed.
 
-Issue 6 compares `transformer_125m` with this model (GPT-2-124M, `gpt2_reference`) re-measured in the same run,
-and issue 13 mini_transformer with its 8 x 384 twin (`gpt2_mini`), so it is kept
+The speed targets compare `transformer_125m` with this model (GPT-2-124M, `gpt2_reference`) re-measured in the
+same run, and mini_transformer with its 8 x 384 twin (`gpt2_mini`), so it is kept
 deliberately ordinary: learned position embeddings, LayerNorm, GELU MLP, multi-head attention through
 flash SDPA, LM head tied to the token embedding, fused AdamW, bf16 autocast, optional torch.compile.
 `python -m pha_lab.bench.gpt2_reference --seq-len 1024 --batch-size 12 --compile` times it alone.

@@ -1,7 +1,7 @@
 """The LM head + cross-entropy alone, forward and backward: the plain path vs the chunked one (training/loss.py).
 
   plain           F.cross_entropy(F.linear(h, W).float(), y): the [N, V] logits and their fp32 copy (the suite before
-                  issue 13; still what bench/workloads and the GPT-2 reference do, the latter inside its graph)
+                  the chunked loss; still what bench/workloads and the GPT-2 reference do, the latter inside its graph)
   plain-compiled  the same under torch.compile (what a loss inside the model's compiled graph costs)
   chunked         pha_lab.training.loss.token_nll(h, W, y, "sum"), eager chunk kernels
   chunked-compiled  its chunk kernels compiled (trainer.compile on: the GPU default)
@@ -9,7 +9,8 @@
 Per row: median / p10 / p90 ms of forward + backward under bf16 autocast (GPU) and the loss's own peak memory
 (tensors it allocates, on top of h, W and y): `torch.cuda.max_memory_allocated` on a GPU, `LiveTensorBytes`
 on a CPU (which keeps no allocator statistics), and the bytes it saves for backward.
-`python -m pha_lab.bench.loss` (GPU: issue 13's shapes; CPU: a small one, fp32 unless --bf16).
+`python -m pha_lab.bench.loss` (GPU: transformer_125m at B=12 and the mini models at B=32; CPU: a small one, fp32
+unless --bf16).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ profiled for `--steps` training steps (the bench's own step: forward, loss, back
 `torch.profiler`. The table groups the kernels into coarse classes (matmul, attention, FFT, optimizer, the
 loss's chunk kernels, other fused Triton kernels, copies) by their names and prints milliseconds per step for
 each class, then the top kernels by device time. A gap between two models is then read off as the classes that
-differ (METHOD.md: explain each gap between floor and measurement). CPU runs profile CPU time (a smoke test).
+differ (every gap between a floor and a measurement should be explained). CPU runs profile CPU time (a smoke test).
 """
 
 from __future__ import annotations

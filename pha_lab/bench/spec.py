@@ -103,8 +103,8 @@ class BenchSpec:
     overhead_mini: OverheadSpec = field(default_factory=lambda: OverheadSpec(model="mini_transformer", batch_size=16))
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     max_minutes: float = 9.0  # cells not started by then are recorded as skipped (the CSV is always written)
-    peak_tflops: float = 778.0  # bf16 8192^3 matmul on an H100 (issue 6), used unless --measure-peak
-    bandwidth_tbs: float = 3.0  # device-to-device copy, read + write (an H100 here, KINDS.md), unless measured
+    peak_tflops: float = 778.0  # bf16 8192^3 matmul measured on an H100 (2026-11-27), used unless --measure-peak
+    bandwidth_tbs: float = 3.0  # device-to-device copy, read + write (an H100's, 2026-11-27), unless measured
     datasheet_tflops: float = 989.4  # H100 SXM dense bf16, used when Lightning's table lacks the card
     cpu_threads: int = 1
     experiment: str = "efficiency"

@@ -128,7 +128,8 @@ def count_step(
 ) -> Traffic:
     """One step of workload `name` (forward, and backward in training; no optimizer) on the meta device, its
     parameters and float inputs in `dtype` (what autocast makes of the activations; a DSS keeps its fp32 inside).
-    Defaults: the bf16 matmul peak and copy bandwidth measured on this workplace's H200 (KINDS.md, 2026-10-28)."""
+    Defaults: the bf16 matmul peak and copy bandwidth measured on an H200 by the device provider (2026-10-28; this
+    suite's own H200 run: 790-815 TFLOP/s, 4.2 TB/s, docs/benchmarks.md)."""
     wl = make_workload(name, "meta", seq_len)
     wl.module.to(dtype)
     for m in wl.module.modules():  # autocast keeps parameters fp32; the DSS layers compute with them in fp32

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pha_lab.branches import AttnConfig
+
 
 def rope_cos_sin(
     seq_len: int, head_dim: int, base: float, device, dtype, offset: int = 0
@@ -79,7 +81,7 @@ class GroupedQueryAttention(nn.Module):
         return rope_cos_sin(t, self.head_dim, self.rope_base, device, dtype, offset=offset)
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> GroupedQueryAttention:
+    def from_config(cls, cfg: AttnConfig, d_model: int) -> GroupedQueryAttention:
         """cfg: a model.attn section (pha_lab.branches.AttnConfig)."""
         return cls(d_model, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, cfg.dropout)
 

@@ -12,6 +12,7 @@ share one description of the layer.
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from pha_lab.branches import BRANCH_REGISTRY
@@ -24,7 +25,7 @@ def make_norm(kind: str, d_model: int) -> nn.Module:
     return norm
 
 
-def make_branch(name: str, cfg, section=None) -> nn.Module:
+def make_branch(name: str, cfg: DictConfig, section: DictConfig | None = None) -> nn.Module:
     """The registered branch `name` (pha_lab.branches), built from `section` (a layer's own, see
     pha_lab.config.layer_specs), by default its section `cfg.<name>` of the model config."""
     if name not in BRANCH_REGISTRY:

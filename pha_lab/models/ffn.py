@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pha_lab.branches import FFNConfig
 from pha_lab.config import round_to
 from pha_lab.models.decoding import PositionState
 
@@ -21,7 +22,7 @@ class FFN(nn.Module):
         self.W_out.is_residual_out = True
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> FFN:
+    def from_config(cls, cfg: FFNConfig, d_model: int) -> FFN:
         """cfg: a model.ffn section (pha_lab.branches.FFNConfig)."""
         return cls(d_model, cfg.kind, cfg.expansion, cfg.hidden)
 

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pha_lab.branches import DSS_CONV_IMPLS, DSS_KERNELS
+from pha_lab.branches import DSS_CONV_IMPLS, DSS_KERNELS, GSSConfig
 from pha_lab.config import round_to
 
 
@@ -401,7 +401,7 @@ class GSS(nn.Module):
         self.W_o.is_residual_out = True  # scaled init, see LanguageModel._init_weights
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> GSS:
+    def from_config(cls, cfg: GSSConfig, d_model: int) -> GSS:
         """cfg: a model.gss section (pha_lab.branches.GSSConfig)."""
         return cls(
             d_model,

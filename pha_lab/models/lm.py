@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from pha_lab.config import layer_specs
@@ -176,7 +177,7 @@ class LanguageModel(nn.Module):
                 blk.record_stats = False
 
 
-def build_model(model_cfg) -> LanguageModel:
+def build_model(model_cfg: DictConfig) -> LanguageModel:
     """model_cfg: the `model` section of a config (validated by pha_lab.config)."""
     return LanguageModel(model_cfg)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pha_lab.branches import SlidingWindowConfig
 from pha_lab.models.attention import GroupedQueryAttention
 
 IMPLS = ("auto", "flex", "sdpa")
@@ -146,7 +147,7 @@ class SlidingWindowAttention(GroupedQueryAttention):
         self.impl = "auto"
 
     @classmethod
-    def from_config(cls, cfg, d_model: int) -> SlidingWindowAttention:
+    def from_config(cls, cfg: SlidingWindowConfig, d_model: int) -> SlidingWindowAttention:
         """cfg: a model.swa section (pha_lab.branches.SlidingWindowConfig)."""
         return cls(d_model, cfg.n_heads, cfg.n_kv_heads, cfg.window, cfg.rope_base, cfg.dropout)
 
