@@ -775,3 +775,13 @@ def test_the_final_weights_are_validated_at_the_last_step(tmp_path, tiny_config)
     result = train(tiny_config("tiny_pha", "trainer.max_steps=8", "trainer.val_every_n_steps=4", root=tmp_path / "b"))
     history = mlflow.tracking.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
     assert len(history) == 2  # already validated at the last step: not twice
+
+
+def test_a_run_gives_back_the_processs_cpu_thread_count(tiny_config):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(tiny_config("tiny_pha", "trainer.max_steps=2", "trainer.cpu_threads=1"))
+        assert torch.get_num_threads() == 2  # trainer.cpu_threads=1 held during the run only
+    finally:
+        torch.set_num_threads(before)

@@ -207,7 +207,8 @@ def _outcome(exc: BaseException) -> tuple[str, str]:
 def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
     """Open (or reopen, or on ranks > 0 join) the run; on exit leave it FINISHED, FAILED (`failure_reason` tag)
     or KILLED (`killed_reason`: interrupted, re-raised as RunInterrupted naming the run, or pruned), and give
-    the process back as it was (DDP environment and process group, deterministic-algorithms flags)."""
+    the process back as it was (DDP environment and process group, deterministic-algorithms flags, torch's CPU thread
+    count, which `trainer.cpu_threads` sets)."""
     import torch
 
     from pha_lab.training.callbacks import RunInterrupted, is_interruption
@@ -216,6 +217,7 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
     rank_zero = handoff.is_rank_zero()
     client = tracking.client(uri) if rank_zero else None  # (srun starts the ranks together: one creates the database)
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     with handoff.ddp_session():
         if rank_zero:
             run = TrackedRun(cfg, client, uri, *_open_run(cfg, client, uri), rank_zero=True)
@@ -241,6 +243,7 @@ def tracked_run(cfg: DictConfig) -> Iterator[TrackedRun]:
             if rank_zero:
                 client.set_terminated(run.run_id, status)
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # Lightning leaves it set
+            torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- the Trainer
