@@ -69,8 +69,12 @@ def guessed_family(row: dict) -> str:
     the family as the tables used to guess it from model.layout, model.branches and model.overrides. Only a guess:
     `tidy` marks it `family_source = "guessed"` and the tables say how many rows rest on it."""
     layout, branches = row.get("model.layout"), branches_of(row.get("model.branches"))
-    if layout == "parallel" and "attn" not in branches and "attn" in str(row.get("model.overrides") or ""):
-        return "pha_sparse"  # attention in only some layers (the overrides)
+    k, n_layers = _as_int(row.get("model.n_attn_layers")), _as_int(row.get("model.n_layers"))
+    sparse = k is not None and n_layers is not None and k < n_layers  # model.n_attn_layers: attention in k layers
+    if layout == "parallel" and sparse and any("swa" in branches_of(o.get("branches")) for o in overrides_of(row)):
+        return "pha_swa"  # a sliding window in the other layers
+    if layout == "parallel" and (sparse or "attn" not in branches and "attn" in str(row.get("model.overrides") or "")):
+        return "pha_sparse"  # attention in only some layers (n_attn_layers, or the overrides)
     if layout == "parallel":
         missing = [b for b in PHA_BRANCHES if b not in branches]
         return "pha" if not missing else "pha_no_" + "+".join(missing)
