@@ -29,13 +29,7 @@ LAYOUTS = {  # tiny_pha's layer in other layouts: all serial, and one serial lay
 ATOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models step fastest on one thread (several times faster than two on the 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny64(name: str, *overrides: str):

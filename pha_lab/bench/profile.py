@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pha_lab.bench.timing import autocast, time_steps
+from pha_lab.bench.timing import autocast, percentiles, time_steps
 from pha_lab.bench.workloads import build_step, make_optimizer, make_workload
 
 # first match wins; names as cuBLAS/cuDNN/flash/cuFFT/Inductor/ATen give them to their kernels
@@ -54,15 +54,15 @@ def profile_workload(
     batches = [workload.batch(batch, seq_len, device, gen) for _ in range(2)]
     amp = autocast(device, torch.bfloat16)
     step = build_step("train", workload, fwd, make_optimizer(module, device), batches, amp)
-    median_ms = sorted(time_steps(step, 5, 10, device))[5]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    median_ms = percentiles(time_steps(step, 5, 10, device))[1]
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
-    cuda = device.type == "cuda"
-    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda or not cuda]
+    events = [e for e in prof.key_averages() if not cuda or e.device_type.name == "CUDA"]  # GPU: kernels only
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     per_class: dict[str, float] = defaultdict(float)
     kernels = []
