@@ -200,3 +200,19 @@ def assert_trains_one_step(cfg: DictConfig, callbacks: list | None = None):
         result.metrics
     )
     return result, record
+
+
+def sweep_yaml(tmp_path: Path, name: str, default_overrides: dict, default_grace_period: int, /, **spec) -> str:
+    """A sweep YAML of tiny_pha trials with the default overrides and grace period and a 1 s heartbeat (keys of
+    `spec`, such as overrides= or grace_period=, replace any of these), written to tmp_path/<name>.yaml; its path."""
+    spec = {
+        "name": name,
+        "experiment": "tiny_pha",
+        "overrides": dict(default_overrides),
+        "heartbeat_interval": 1,
+        "grace_period": default_grace_period,
+        **spec,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)

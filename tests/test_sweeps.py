@@ -14,6 +14,7 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from bodies import sweep_yaml
 
 from pha_lab.config import ConfigError, to_yaml
 from pha_lab.sweep.runner import claim_waiting, enqueue_grid, open_study, run_sweep, tell, worker_seed
@@ -30,17 +31,7 @@ FAST = {
 
 
 def write_sweep(tmp_path, name, **spec):
-    spec = {
-        "name": name,
-        "experiment": "tiny_pha",
-        "overrides": dict(FAST),
-        "heartbeat_interval": 1,
-        "grace_period": 3,
-        **spec,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
+    return sweep_yaml(tmp_path, name, FAST, 3, **spec)
 
 
 def study_trials(runs, name):

@@ -359,6 +359,7 @@ def plot_decode(decode: pd.DataFrame, out: str | Path) -> dict[str, object]:
             line=["model"],
             panel=["batch_size"],
             titles=titles,
+            note="pha-lab bench decode: eager PyTorch (no CUDA graphs), one token per sequence per step",
             path=Path(out) / f"decode-{name}.png",
             xlabel="context length (tokens)",
             ylabel=label,

@@ -22,7 +22,7 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-import yaml
+from bodies import sweep_yaml
 from conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -42,17 +42,7 @@ TRIAL = {
 
 
 def sweep_file(tmp_path: Path, name: str, **spec) -> str:
-    spec = {
-        "name": name,
-        "experiment": "tiny_pha",
-        "overrides": dict(TRIAL),
-        "heartbeat_interval": 1,
-        "grace_period": 5,
-        **spec,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
+    return sweep_yaml(tmp_path, name, TRIAL, 5, **spec)
 
 
 def study_trials(cluster, name: str):
